@@ -1,0 +1,299 @@
+// SPDX-License-Identifier: (MIT OR Apache-2.0)
+/*
+ * The kernel side of sockmap-fastpath.
+ *
+ *  fp_sock_ops  (cgroup sock_ops): records which process owns a socket when
+ *               it connects or listens, and puts established sockets that the
+ *               policy selects into sock_map.
+ *  fp_sk_msg    (sk_msg on sock_map): moves each sendmsg chunk straight to the
+ *               peer socket, or lets it through as plain TCP.
+ *
+ * Rules that keep every byte (see ../shared/FACTS.md):
+ *  - a lookup miss returns SK_PASS: SK_DROP would fail the sender's send;
+ *  - once a socket has sent one chunk as plain TCP it never redirects again:
+ *    the receiver reads its redirect queue before its TCP queue, so a later
+ *    redirected chunk would overtake the plain one;
+ *  - nothing here deletes from sock_map (that loses unread bytes); entries
+ *    leave when sockets close. Detaching sets live.paused instead.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "fastpath.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+
+/* Set before load by the Rust side. */
+const volatile __u64 redirect_flags = BPF_F_INGRESS;
+
+/* Written live by the Rust side through the mmapped .bss. */
+struct fp_live live;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__type(key, struct fp_sock_key);
+	__type(value, __u64);
+	__uint(max_entries, 65536); /* resized before load */
+} sock_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct fp_stats);
+	__uint(max_entries, 1);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+	__type(key, int);
+	__type(value, struct fp_sock_state);
+} sock_state SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32); /* port, host byte order */
+	__type(value, __u8);
+	__uint(max_entries, 1024);
+} policy_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct fp_cidr_key);
+	__type(value, __u8);
+	__uint(max_entries, 1024);
+} policy_cidrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, char[FP_COMM_LEN]);
+	__type(value, __u8);
+	__uint(max_entries, 256);
+} policy_comms SEC(".maps");
+
+static __always_inline struct fp_stats *this_cpu_stats(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&stats, &zero);
+}
+
+#define COUNT(field, n)                                                        \
+	do {                                                                   \
+		struct fp_stats *s__ = this_cpu_stats();                       \
+		if (s__)                                                       \
+			s__->field += (n);                                     \
+	} while (0)
+
+/* The address fields of bpf_sock_ops and sk_msg_md, read once each with a
+ * plain 32-bit load. Reading local_ip4 on one branch and local_ip6[i] on
+ * another lets clang-19 emit a modified-ctx-pointer load the verifier
+ * rejects; reading everything up front avoids it. */
+struct endpoint_fields {
+	__u32 family;
+	__u32 local_ip4, remote_ip4;
+	__u32 local_ip6[4], remote_ip6[4];
+	__u32 local_port, remote_port;
+};
+
+#define READ_ENDPOINT_FIELDS(ctx, f)                                           \
+	do {                                                                   \
+		(f)->family = (ctx)->family;                                   \
+		(f)->local_ip4 = (ctx)->local_ip4;                             \
+		(f)->remote_ip4 = (ctx)->remote_ip4;                           \
+		(f)->local_ip6[0] = (ctx)->local_ip6[0];                       \
+		(f)->local_ip6[1] = (ctx)->local_ip6[1];                       \
+		(f)->local_ip6[2] = (ctx)->local_ip6[2];                       \
+		(f)->local_ip6[3] = (ctx)->local_ip6[3];                       \
+		(f)->remote_ip6[0] = (ctx)->remote_ip6[0];                     \
+		(f)->remote_ip6[1] = (ctx)->remote_ip6[1];                     \
+		(f)->remote_ip6[2] = (ctx)->remote_ip6[2];                     \
+		(f)->remote_ip6[3] = (ctx)->remote_ip6[3];                     \
+		(f)->local_port = (ctx)->local_port;                           \
+		(f)->remote_port = (ctx)->remote_port;                         \
+		asm volatile("" ::: "memory");                                 \
+	} while (0)
+
+static __always_inline void ip_to_v6(__u32 family, __u32 ip4, const __u32 *ip6,
+				     __u32 *out)
+{
+	if (family == AF_INET) {
+		out[0] = 0;
+		out[1] = 0;
+		out[2] = bpf_htonl(0x0000ffff);
+		out[3] = ip4;
+	} else {
+		out[0] = ip6[0];
+		out[1] = ip6[1];
+		out[2] = ip6[2];
+		out[3] = ip6[3];
+	}
+}
+
+/* Key of the socket itself (as_peer = 0) or of the socket it talks to
+ * (as_peer = 1): the peer's local side is our remote side. */
+static __always_inline int make_key(const struct endpoint_fields *f,
+				    __u64 netns_cookie, int as_peer,
+				    struct fp_sock_key *key)
+{
+	__u32 local_port = f->local_port;
+	__u32 remote_port = bpf_ntohl(f->remote_port);
+
+	if (f->family != AF_INET && f->family != AF_INET6)
+		return -1;
+	if (as_peer) {
+		ip_to_v6(f->family, f->remote_ip4, f->remote_ip6, key->local_ip);
+		ip_to_v6(f->family, f->local_ip4, f->local_ip6, key->remote_ip);
+		key->local_port = remote_port;
+		key->remote_port = local_port;
+	} else {
+		ip_to_v6(f->family, f->local_ip4, f->local_ip6, key->local_ip);
+		ip_to_v6(f->family, f->remote_ip4, f->remote_ip6, key->remote_ip);
+		key->local_port = local_port;
+		key->remote_port = remote_port;
+	}
+	key->netns_cookie = netns_cookie;
+	return 0;
+}
+
+/* Called in the connect() or listen() syscall, where the current task is the
+ * socket's owner. Accepted sockets inherit the listener's record
+ * (BPF_F_CLONE), so both ends of a connection know their owner. */
+static __always_inline void record_owner(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct fp_sock_state *st;
+
+	if (!sk)
+		return;
+	st = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st)
+		return;
+	st->owner_tgid = bpf_get_current_pid_tgid() >> 32;
+	bpf_get_current_comm(st->owner_comm, sizeof(st->owner_comm));
+	st->flags = FP_OWNER_KNOWN;
+}
+
+static __always_inline int policy_selects(const struct fp_sock_key *key,
+					  const struct fp_sock_state *st)
+{
+	__u32 flags = live.match_flags;
+
+	if (flags & FP_MATCH_PORTS) {
+		__u32 local_port = key->local_port, remote_port = key->remote_port;
+
+		if (!bpf_map_lookup_elem(&policy_ports, &local_port) &&
+		    !bpf_map_lookup_elem(&policy_ports, &remote_port))
+			return 0;
+	}
+	if (flags & FP_MATCH_CIDRS) {
+		struct fp_cidr_key cidr = { .prefixlen = 128 };
+
+		__builtin_memcpy(cidr.addr, key->remote_ip, sizeof(cidr.addr));
+		if (!bpf_map_lookup_elem(&policy_cidrs, &cidr))
+			return 0;
+	}
+	if (flags & FP_MATCH_COMMS) {
+		if (!(st->flags & FP_OWNER_KNOWN) ||
+		    !bpf_map_lookup_elem(&policy_comms, st->owner_comm))
+			return 0;
+	}
+	return 1;
+}
+
+static __always_inline void on_established(struct bpf_sock_ops *skops)
+{
+	struct endpoint_fields f;
+	struct fp_sock_key key = {};
+	struct fp_sock_state *st;
+	struct bpf_sock *sk;
+	__u32 bytes_received, data_segs_out;
+
+	READ_ENDPOINT_FIELDS(skops, &f);
+	bytes_received = skops->bytes_received;
+	data_segs_out = skops->data_segs_out;
+	sk = skops->sk;
+	if (!sk || live.paused)
+		return;
+	if (make_key(&f, bpf_get_netns_cookie(skops), 0, &key))
+		return;
+	st = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		COUNT(insert_failed, 1);
+		return;
+	}
+	if (!policy_selects(&key, st)) {
+		COUNT(policy_skipped, 1);
+		return;
+	}
+	/* Bytes that already moved as plain TCP (e.g. TCP Fast Open data in the
+	 * SYN) could be overtaken by redirected ones: keep such sockets plain. */
+	if (bytes_received || data_segs_out) {
+		COUNT(late_skipped, 1);
+		return;
+	}
+	if (bpf_sock_hash_update(skops, &sock_map, &key, BPF_NOEXIST)) {
+		COUNT(insert_failed, 1);
+		return;
+	}
+	st->flags |= FP_ACCELERATED;
+	COUNT(sockets_inserted, 1);
+}
+
+SEC("sockops")
+int fp_sock_ops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		record_owner(skops);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		on_established(skops);
+		break;
+	}
+	return 1;
+}
+
+SEC("sk_msg")
+int fp_sk_msg(struct sk_msg_md *msg)
+{
+	struct endpoint_fields f;
+	struct fp_sock_key peer = {};
+	struct fp_sock_state *st;
+	struct fp_stats *s;
+	__u32 size;
+
+	READ_ENDPOINT_FIELDS(msg, &f);
+	size = msg->size;
+	s = this_cpu_stats();
+	if (!s)
+		return SK_PASS;
+	if (live.paused || !msg->sk)
+		goto pass;
+	st = bpf_sk_storage_get(&sock_state, msg->sk, 0, 0);
+	if (!st || (st->flags & FP_FELL_BACK))
+		goto pass;
+	if (make_key(&f, bpf_get_netns_cookie(msg), 1, &peer))
+		goto pass;
+	if (bpf_msg_redirect_hash(msg, &sock_map, &peer, redirect_flags) != SK_PASS) {
+		/* Peer not (yet) in the map: this chunk goes plain, and so must
+		 * every later one, or it could overtake this one. */
+		st->flags |= FP_FELL_BACK;
+		s->peer_missing += 1;
+		goto pass;
+	}
+	s->msgs_redirected += 1;
+	s->bytes_redirected += size;
+	return SK_PASS;
+pass:
+	s->msgs_passed += 1;
+	s->bytes_passed += size;
+	return SK_PASS;
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";

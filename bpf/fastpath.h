@@ -1,0 +1,75 @@
+/* SPDX-License-Identifier: (MIT OR Apache-2.0) */
+/*
+ * Types shared by the BPF programs and the Rust side (src/abi.rs).
+ * Every struct here has a #[repr(C)] twin in src/abi.rs; the unit test
+ * `abi::tests::layouts_match_bpf_object` compares sizes and field offsets
+ * against the BTF of the compiled object, so a change on one side only
+ * fails the tests.
+ */
+#ifndef FASTPATH_H
+#define FASTPATH_H
+
+#include <linux/types.h>
+
+#define FP_COMM_LEN 16
+
+/* One TCP endpoint, seen from the socket that owns it. IPv4 addresses are
+ * stored as IPv4-mapped IPv6 (::ffff:a.b.c.d) so that an IPv4 client of a
+ * dual-stack listener finds its peer. The netns cookie keeps identical
+ * 4-tuples in different network namespaces apart. */
+struct fp_sock_key {
+	__u32 local_ip[4];  /* network byte order */
+	__u32 remote_ip[4]; /* network byte order */
+	__u32 local_port;   /* host byte order */
+	__u32 remote_port;  /* host byte order */
+	__u64 netns_cookie;
+};
+
+/* Counters, one copy per CPU; the Rust side sums them. */
+struct fp_stats {
+	__u64 msgs_redirected;  /* sendmsg chunks moved by the shortcut */
+	__u64 bytes_redirected;
+	__u64 msgs_passed;      /* chunks of accelerated sockets sent as plain TCP */
+	__u64 bytes_passed;
+	__u64 peer_missing;     /* of those: peer not in the map (sticky fallback) */
+	__u64 sockets_inserted; /* sockets added to the socket map */
+	__u64 insert_failed;    /* map full or other insert error: plain TCP */
+	__u64 policy_skipped;   /* established sockets the policy did not select */
+	__u64 late_skipped;     /* selected, but data moved before insertion */
+	__u64 splice_blocked;   /* splice reads refused with EINVAL */
+	__u64 splice_excluded;  /* sockets kept plain because the owner spliced */
+};
+
+/* Per-socket state in socket-local storage. */
+enum fp_sock_flags {
+	FP_OWNER_KNOWN = 1, /* owner_tgid/owner_comm were recorded */
+	FP_ACCELERATED = 2, /* the socket is in the socket map */
+	FP_FELL_BACK   = 4, /* a message went plain: never redirect again */
+};
+
+struct fp_sock_state {
+	__u32 owner_tgid;
+	__u32 flags;
+	char owner_comm[FP_COMM_LEN];
+};
+
+/* Key of the CIDR LPM trie: IPv6 or IPv4-mapped IPv6. */
+struct fp_cidr_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* Which policy knobs are set; an unset knob matches every connection. */
+enum fp_match_flags {
+	FP_MATCH_PORTS = 1,
+	FP_MATCH_CIDRS = 2,
+	FP_MATCH_COMMS = 4,
+};
+
+/* Live settings the Rust side writes through the mmapped .bss. */
+struct fp_live {
+	__u32 paused;      /* 1 after detach: insert nothing, redirect nothing */
+	__u32 match_flags; /* enum fp_match_flags */
+};
+
+#endif /* FASTPATH_H */

@@ -1,0 +1,74 @@
+//! The data shared with the BPF programs.
+//!
+//! `bpf/fastpath.h` is the single definition: the structs below are the
+//! ones libbpf-cargo generates from the compiled object's BTF, so their
+//! layout cannot drift. The flag constants are not in BTF; the test at the
+//! bottom checks them against the header text.
+
+pub(crate) use crate::skel::types::{fp_cidr_key, fp_sock_key, fp_stats};
+
+pub(crate) const FP_COMM_LEN: usize = 16;
+pub(crate) const FP_MATCH_PORTS: u32 = 1;
+pub(crate) const FP_MATCH_CIDRS: u32 = 2;
+pub(crate) const FP_MATCH_COMMS: u32 = 4;
+
+/// Types that are plain bytes: `#[repr(C)]`, integers and integer arrays
+/// only, no padding.
+pub(crate) trait Plain: Copy + Default {
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: implementors are repr(C) integer-only structs without
+        // padding (checked by `no_padding` below), so every byte is
+        // initialised and the slice covers exactly the value.
+        unsafe { std::slice::from_raw_parts((self as *const Self).cast(), size_of::<Self>()) }
+    }
+
+    /// Reads a value from the start of `bytes`, `None` if too short.
+    fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        (bytes.len() >= size_of::<Self>()).then(|| {
+            // SAFETY: the length was checked; every bit pattern is a valid
+            // value of an integer-only struct; read_unaligned copes with any
+            // alignment of the source buffer.
+            unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) }
+        })
+    }
+}
+
+impl Plain for fp_cidr_key {}
+impl Plain for fp_sock_key {}
+impl Plain for fp_stats {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = include_str!("../bpf/fastpath.h");
+
+    fn header_value(name: &str) -> u32 {
+        let line = HEADER
+            .lines()
+            .find(|l| l.split_whitespace().any(|w| w == name))
+            .unwrap_or_else(|| panic!("{name} not in bpf/fastpath.h"));
+        let value = line
+            .split(|c: char| c == '=' || c.is_whitespace() || c == ',')
+            .filter(|w| !w.is_empty())
+            .skip_while(|w| *w != name)
+            .nth(1)
+            .unwrap();
+        value.parse().unwrap_or_else(|_| panic!("{name}: {line}"))
+    }
+
+    #[test]
+    fn constants_match_header() {
+        assert_eq!(header_value("FP_COMM_LEN") as usize, FP_COMM_LEN);
+        assert_eq!(header_value("FP_MATCH_PORTS"), FP_MATCH_PORTS);
+        assert_eq!(header_value("FP_MATCH_CIDRS"), FP_MATCH_CIDRS);
+        assert_eq!(header_value("FP_MATCH_COMMS"), FP_MATCH_COMMS);
+    }
+
+    #[test]
+    fn no_padding() {
+        assert_eq!(size_of::<fp_cidr_key>(), 4 + 16);
+        assert_eq!(size_of::<fp_sock_key>(), 4 * 4 * 2 + 4 + 4 + 8);
+        assert_eq!(size_of::<fp_stats>() % 8, 0);
+    }
+}

@@ -1,0 +1,253 @@
+//! The builder: what to accelerate, and `attach()`.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use crate::cgroup::Cgroup;
+use crate::error::{Error, Result};
+use crate::guard::FastpathGuard;
+use crate::policy::{Cidr, Policy};
+use crate::programs::{LoadConfig, Programs};
+use crate::sys::{self, Capability};
+
+/// Where redirected bytes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RedirectMode {
+    /// Bytes a socket sends go straight into the receive queue of its local
+    /// peer socket (the other end of the same loopback connection), skipping
+    /// the TCP/IP stack. For any two local processes talking TCP.
+    #[default]
+    Ingress,
+}
+
+impl RedirectMode {
+    fn bpf_flags(self) -> u64 {
+        match self {
+            RedirectMode::Ingress => u64::from(libbpf_sys::BPF_F_INGRESS),
+        }
+    }
+}
+
+/// Entry point: `Accelerator::builder()`.
+#[derive(Debug)]
+pub struct Accelerator;
+
+impl Accelerator {
+    /// A builder with no cgroup chosen, every knob unset (match all),
+    /// [`RedirectMode::Ingress`] and a capacity of
+    /// [`AcceleratorBuilder::DEFAULT_CAPACITY`] sockets.
+    pub fn builder() -> AcceleratorBuilder {
+        AcceleratorBuilder::default()
+    }
+}
+
+/// Chooses the scope, policy and mode, then [`attach`](Self::attach)es.
+///
+/// Setters never fail; `attach()` validates everything before it touches
+/// the kernel.
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until attach() is called"]
+pub struct AcceleratorBuilder {
+    cgroup: Option<Cgroup>,
+    policy: Policy,
+    mode: RedirectMode,
+    capacity: u32,
+}
+
+impl Default for AcceleratorBuilder {
+    fn default() -> Self {
+        AcceleratorBuilder {
+            cgroup: None,
+            policy: Policy::default(),
+            mode: RedirectMode::default(),
+            capacity: Self::DEFAULT_CAPACITY,
+        }
+    }
+}
+
+impl AcceleratorBuilder {
+    /// Default socket map capacity (sockets, i.e. two per connection).
+    pub const DEFAULT_CAPACITY: u32 = 65_536;
+
+    /// The cgroup whose sockets are in scope (required). Sockets belong to
+    /// the cgroup of the process that created them, at creation time.
+    pub fn cgroup(mut self, cgroup: Cgroup) -> Self {
+        self.cgroup = Some(cgroup);
+        self
+    }
+
+    /// Accelerate only connections whose local or remote port is one of
+    /// these (adds to earlier calls). Port 0 is refused by `attach()`.
+    pub fn ports(mut self, ports: impl IntoIterator<Item = u16>) -> Self {
+        self.policy.ports.extend(ports);
+        self
+    }
+
+    /// Accelerate only connections whose peer address is in this prefix
+    /// (adds to earlier calls; IPv4 prefixes also match IPv4-mapped IPv6).
+    pub fn cidr(mut self, cidr: Cidr) -> Self {
+        self.policy.cidrs.push(cidr);
+        self
+    }
+
+    /// Accelerate only sockets owned by a process of this name (as in
+    /// `/proc/<pid>/comm`, at most 15 bytes; adds to earlier calls). See the
+    /// [`policy`](crate::policy) module for who owns a socket.
+    pub fn comm(mut self, comm: impl Into<String>) -> Self {
+        self.policy.comms.push(comm.into());
+        self
+    }
+
+    /// How bytes are redirected.
+    pub fn redirect(mut self, mode: RedirectMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// How many sockets the map holds. When it is full, new connections stay
+    /// on plain TCP and `Stats::insert_failed` counts them.
+    pub fn capacity(mut self, sockets: u32) -> Self {
+        self.capacity = sockets;
+        self
+    }
+
+    /// Loads the BPF programs and attaches them to the cgroup.
+    ///
+    /// Order: the sk_msg program is linked to the socket map first, the
+    /// sock_ops program to the cgroup last, so nothing is selected before
+    /// the whole path is in place. On any error everything done so far is
+    /// undone: nothing stays attached.
+    ///
+    /// Needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN).
+    ///
+    /// # Errors
+    /// Invalid input ([`Error::NoCgroup`], [`Error::InvalidPort`],
+    /// [`Error::InvalidComm`], [`Error::ZeroCapacity`],
+    /// [`Error::PolicyTooLarge`]); [`Error::MissingCapability`];
+    /// [`Error::KernelFeature`] when the kernel lacks sockmap links; or
+    /// [`Error::Bpf`] naming the failing call.
+    ///
+    /// # Minimum kernel version
+    /// 6.10 (BPF links for sk_msg programs).
+    pub fn attach(self) -> Result<FastpathGuard> {
+        let cgroup = self.cgroup.clone().ok_or(Error::NoCgroup)?;
+        self.policy.validate()?;
+        if self.capacity == 0 {
+            return Err(Error::ZeroCapacity {
+                default: Self::DEFAULT_CAPACITY,
+            });
+        }
+        require_capabilities("attaching sock_ops and sk_msg programs")?;
+
+        let mut programs = Programs::load(LoadConfig {
+            redirect_flags: self.mode.bpf_flags(),
+            capacity: self.capacity,
+        })?;
+        programs.set_policy(&self.policy)?;
+
+        let skel = programs.skel();
+        let msg_link =
+            sys::attach_sockmap_link(&skel.progs.fp_sk_msg, sys::map_fd(&skel.maps.sock_map))
+                .map_err(|source| classify_attach_error(AttachStep::SockmapLink, source))?;
+        let cgroup_dir =
+            File::open(cgroup.as_path()).map_err(|err| Error::io("open", cgroup.as_path(), err))?;
+        let ops_link = skel
+            .progs
+            .fp_sock_ops
+            .attach_cgroup(cgroup_dir.as_raw_fd())
+            .map_err(|err| {
+                classify_attach_error(AttachStep::CgroupLink, crate::error::libbpf_to_io(&err))
+            })?;
+
+        Ok(FastpathGuard::new(
+            programs, msg_link, ops_link, cgroup, self.mode,
+        ))
+    }
+}
+
+/// Fails early, with a clear message, when capabilities are missing.
+pub(crate) fn require_capabilities(operation: &'static str) -> Result<()> {
+    let caps =
+        sys::effective_capabilities().map_err(|err| Error::io("read", "/proc/self/status", err))?;
+    let has =
+        |cap| sys::has_capability(caps, cap) || sys::has_capability(caps, Capability::SysAdmin);
+    if !has(Capability::Bpf) && !has(Capability::NetAdmin) {
+        return Err(Error::MissingCapability {
+            operation,
+            capability: "CAP_BPF and CAP_NET_ADMIN",
+        });
+    }
+    if !has(Capability::Bpf) {
+        return Err(Error::MissingCapability {
+            operation,
+            capability: "CAP_BPF",
+        });
+    }
+    if !has(Capability::NetAdmin) {
+        return Err(Error::MissingCapability {
+            operation,
+            capability: "CAP_NET_ADMIN",
+        });
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum AttachStep {
+    SockmapLink,
+    CgroupLink,
+}
+
+/// Names the missing kernel feature when an attach fails because the
+/// kernel does not know the attach type, otherwise reports the call.
+pub(crate) fn classify_attach_error(step: AttachStep, source: std::io::Error) -> Error {
+    const ENOTSUPP: i32 = 524; // kernel-internal, leaks out of bpf()
+    let unsupported = matches!(
+        source.raw_os_error(),
+        Some(code) if code == nix::libc::EINVAL || code == nix::libc::EOPNOTSUPP || code == ENOTSUPP
+    );
+    match (step, unsupported) {
+        (AttachStep::SockmapLink, true) => Error::KernelFeature {
+            feature: "BPF links for sk_msg programs (BPF_LINK_TYPE_SOCKMAP)",
+            min_kernel: "6.10",
+            source,
+        },
+        (AttachStep::CgroupLink, true) => Error::KernelFeature {
+            feature: "cgroup BPF links for sock_ops programs",
+            min_kernel: "5.7",
+            source,
+        },
+        (AttachStep::SockmapLink, false) => Error::Bpf {
+            call: "bpf(BPF_LINK_CREATE) attaching fp_sk_msg to sock_map",
+            source,
+        },
+        (AttachStep::CgroupLink, false) => Error::Bpf {
+            call: "bpf(BPF_LINK_CREATE) attaching fp_sock_ops to the cgroup",
+            source,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_attach_types_name_the_feature_and_kernel() {
+        let err = classify_attach_error(
+            AttachStep::SockmapLink,
+            std::io::Error::from_raw_os_error(nix::libc::EINVAL),
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("BPF_LINK_TYPE_SOCKMAP") && text.contains("6.10"),
+            "{text}"
+        );
+        let err = classify_attach_error(
+            AttachStep::CgroupLink,
+            std::io::Error::from_raw_os_error(nix::libc::EBADF),
+        );
+        assert!(matches!(err, Error::Bpf { .. }), "{err}");
+    }
+}

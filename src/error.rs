@@ -1,0 +1,163 @@
+//! The crate's error type.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong when building, attaching or inspecting an
+/// accelerator. Each message says what failed and what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The process lacks a capability the kernel requires.
+    #[error(
+        "{operation} needs {capability} (effective capabilities of this process lack it): \
+         run as root or grant it, e.g. `setcap cap_bpf,cap_net_admin,cap_perfmon+ep <binary>`"
+    )]
+    MissingCapability {
+        /// What was being done.
+        operation: &'static str,
+        /// The capability (or capabilities) missing.
+        capability: &'static str,
+    },
+
+    /// No cgroup v2 filesystem is mounted.
+    #[error(
+        "no cgroup2 filesystem is mounted (none listed in /proc/self/mountinfo): \
+         mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`"
+    )]
+    Cgroup2NotMounted,
+
+    /// The cgroup path does not exist.
+    #[error("cgroup {path} does not exist: create it (mkdir below the cgroup2 mount {mount}) or pass an existing cgroup directory")]
+    CgroupNotFound {
+        /// The path given.
+        path: PathBuf,
+        /// Where cgroup v2 is mounted, if found.
+        mount: String,
+    },
+
+    /// The path exists but is not a directory of a cgroup v2 filesystem.
+    #[error("{path} is not a cgroup v2 directory ({detail}): pass a directory below the cgroup2 mount {mount}")]
+    NotCgroupV2 {
+        /// The path given.
+        path: PathBuf,
+        /// What it is instead.
+        detail: String,
+        /// Where cgroup v2 is mounted, if found.
+        mount: String,
+    },
+
+    /// No cgroup was chosen on the builder.
+    #[error("no cgroup chosen: call `.cgroup(Cgroup::path(..)?)` (or `Cgroup::current()?`) on the builder before `attach()`")]
+    NoCgroup,
+
+    /// A process name for the comm policy is unusable.
+    #[error("invalid comm {comm:?}: {reason}")]
+    InvalidComm {
+        /// The name given.
+        comm: String,
+        /// Why it cannot match.
+        reason: &'static str,
+    },
+
+    /// A CIDR could not be parsed or has a prefix length out of range.
+    #[error("invalid CIDR {input:?}: {reason}")]
+    InvalidCidr {
+        /// The text or address given.
+        input: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// Port 0 was given in the port policy.
+    #[error("port 0 cannot match a TCP connection: pass ports from 1 to 65535")]
+    InvalidPort,
+
+    /// The socket map capacity is zero.
+    #[error("socket map capacity 0 would accelerate nothing: pass at least 1 (the default is {default})")]
+    ZeroCapacity {
+        /// The default capacity.
+        default: u32,
+    },
+
+    /// A policy set has more entries than its BPF map holds.
+    #[error("too many {what}: {given} given, at most {max} fit")]
+    PolicyTooLarge {
+        /// Which knob.
+        what: &'static str,
+        /// How many were given.
+        given: usize,
+        /// The limit.
+        max: usize,
+    },
+
+    /// The running kernel lacks something the accelerator needs.
+    #[error(
+        "the kernel lacks {feature} (needs Linux {min_kernel} or newer, built with it): {source}"
+    )]
+    KernelFeature {
+        /// The missing feature.
+        feature: &'static str,
+        /// The first kernel version that has it.
+        min_kernel: &'static str,
+        /// What the kernel answered.
+        source: io::Error,
+    },
+
+    /// A BPF operation failed for another reason.
+    #[error("{call} failed: {source}")]
+    Bpf {
+        /// The failing call.
+        call: &'static str,
+        /// The underlying error.
+        source: io::Error,
+    },
+
+    /// A file or process operation failed.
+    #[error("{call} {path} failed: {source}")]
+    Io {
+        /// The failing call.
+        call: &'static str,
+        /// The file it was called on.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(call: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            call,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Converts a libbpf-rs error from `call`, keeping its errno.
+    pub(crate) fn bpf(call: &'static str, err: libbpf_rs::Error) -> Self {
+        Error::Bpf {
+            call,
+            source: libbpf_to_io(&err),
+        }
+    }
+}
+
+/// The errno inside a libbpf-rs error, as an `io::Error` whose message keeps
+/// libbpf's context.
+pub(crate) fn libbpf_to_io(err: &libbpf_rs::Error) -> io::Error {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        if let Some(code) = e
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+        {
+            return io::Error::from_raw_os_error(code);
+        }
+        cause = e.source();
+    }
+    io::Error::other(format!("{err:#}"))
+}

@@ -1,0 +1,150 @@
+//! The attached accelerator: live policy, counters, and detaching.
+
+use libbpf_rs::Link;
+
+use crate::accelerator::RedirectMode;
+use crate::cgroup::Cgroup;
+use crate::error::{Error, Result};
+use crate::policy::{check_size, comm_key, validate_ports, Cidr, MAX_CIDRS, MAX_COMMS};
+use crate::programs::Programs;
+use crate::stats::Stats;
+
+/// An attached accelerator. Dropping it detaches (ignoring errors);
+/// [`detach`](Self::detach) reports them.
+///
+/// Detaching loses no byte: it first switches the programs to "pause" (no
+/// new socket is selected, no new message redirected), then removes the
+/// programs from the cgroup and the socket map. It never deletes map
+/// entries, which would drop bytes already redirected but not yet read.
+/// Those bytes are still delivered, in order, before any later plain-TCP
+/// bytes; sockets leave the map, and the kernel frees the map and the
+/// programs, as the connections close.
+#[must_use = "dropping the guard detaches the accelerator at once"]
+pub struct FastpathGuard {
+    // Field order is drop order: links before the programs they reference.
+    links: Option<[Link; 2]>,
+    programs: Programs,
+    cgroup: Cgroup,
+    mode: RedirectMode,
+}
+
+impl std::fmt::Debug for FastpathGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastpathGuard")
+            .field("cgroup", &self.cgroup)
+            .field("mode", &self.mode)
+            .field("attached", &self.links.is_some())
+            .finish()
+    }
+}
+
+impl FastpathGuard {
+    pub(crate) fn new(
+        programs: Programs,
+        msg_link: Link,
+        ops_link: Link,
+        cgroup: Cgroup,
+        mode: RedirectMode,
+    ) -> Self {
+        FastpathGuard {
+            links: Some([ops_link, msg_link]),
+            programs,
+            cgroup,
+            mode,
+        }
+    }
+
+    /// The cgroup it is attached to.
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
+    }
+
+    /// The redirect mode.
+    pub fn mode(&self) -> RedirectMode {
+        self.mode
+    }
+
+    /// Counters summed over all CPUs.
+    ///
+    /// # Errors
+    /// [`Error::Bpf`] if the stats map cannot be read.
+    pub fn stats(&self) -> Result<Stats> {
+        self.programs.stats()
+    }
+
+    /// How many sockets are in the socket map now (two per accelerated
+    /// connection; they leave as connections close).
+    pub fn socket_count(&self) -> usize {
+        self.programs.socket_count()
+    }
+
+    /// Replaces the port set for connections established from now on;
+    /// empty matches every port.
+    ///
+    /// # Errors
+    /// [`Error::InvalidPort`] for port 0 (nothing is changed), or
+    /// [`Error::Bpf`] if a map update fails.
+    pub fn set_ports(&mut self, ports: impl IntoIterator<Item = u16>) -> Result<()> {
+        let ports: Vec<u16> = ports.into_iter().collect();
+        validate_ports(&ports)?;
+        self.programs.set_ports(&ports)
+    }
+
+    /// Replaces the CIDR set for connections established from now on;
+    /// empty matches every address.
+    ///
+    /// # Errors
+    /// [`Error::PolicyTooLarge`], or [`Error::Bpf`] if a map update fails.
+    pub fn set_cidrs(&mut self, cidrs: impl IntoIterator<Item = Cidr>) -> Result<()> {
+        let cidrs: Vec<Cidr> = cidrs.into_iter().collect();
+        check_size("CIDRs", cidrs.len(), MAX_CIDRS)?;
+        self.programs.set_cidrs(&cidrs)
+    }
+
+    /// Replaces the process-name set for connections established from now
+    /// on; empty matches every process.
+    ///
+    /// # Errors
+    /// [`Error::InvalidComm`] (nothing is changed), [`Error::PolicyTooLarge`],
+    /// or [`Error::Bpf`] if a map update fails.
+    pub fn set_comms<S: Into<String>>(&mut self, comms: impl IntoIterator<Item = S>) -> Result<()> {
+        let comms: Vec<String> = comms.into_iter().map(Into::into).collect();
+        check_size("comms", comms.len(), MAX_COMMS)?;
+        comms.iter().try_for_each(|c| comm_key(c).map(drop))?;
+        self.programs.set_comms(&comms)
+    }
+
+    /// Detaches now and returns the final counters.
+    ///
+    /// # Errors
+    /// [`Error::Bpf`] naming the first link that failed to detach; the
+    /// others are detached regardless.
+    pub fn detach(mut self) -> Result<Stats> {
+        let result = self.detach_links();
+        let stats = self.programs.stats();
+        result.and(stats)
+    }
+
+    fn detach_links(&mut self) -> Result<()> {
+        self.programs.pause();
+        let Some(links) = self.links.take() else {
+            return Ok(());
+        };
+        let mut first_error = None;
+        for (link, call) in links.iter().zip([
+            "bpf(BPF_LINK_DETACH) of fp_sock_ops from the cgroup",
+            "bpf(BPF_LINK_DETACH) of fp_sk_msg from sock_map",
+        ]) {
+            if let Err(err) = link.detach() {
+                first_error.get_or_insert(Error::bpf(call, err));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for FastpathGuard {
+    fn drop(&mut self) {
+        let _ = self.detach_links();
+    }
+}

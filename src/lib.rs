@@ -1,0 +1,46 @@
+//! A kernel shortcut for TCP between processes on the same Linux host,
+//! built on eBPF sockmap, that is safe to leave switched on.
+//!
+//! ```no_run
+//! use sockmap_fastpath::{Accelerator, Cgroup, RedirectMode};
+//!
+//! # fn main() -> Result<(), sockmap_fastpath::Error> {
+//! let guard = Accelerator::builder()
+//!     .cgroup(Cgroup::path("/sys/fs/cgroup/unified/my-service")?)
+//!     .ports([6379, 8080])
+//!     .cidr("127.0.0.0/8".parse()?)
+//!     .comm("redis-server")
+//!     .redirect(RedirectMode::Ingress)
+//!     .attach()?;
+//! println!("{}", guard.stats()?);
+//! guard.detach()?; // or drop it: detaching loses no byte
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! See the crate README for what is accelerated, the guarantees and the
+//! known limits.
+
+#![warn(missing_docs)]
+
+mod abi;
+mod accelerator;
+mod cgroup;
+mod error;
+mod guard;
+pub mod policy;
+mod programs;
+mod stats;
+mod sys;
+
+#[allow(clippy::all, missing_docs, unsafe_op_in_unsafe_fn, unused_imports)]
+mod skel {
+    include!(concat!(env!("OUT_DIR"), "/fastpath.skel.rs"));
+}
+
+pub use accelerator::{Accelerator, AcceleratorBuilder, RedirectMode};
+pub use cgroup::{cgroup2_mount, Cgroup, ChildCgroup};
+pub use error::{Error, Result};
+pub use guard::FastpathGuard;
+pub use policy::Cidr;
+pub use stats::Stats;

@@ -1,0 +1,196 @@
+//! The loaded BPF object (skeleton) and the typed operations on its maps.
+
+use std::mem::{ManuallyDrop, MaybeUninit};
+use std::ptr::NonNull;
+
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, OpenObject};
+
+use crate::abi::{fp_stats, Plain, FP_MATCH_CIDRS, FP_MATCH_COMMS, FP_MATCH_PORTS};
+use crate::error::{Error, Result};
+use crate::policy::{cidr_keys, comm_keys, port_keys, sync_set, Cidr, Policy};
+use crate::skel::{FastpathSkel, FastpathSkelBuilder};
+use crate::stats::Stats;
+
+/// What is fixed before the programs are loaded.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LoadConfig {
+    pub redirect_flags: u64,
+    pub capacity: u32,
+}
+
+/// Owns the skeleton together with the `OpenObject` storage it borrows.
+pub(crate) struct Programs {
+    skel: ManuallyDrop<FastpathSkel<'static>>,
+    object: NonNull<MaybeUninit<OpenObject>>,
+}
+
+// SAFETY: the skeleton is Send (libbpf objects may move between threads) and
+// `object` is only touched again in Drop.
+unsafe impl Send for Programs {}
+// SAFETY: shared access only reads maps through fds, which the kernel
+// serialises; no interior mutability on the Rust side.
+unsafe impl Sync for Programs {}
+
+impl Programs {
+    /// Opens, configures and loads the programs into the kernel.
+    pub fn load(config: LoadConfig) -> Result<Self> {
+        let object = NonNull::from(Box::leak(Box::new(MaybeUninit::<OpenObject>::uninit())));
+        // SAFETY: `object` stays allocated until Drop, after the skeleton that
+        // borrows it is gone; nothing else accesses it meanwhile.
+        let storage: &'static mut MaybeUninit<OpenObject> = unsafe { &mut *object.as_ptr() };
+        match Self::open_and_load(storage, config) {
+            Ok(skel) => Ok(Programs {
+                skel: ManuallyDrop::new(skel),
+                object,
+            }),
+            Err(err) => {
+                // SAFETY: the failed skeleton was dropped inside
+                // open_and_load; `object` came from Box::leak above.
+                drop(unsafe { Box::from_raw(object.as_ptr()) });
+                Err(err)
+            }
+        }
+    }
+
+    fn open_and_load(
+        storage: &'static mut MaybeUninit<OpenObject>,
+        config: LoadConfig,
+    ) -> Result<FastpathSkel<'static>> {
+        let mut open = FastpathSkelBuilder::default()
+            .open(storage)
+            .map_err(|err| Error::bpf("bpf_object__open (embedded fastpath.bpf.o)", err))?;
+        let rodata = open
+            .maps
+            .rodata_data
+            .as_deref_mut()
+            .expect("fastpath.bpf.c has a .rodata section");
+        rodata.redirect_flags = config.redirect_flags;
+        open.maps
+            .sock_map
+            .set_max_entries(config.capacity)
+            .map_err(|err| Error::bpf("bpf_map__set_max_entries(sock_map)", err))?;
+        open.load()
+            .map_err(|err| Error::bpf("bpf(BPF_PROG_LOAD) of fp_sock_ops and fp_sk_msg", err))
+    }
+
+    pub fn skel(&self) -> &FastpathSkel<'static> {
+        &self.skel
+    }
+
+    /// Sets `live.paused`: from now on nothing is inserted or redirected.
+    pub fn pause(&mut self) {
+        let bss = self
+            .skel
+            .maps
+            .bss_data
+            .as_deref_mut()
+            .expect(".bss is mmapped");
+        store_shared(&mut bss.live.paused, 1);
+    }
+
+    pub fn stats(&self) -> Result<Stats> {
+        let per_cpu = self
+            .skel
+            .maps
+            .stats
+            .lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|err| Error::bpf("bpf(BPF_MAP_LOOKUP_ELEM) on stats", err))?
+            .unwrap_or_default();
+        let cpus: Vec<fp_stats> = per_cpu
+            .iter()
+            .filter_map(|b| fp_stats::from_bytes(b))
+            .collect();
+        Ok(Stats::sum(&cpus))
+    }
+
+    /// Number of sockets currently in the socket map.
+    pub fn socket_count(&self) -> usize {
+        self.skel.maps.sock_map.keys().count()
+    }
+
+    pub fn set_policy(&mut self, policy: &Policy) -> Result<()> {
+        self.set_ports(&policy.ports)?;
+        self.set_cidrs(&policy.cidrs)?;
+        self.set_comms(&policy.comms)
+    }
+
+    pub fn set_ports(&mut self, ports: &[u16]) -> Result<()> {
+        self.set_knob(FP_MATCH_PORTS, !ports.is_empty(), |skel| {
+            sync_set(
+                "bpf(BPF_MAP_UPDATE_ELEM) on policy_ports",
+                &skel.maps.policy_ports,
+                &port_keys(ports),
+            )
+        })
+    }
+
+    pub fn set_cidrs(&mut self, cidrs: &[Cidr]) -> Result<()> {
+        self.set_knob(FP_MATCH_CIDRS, !cidrs.is_empty(), |skel| {
+            sync_set(
+                "bpf(BPF_MAP_UPDATE_ELEM) on policy_cidrs",
+                &skel.maps.policy_cidrs,
+                &cidr_keys(cidrs),
+            )
+        })
+    }
+
+    pub fn set_comms(&mut self, comms: &[String]) -> Result<()> {
+        let keys = comm_keys(comms)?;
+        self.set_knob(FP_MATCH_COMMS, !comms.is_empty(), |skel| {
+            sync_set(
+                "bpf(BPF_MAP_UPDATE_ELEM) on policy_comms",
+                &skel.maps.policy_comms,
+                &keys,
+            )
+        })
+    }
+
+    /// Switches a knob with no moment where it matches less than the old
+    /// or new set intends: the flag is cleared before an emptied set, and
+    /// raised only after the set is written.
+    fn set_knob(
+        &mut self,
+        flag: u32,
+        enabled: bool,
+        write_set: impl FnOnce(&FastpathSkel<'static>) -> Result<()>,
+    ) -> Result<()> {
+        if !enabled {
+            self.update_match_flags(|flags| flags & !flag);
+        }
+        write_set(&self.skel)?;
+        if enabled {
+            self.update_match_flags(|flags| flags | flag);
+        }
+        Ok(())
+    }
+
+    fn update_match_flags(&mut self, change: impl FnOnce(u32) -> u32) {
+        let bss = self
+            .skel
+            .maps
+            .bss_data
+            .as_deref_mut()
+            .expect(".bss is mmapped");
+        let new = change(bss.live.match_flags);
+        store_shared(&mut bss.live.match_flags, new);
+    }
+}
+
+/// Stores to memory the kernel reads concurrently (the mmapped .bss): a
+/// volatile write keeps the compiler from eliding or reordering it.
+fn store_shared(slot: &mut u32, value: u32) {
+    // SAFETY: `slot` is a valid, aligned, exclusive reference.
+    unsafe { std::ptr::write_volatile(slot, value) };
+}
+
+impl Drop for Programs {
+    fn drop(&mut self) {
+        // SAFETY: the skeleton is dropped exactly once, here, before the
+        // storage it borrows; `object` came from Box::leak in `load`.
+        unsafe {
+            ManuallyDrop::drop(&mut self.skel);
+            drop(Box::from_raw(self.object.as_ptr()));
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! Shared by the integration tests: privilege check, serialisation, RAII
+//! guards for cgroups and network namespaces, and traffic helpers.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::thread;
+
+use sockmap_fastpath::{AcceleratorBuilder, Cgroup, ChildCgroup, FastpathGuard, Stats};
+
+/// Tests move this process between cgroups and netns: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Everything a privileged test holds; dropping it cleans up, also on panic.
+pub struct Env {
+    pub cgroup: TestCgroup,
+    _serial: MutexGuard<'static, ()>,
+}
+
+/// Returns `None` (the test returns early, printing why) when the machine
+/// cannot run privileged tests. Under `CI=true` that is a failure instead.
+pub fn privileged_env() -> Option<Env> {
+    let serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(reason) = missing_privilege() {
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("privileged test cannot run under CI=true: {reason}");
+        }
+        eprintln!("SKIPPED (not counted as passing): {reason}");
+        return None;
+    }
+    Some(Env {
+        cgroup: TestCgroup::enter(),
+        _serial: serial,
+    })
+}
+
+fn missing_privilege() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("needs root (CAP_BPF, CAP_NET_ADMIN, cgroup writes)".into());
+    }
+    if let Err(err) = sockmap_fastpath::cgroup2_mount() {
+        return Some(err.to_string());
+    }
+    None
+}
+
+pub fn unique_name(what: &str) -> String {
+    format!(
+        "fp-{what}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A fresh child cgroup with this process in it; on drop the process goes
+/// back and the cgroup is removed.
+pub struct TestCgroup {
+    child: Option<ChildCgroup>,
+    original: Cgroup,
+}
+
+impl TestCgroup {
+    pub fn enter() -> Self {
+        let original = Cgroup::current().expect("current cgroup");
+        let child = original
+            .create_child(&unique_name("cg"))
+            .expect("create child cgroup");
+        assert!(!child.is_root());
+        child
+            .add_process(std::process::id())
+            .expect("enter child cgroup");
+        TestCgroup {
+            child: Some(child),
+            original,
+        }
+    }
+
+    pub fn cgroup(&self) -> Cgroup {
+        self.child.as_ref().unwrap().cgroup().clone()
+    }
+
+    /// A second, sibling cgroup (not entered).
+    pub fn sibling(&self) -> ChildCgroup {
+        self.original
+            .create_child(&unique_name("cg"))
+            .expect("create sibling cgroup")
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.cgroup().as_path().to_owned()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let _ = self.original.add_process(std::process::id());
+        if let Some(child) = self.child.take() {
+            child.remove().expect("remove test cgroup");
+        }
+    }
+}
+
+impl Env {
+    pub fn builder(&self) -> AcceleratorBuilder {
+        sockmap_fastpath::Accelerator::builder().cgroup(self.cgroup.cgroup())
+    }
+
+    pub fn attach(
+        &self,
+        configure: impl FnOnce(AcceleratorBuilder) -> AcceleratorBuilder,
+    ) -> FastpathGuard {
+        configure(self.builder()).attach().expect("attach")
+    }
+}
+
+/// A network namespace made with `ip netns add`, deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new() -> Self {
+        let name = unique_name("ns");
+        run("ip", &["netns", "add", &name]);
+        let ns = NetNs { name };
+        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs `f` on a thread that has entered this namespace; sockets it
+    /// creates live there.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub fn run(cmd: &str, args: &[&str]) {
+    let status = Command::new(cmd)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(status.success(), "{cmd} {args:?} failed: {status}");
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), different per seed.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A connected (client, accepted server) pair on `listen_addr`.
+pub fn connected_pair(listen_addr: &str) -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind(listen_addr).expect("bind");
+    connect_to(&listener)
+}
+
+pub fn connect_to(listener: &TcpListener) -> (TcpStream, TcpStream) {
+    let client = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    (client, server)
+}
+
+pub fn connect_from(listener: &TcpListener, to: SocketAddr) -> (TcpStream, TcpStream) {
+    let client = TcpStream::connect(to).expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    (client, server)
+}
+
+/// Sends `a_to_b` from `a` to `b` and `b_to_a` the other way at the same
+/// time, half-closes each direction when done, and asserts both arrive
+/// intact.
+pub fn exchange(a: TcpStream, b: TcpStream, a_to_b: Vec<u8>, b_to_a: Vec<u8>) {
+    let send = |mut s: TcpStream, data: Vec<u8>| {
+        thread::spawn(move || {
+            s.write_all(&data).expect("write");
+            s.shutdown(Shutdown::Write).expect("shutdown");
+        })
+    };
+    let recv = |mut s: TcpStream| {
+        thread::spawn(move || {
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).expect("read");
+            got
+        })
+    };
+    let writers = [
+        send(a.try_clone().unwrap(), a_to_b.clone()),
+        send(b.try_clone().unwrap(), b_to_a.clone()),
+    ];
+    let got_b = recv(b);
+    let got_a = recv(a);
+    writers.into_iter().for_each(|w| w.join().unwrap());
+    assert_bytes_eq(&got_b.join().unwrap(), &a_to_b, "a -> b");
+    assert_bytes_eq(&got_a.join().unwrap(), &b_to_a, "b -> a");
+}
+
+pub fn assert_bytes_eq(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let first_diff = got
+            .iter()
+            .zip(want)
+            .position(|(g, w)| g != w)
+            .unwrap_or(got.len().min(want.len()));
+        panic!(
+            "{what}: got {} bytes, want {}; first difference at byte {first_diff}",
+            got.len(),
+            want.len()
+        );
+    }
+}
+
+/// Snapshot helper: counters since `before`.
+pub fn delta(guard: &FastpathGuard, before: &Stats) -> Stats {
+    guard.stats().expect("stats").since(before)
+}
+
+/// Polls until the socket map is empty (connections close asynchronously).
+pub fn wait_map_empty(guard: &FastpathGuard) -> usize {
+    for _ in 0..200 {
+        if guard.socket_count() == 0 {
+            return 0;
+        }
+        thread::sleep(std::time::Duration::from_millis(10));
+    }
+    guard.socket_count()
+}
