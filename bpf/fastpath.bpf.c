@@ -22,6 +22,13 @@
 
 #include "fastpath.h"
 
+/* The two task_struct fields we read, relocated against the running
+ * kernel's BTF (CO-RE), so no vmlinux.h is needed. */
+struct task_struct {
+	struct task_struct *group_leader;
+	char comm[FP_COMM_LEN];
+} __attribute__((preserve_access_index));
+
 #define AF_INET 2
 #define AF_INET6 10
 
@@ -165,6 +172,7 @@ static __always_inline int make_key(const struct endpoint_fields *f,
 static __always_inline void record_owner(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
+	struct task_struct *leader;
 	struct fp_sock_state *st;
 
 	if (!sk)
@@ -173,7 +181,10 @@ static __always_inline void record_owner(struct bpf_sock_ops *skops)
 	if (!st)
 		return;
 	st->owner_tgid = bpf_get_current_pid_tgid() >> 32;
-	bpf_get_current_comm(st->owner_comm, sizeof(st->owner_comm));
+	/* The process name (the thread group leader's, as /proc/<pid>/comm),
+	 * not the calling thread's: worker threads often rename themselves. */
+	leader = bpf_get_current_task_btf()->group_leader;
+	__builtin_memcpy(st->owner_comm, leader->comm, sizeof(st->owner_comm));
 	st->flags = FP_OWNER_KNOWN;
 }
 

@@ -206,13 +206,7 @@ pub fn exchange(a: TcpStream, b: TcpStream, a_to_b: Vec<u8>, b_to_a: Vec<u8>) {
             s.shutdown(Shutdown::Write).expect("shutdown");
         })
     };
-    let recv = |mut s: TcpStream| {
-        thread::spawn(move || {
-            let mut got = Vec::new();
-            s.read_to_end(&mut got).expect("read");
-            got
-        })
-    };
+    let recv = |mut s: TcpStream| thread::spawn(move || read_all(&mut s));
     let writers = [
         send(a.try_clone().unwrap(), a_to_b.clone()),
         send(b.try_clone().unwrap(), b_to_a.clone()),
@@ -222,6 +216,28 @@ pub fn exchange(a: TcpStream, b: TcpStream, a_to_b: Vec<u8>, b_to_a: Vec<u8>) {
     writers.into_iter().for_each(|w| w.join().unwrap());
     assert_bytes_eq(&got_b.join().unwrap(), &a_to_b, "a -> b");
     assert_bytes_eq(&got_a.join().unwrap(), &b_to_a, "b -> a");
+}
+
+/// Spurious EAGAIN results of blocking reads seen by [`read_all`].
+pub static SPURIOUS_EAGAIN: AtomicU32 = AtomicU32::new(0);
+
+/// Reads to EOF. A blocking read of an accelerated socket can fail with
+/// EAGAIN while another thread writes to the same socket (a kernel bug in
+/// tcp_bpf_recvmsg, see README "Known limits"); this retries and counts it.
+pub fn read_all(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                SPURIOUS_EAGAIN.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => panic!("read: {err}"),
+        }
+    }
 }
 
 pub fn assert_bytes_eq(got: &[u8], want: &[u8], what: &str) {
