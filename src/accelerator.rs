@@ -160,9 +160,7 @@ impl AcceleratorBuilder {
                 classify_attach_error(AttachStep::CgroupLink, crate::error::libbpf_to_io(&err))
             })?;
 
-        Ok(FastpathGuard::new(
-            programs, msg_link, ops_link, cgroup, self.mode,
-        ))
+        FastpathGuard::new(programs, msg_link, ops_link, cgroup, self.mode)
     }
 }
 

@@ -7,7 +7,7 @@ use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
 use crate::policy::{check_size, comm_key, validate_ports, Cidr, MAX_CIDRS, MAX_COMMS};
 use crate::programs::Programs;
-use crate::stats::Stats;
+use crate::stats::{Stats, StatsReader};
 
 /// An attached accelerator. Dropping it detaches (ignoring errors);
 /// [`detach`](Self::detach) reports them.
@@ -23,6 +23,7 @@ use crate::stats::Stats;
 pub struct FastpathGuard {
     // Field order is drop order: links before the programs they reference.
     links: Option<[Link; 2]>,
+    stats: StatsReader,
     programs: Programs,
     cgroup: Cgroup,
     mode: RedirectMode,
@@ -45,13 +46,14 @@ impl FastpathGuard {
         ops_link: Link,
         cgroup: Cgroup,
         mode: RedirectMode,
-    ) -> Self {
-        FastpathGuard {
+    ) -> Result<Self> {
+        Ok(FastpathGuard {
             links: Some([ops_link, msg_link]),
+            stats: programs.stats_reader()?,
             programs,
             cgroup,
             mode,
-        }
+        })
     }
 
     /// The cgroup it is attached to.
@@ -69,7 +71,15 @@ impl FastpathGuard {
     /// # Errors
     /// [`Error::Bpf`] if the stats map cannot be read.
     pub fn stats(&self) -> Result<Stats> {
-        self.programs.stats()
+        self.stats.read()
+    }
+
+    /// A reader of this accelerator's counters that outlives the guard.
+    ///
+    /// # Errors
+    /// [`Error::Bpf`] if the map fd cannot be duplicated.
+    pub fn stats_reader(&self) -> Result<StatsReader> {
+        self.programs.stats_reader()
     }
 
     /// How many sockets are in the socket map now (two per accelerated
@@ -121,7 +131,7 @@ impl FastpathGuard {
     /// others are detached regardless.
     pub fn detach(mut self) -> Result<Stats> {
         let result = self.detach_links();
-        let stats = self.programs.stats();
+        let stats = self.stats.read();
         result.and(stats)
     }
 

@@ -43,4 +43,4 @@ pub use cgroup::{cgroup2_mount, Cgroup, ChildCgroup};
 pub use error::{Error, Result};
 pub use guard::FastpathGuard;
 pub use policy::Cidr;
-pub use stats::Stats;
+pub use stats::{Stats, StatsReader};

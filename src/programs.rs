@@ -4,13 +4,13 @@ use std::mem::{ManuallyDrop, MaybeUninit};
 use std::ptr::NonNull;
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{MapCore, MapFlags, OpenObject};
+use libbpf_rs::{MapCore, OpenObject};
 
-use crate::abi::{fp_stats, Plain, FP_MATCH_CIDRS, FP_MATCH_COMMS, FP_MATCH_PORTS};
+use crate::abi::{FP_MATCH_CIDRS, FP_MATCH_COMMS, FP_MATCH_PORTS};
 use crate::error::{Error, Result};
 use crate::policy::{cidr_keys, comm_keys, port_keys, sync_set, Cidr, Policy};
 use crate::skel::{FastpathSkel, FastpathSkelBuilder};
-use crate::stats::Stats;
+use crate::stats::StatsReader;
 
 /// What is fixed before the programs are loaded.
 #[derive(Debug, Clone, Copy)]
@@ -89,19 +89,8 @@ impl Programs {
         store_shared(&mut bss.live.paused, 1);
     }
 
-    pub fn stats(&self) -> Result<Stats> {
-        let per_cpu = self
-            .skel
-            .maps
-            .stats
-            .lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY)
-            .map_err(|err| Error::bpf("bpf(BPF_MAP_LOOKUP_ELEM) on stats", err))?
-            .unwrap_or_default();
-        let cpus: Vec<fp_stats> = per_cpu
-            .iter()
-            .filter_map(|b| fp_stats::from_bytes(b))
-            .collect();
-        Ok(Stats::sum(&cpus))
+    pub fn stats_reader(&self) -> Result<StatsReader> {
+        StatsReader::new(&self.skel.maps.stats)
     }
 
     /// Number of sockets currently in the socket map.

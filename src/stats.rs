@@ -2,7 +2,10 @@
 
 use std::fmt;
 
-use crate::abi::fp_stats;
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+
+use crate::abi::{fp_stats, Plain};
+use crate::error::{Error, Result};
 
 macro_rules! counters {
     ($($(#[doc = $doc:literal])+ $name:ident,)+) => {
@@ -65,7 +68,7 @@ counters! {
 
 impl Stats {
     /// Sums per-CPU copies.
-    pub(crate) fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a fp_stats>) -> Stats {
+    fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a fp_stats>) -> Stats {
         let mut total = Stats::default();
         per_cpu.into_iter().for_each(|cpu| total.add(cpu));
         total
@@ -78,5 +81,41 @@ impl fmt::Display for Stats {
             writeln!(f, "{name:>18}  {value}")?;
         }
         Ok(())
+    }
+}
+
+/// Reads an accelerator's counters through its own handle on the stats
+/// map, so it keeps working after the guard is detached: connections that
+/// were accelerated go on being counted (as passed) until they close.
+#[derive(Debug)]
+pub struct StatsReader {
+    map: MapHandle,
+}
+
+impl StatsReader {
+    pub(crate) fn new<M>(map: &M) -> Result<Self>
+    where
+        for<'a> MapHandle: TryFrom<&'a M, Error = libbpf_rs::Error>,
+    {
+        let map =
+            MapHandle::try_from(map).map_err(|err| Error::bpf("dup of the stats map fd", err))?;
+        Ok(StatsReader { map })
+    }
+
+    /// The current totals.
+    ///
+    /// # Errors
+    /// [`Error::Bpf`] if the map cannot be read.
+    pub fn read(&self) -> Result<Stats> {
+        let per_cpu = self
+            .map
+            .lookup_percpu(&0u32.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|err| Error::bpf("bpf(BPF_MAP_LOOKUP_ELEM) on stats", err))?
+            .unwrap_or_default();
+        let cpus: Vec<fp_stats> = per_cpu
+            .iter()
+            .filter_map(|b| fp_stats::from_bytes(b))
+            .collect();
+        Ok(Stats::sum(&cpus))
     }
 }

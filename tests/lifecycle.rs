@@ -1,0 +1,237 @@
+//! Namespaces, detaching, connection churn, a full map, guards side by side.
+
+mod common;
+use common::*;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::thread;
+use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
+
+const LISTEN: &str = "127.0.0.1:5555";
+const CLIENT: &str = "127.0.0.1:6666";
+
+/// A connection with fixed 4-tuple 127.0.0.1:6666 -> 127.0.0.1:5555.
+fn fixed_tuple_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind(LISTEN).unwrap();
+    let client = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    client.set_reuse_address(true).unwrap();
+    client
+        .bind(&CLIENT.parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    client
+        .connect(&LISTEN.parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    let (server, _) = listener.accept().unwrap();
+    (client.into(), server)
+}
+
+#[test]
+fn identical_tuples_in_two_netns_never_meet() {
+    let Some(env) = privileged_env() else { return };
+    let guard = env.attach(|b| b);
+    let (ns1, ns2) = (NetNs::new(), NetNs::new());
+    // Both connections exist at once, with the same addresses and ports.
+    let (c1, s1) = ns1.run(fixed_tuple_pair);
+    let (c2, s2) = ns2.run(fixed_tuple_pair);
+    assert_eq!(c1.local_addr().unwrap(), c2.local_addr().unwrap());
+    assert_eq!(
+        guard.socket_count(),
+        4,
+        "four distinct keys: {}",
+        guard.stats().unwrap()
+    );
+
+    const SIZE: usize = 8 << 20;
+    let t1 =
+        thread::spawn(move || exchange(c1, s1, random_bytes(SIZE, 11), random_bytes(SIZE, 12)));
+    let t2 =
+        thread::spawn(move || exchange(c2, s2, random_bytes(SIZE, 21), random_bytes(SIZE, 22)));
+    t1.join().expect("namespace 1 got only its own bytes");
+    t2.join().expect("namespace 2 got only its own bytes");
+    let stats = guard.stats().unwrap();
+    assert_eq!(stats.sockets_inserted, 4, "{stats}");
+    assert_eq!(stats.insert_failed, 0, "{stats}");
+    assert_eq!(stats.bytes_redirected, 4 * SIZE as u64, "{stats}");
+}
+
+fn fionread(s: &TcpStream) -> i32 {
+    let mut n: nix::libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the valid pointer.
+    let rc = unsafe { nix::libc::ioctl(s.as_raw_fd(), nix::libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0, "FIONREAD");
+    n
+}
+
+#[test]
+fn detach_mid_transfer_loses_nothing_and_later_bytes_are_plain() {
+    let Some(env) = privileged_env() else { return };
+    let guard = env.attach(|b| b);
+    let reader = guard.stats_reader().unwrap();
+    let (client, mut server) = connected_pair("127.0.0.1:0");
+    const SIZE: usize = 16 << 20;
+    let data = random_bytes(SIZE, 99);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let writer = {
+        let mut client = client.try_clone().unwrap();
+        let data = data.clone();
+        thread::spawn(move || {
+            client.write_all(&data[..SIZE / 2]).unwrap();
+            rx.recv().unwrap(); // wait until the guard is gone
+            client.write_all(&data[SIZE / 2..]).unwrap();
+            client.shutdown(Shutdown::Write).unwrap();
+        })
+    };
+    // Let redirected bytes pile up unread in the server's queue.
+    let mut queued = 0;
+    for _ in 0..500 {
+        queued = fionread(&server);
+        if queued >= 1 << 20 {
+            break;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        queued >= 1 << 20,
+        "bytes queued unread before detach: {queued}"
+    );
+    let at_detach = guard.detach().unwrap();
+    assert!(at_detach.bytes_redirected >= queued as u64, "{at_detach}");
+    tx.send(()).unwrap();
+
+    let got = read_all(&mut server);
+    writer.join().unwrap();
+    assert_bytes_eq(&got, &data, "bytes across detach, in order");
+    let after = reader.read().unwrap().since(&at_detach);
+    assert_eq!(
+        after.bytes_redirected, 0,
+        "nothing redirected after detach: {after}"
+    );
+    assert!(
+        after.bytes_passed >= (SIZE / 2) as u64,
+        "second half went plain: {after}"
+    );
+
+    // A connection made after detach is not selected at all.
+    let (c, s) = connected_pair("127.0.0.1:0");
+    exchange(c, s, random_bytes(1 << 20, 5), random_bytes(1 << 20, 6));
+    let later = reader.read().unwrap().since(&at_detach);
+    assert_eq!(later.sockets_inserted, 0, "{later}");
+    assert_eq!(later.bytes_redirected, 0, "{later}");
+}
+
+#[test]
+fn ten_thousand_short_connections_then_an_empty_map() {
+    let Some(env) = privileged_env() else { return };
+    let guard = env.attach(|b| b);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    const N: usize = 10_000;
+    let server = thread::spawn(move || {
+        for _ in 0..N {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).unwrap();
+            s.write_all(&b).unwrap();
+        }
+    });
+    for i in 0..N {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.write_all(&[i as u8]).unwrap();
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(b[0], i as u8);
+    }
+    server.join().unwrap();
+    assert_eq!(wait_map_empty(&guard), 0, "map empty once all closed");
+    let stats = guard.stats().unwrap();
+    assert_eq!(stats.sockets_inserted, 2 * N as u64, "{stats}");
+    assert_eq!(stats.bytes_redirected, 2 * N as u64, "{stats}");
+    assert_eq!(stats.insert_failed, 0, "{stats}");
+}
+
+#[test]
+fn full_map_leaves_new_connections_on_plain_tcp() {
+    let Some(env) = privileged_env() else { return };
+    let guard = env.attach(|b| b.capacity(3));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    const SIZE: usize = 1 << 20;
+
+    // First connection: both sockets fit.
+    let (c1, s1) = connect_to(&listener);
+    let first = guard.stats().unwrap();
+    assert_eq!(first.sockets_inserted, 2, "{first}");
+    // Second: the client takes the last slot, the server is refused; the
+    // client's sends find no peer and stay plain.
+    let (c2, s2) = connect_to(&listener);
+    // Third: both refused.
+    let (c3, s3) = connect_to(&listener);
+    let before = guard.stats().unwrap();
+    assert_eq!(before.sockets_inserted, 3, "{before}");
+    assert_eq!(before.insert_failed, 3, "{before}");
+
+    exchange(c2, s2, random_bytes(SIZE, 1), random_bytes(SIZE, 2));
+    exchange(c3, s3, random_bytes(SIZE, 3), random_bytes(SIZE, 4));
+    let plain = guard.stats().unwrap().since(&before);
+    assert_eq!(plain.bytes_redirected, 0, "{plain}");
+    assert!(
+        plain.peer_missing >= 1,
+        "half-inserted pair fell back: {plain}"
+    );
+    exchange(c1, s1, random_bytes(SIZE, 5), random_bytes(SIZE, 6));
+    let d = guard.stats().unwrap().since(&before);
+    assert_eq!(
+        d.bytes_redirected,
+        2 * SIZE as u64,
+        "the pair that fit is redirected: {d}"
+    );
+}
+
+#[test]
+fn guards_side_by_side_on_sibling_and_same_cgroups() {
+    let Some(env) = privileged_env() else { return };
+    let sibling = env.cgroup.sibling();
+    let here = env.attach(|b| b);
+    let there = sockmap_fastpath::Accelerator::builder()
+        .cgroup(sibling.cgroup().clone())
+        .attach()
+        .unwrap();
+    const SIZE: usize = 1 << 20;
+
+    let (c, s) = connected_pair("127.0.0.1:0");
+    exchange(c, s, random_bytes(SIZE, 1), random_bytes(SIZE, 2));
+    assert_eq!(here.stats().unwrap().bytes_redirected, 2 * SIZE as u64);
+    assert_eq!(there.stats().unwrap().sockets_inserted, 0);
+
+    sibling.add_process(std::process::id()).unwrap();
+    let (c, s) = connected_pair("127.0.0.1:0");
+    env.cgroup.cgroup().add_process(std::process::id()).unwrap();
+    exchange(c, s, random_bytes(SIZE, 3), random_bytes(SIZE, 4));
+    assert_eq!(there.stats().unwrap().bytes_redirected, 2 * SIZE as u64);
+    assert_eq!(
+        here.stats().unwrap().bytes_redirected,
+        2 * SIZE as u64,
+        "unchanged"
+    );
+
+    // A second guard on the same cgroup: a socket joins only one map (the
+    // kernel refuses a second sk_msg program), the bytes still flow once.
+    let second = env.attach(|b| b);
+    let before = (here.stats().unwrap(), second.stats().unwrap());
+    let (c, s) = connected_pair("127.0.0.1:0");
+    exchange(c, s, random_bytes(SIZE, 5), random_bytes(SIZE, 6));
+    let d_here = here.stats().unwrap().since(&before.0);
+    let d_second = second.stats().unwrap().since(&before.1);
+    assert_eq!(
+        d_here.sockets_inserted, 2,
+        "first attached runs first: {d_here}"
+    );
+    assert_eq!(d_second.insert_failed, 2, "{d_second}");
+    assert_eq!(
+        d_here.bytes_redirected + d_second.bytes_redirected,
+        2 * SIZE as u64
+    );
+}
