@@ -71,7 +71,7 @@ impl Programs {
             .set_max_entries(config.capacity)
             .map_err(|err| Error::bpf("bpf_map__set_max_entries(sock_map)", err))?;
         open.load()
-            .map_err(|err| Error::bpf("bpf(BPF_PROG_LOAD) of fp_sock_ops and fp_sk_msg", err))
+            .map_err(|err| Error::bpf("loading the BPF object (bpf_object__load: creating maps, verifying fp_sock_ops and fp_sk_msg)", err))
     }
 
     pub fn skel(&self) -> &FastpathSkel<'static> {

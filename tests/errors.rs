@@ -1,0 +1,185 @@
+//! Every error names what was wrong, and a failed attach leaves nothing
+//! attached or loaded.
+
+mod common;
+use common::*;
+
+use std::process::Command;
+use std::time::Duration;
+
+use sockmap_fastpath::{Accelerator, Cgroup, Error};
+
+/// Our programs currently loaded anywhere in the kernel.
+fn loaded_programs() -> usize {
+    let out = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .expect("bpftool");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|l| l.contains("fp_sock_ops") || l.contains("fp_sk_msg"))
+        .count()
+}
+
+fn attached_to(cgroup: &Cgroup) -> String {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup.as_path())
+        .output()
+        .expect("bpftool");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Program teardown after the last fd closes is asynchronous (RCU).
+fn assert_nothing_left(cgroup: &Cgroup, baseline: usize) {
+    assert_eq!(
+        attached_to(cgroup),
+        "",
+        "nothing attached to {}",
+        cgroup.as_path().display()
+    );
+    for _ in 0..300 {
+        if loaded_programs() == baseline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!(
+        "programs still loaded: {} (baseline {baseline})",
+        loaded_programs()
+    );
+}
+
+fn expect_err(result: sockmap_fastpath::Result<sockmap_fastpath::FastpathGuard>) -> Error {
+    match result {
+        Ok(guard) => panic!("attach succeeded: {guard:?}"),
+        Err(err) => err,
+    }
+}
+
+#[test]
+fn invalid_input_is_refused_before_touching_the_kernel() {
+    let Some(env) = privileged_env() else { return };
+    let cg = env.cgroup.cgroup();
+    let baseline = loaded_programs();
+    let cases: Vec<(Error, &str)> = vec![
+        (
+            expect_err(Accelerator::builder().attach()),
+            "no cgroup chosen",
+        ),
+        (expect_err(env.builder().ports([80, 0]).attach()), "port 0"),
+        (expect_err(env.builder().comm("").attach()), "is empty"),
+        (
+            expect_err(env.builder().comm("a-very-long-process-name").attach()),
+            "longer than 15 bytes",
+        ),
+        (expect_err(env.builder().capacity(0).attach()), "capacity 0"),
+    ];
+    for (err, needle) in cases {
+        assert!(
+            err.to_string().contains(needle),
+            "{err:?} should mention {needle:?}"
+        );
+        assert_nothing_left(&cg, baseline);
+    }
+    let err = "10.0.0.0/40".parse::<sockmap_fastpath::Cidr>().unwrap_err();
+    assert!(
+        err.to_string().contains("prefix length 40 is out of range"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_cgroup_paths_are_named() {
+    let Some(env) = privileged_env() else { return };
+    let missing = env.cgroup.path().join("no-such-child");
+    let err = Cgroup::path(&missing).unwrap_err();
+    assert!(matches!(err, Error::CgroupNotFound { .. }), "{err}");
+    assert!(
+        err.to_string().contains("no-such-child") && err.to_string().contains("does not exist")
+    );
+    let err = Cgroup::path("/tmp").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("/tmp is not a cgroup v2 directory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn kernel_refusing_the_map_leaves_nothing_loaded() {
+    let Some(env) = privileged_env() else { return };
+    let cg = env.cgroup.cgroup();
+    let baseline = loaded_programs();
+    // The kernel refuses a socket hash this large when creating it.
+    let err = expect_err(env.builder().capacity(u32::MAX).attach());
+    assert!(matches!(err, Error::Bpf { .. }), "{err:?}");
+    assert!(err.to_string().contains("loading the BPF object"), "{err}");
+    assert_nothing_left(&cg, baseline);
+}
+
+#[test]
+fn cgroup_vanishing_before_attach_undoes_the_sockmap_link() {
+    let Some(env) = privileged_env() else { return };
+    let baseline = loaded_programs();
+    let doomed = env.cgroup.sibling();
+    let cgroup = doomed.cgroup().clone();
+    doomed.remove().unwrap();
+    // Fails after the programs are loaded and fp_sk_msg is linked.
+    let err = expect_err(env.builder().cgroup(cgroup.clone()).attach());
+    assert!(matches!(err, Error::Io { call: "open", .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains(&cgroup.as_path().display().to_string()),
+        "{err}"
+    );
+    assert_nothing_left(&env.cgroup.cgroup(), baseline);
+}
+
+#[test]
+fn missing_capabilities_are_named() {
+    let Some(env) = privileged_env() else { return };
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(&exe)
+        .args([
+            "--ignored",
+            "--exact",
+            "child_attach_without_privileges",
+            "--nocapture",
+        ])
+        .env("FP_CHILD_CGROUP", env.cgroup.path())
+        .output()
+        .expect("setpriv");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "CHILD-ERROR: attaching sock_ops and sk_msg programs needs CAP_BPF and CAP_NET_ADMIN"
+        ),
+        "child output: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_nothing_left(&env.cgroup.cgroup(), loaded_programs());
+}
+
+/// Run by `missing_capabilities_are_named` as an unprivileged user.
+#[test]
+#[ignore = "run as a child process without privileges"]
+fn child_attach_without_privileges() {
+    let path = std::env::var("FP_CHILD_CGROUP").expect("run by missing_capabilities_are_named");
+    let err = Accelerator::builder()
+        .cgroup(Cgroup::path(path).unwrap())
+        .attach()
+        .unwrap_err();
+    println!("CHILD-ERROR: {err}");
+}
