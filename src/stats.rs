@@ -22,7 +22,7 @@ macro_rules! counters {
         }
 
         impl Stats {
-            fn add(&mut self, cpu: &fp_stats) {
+            fn accumulate(&mut self, cpu: &fp_stats) {
                 $(self.$name += cpu.$name;)+
             }
 
@@ -35,6 +35,13 @@ macro_rules! counters {
             /// `(name, value)` of every counter, in a stable order.
             pub fn counters(&self) -> Vec<(&'static str, u64)> {
                 vec![$((stringify!($name), self.$name),)+]
+            }
+        }
+
+        impl std::ops::Add for Stats {
+            type Output = Stats;
+            fn add(self, other: Stats) -> Stats {
+                Stats { $($name: self.$name + other.$name,)+ }
             }
         }
     };
@@ -70,7 +77,7 @@ impl Stats {
     /// Sums per-CPU copies.
     fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a fp_stats>) -> Stats {
         let mut total = Stats::default();
-        per_cpu.into_iter().for_each(|cpu| total.add(cpu));
+        per_cpu.into_iter().for_each(|cpu| total.accumulate(cpu));
         total
     }
 }

@@ -12,7 +12,6 @@ use libbpf_rs::{AsRawLibbpf, Link, Program};
 pub(crate) enum Capability {
     NetAdmin = 12,
     SysAdmin = 21,
-    Perfmon = 38,
     Bpf = 39,
 }
 
