@@ -14,16 +14,30 @@ use std::time::Duration;
 use sockmap_fastpath::{Accelerator, Cgroup, RedirectMode, Stats};
 use workloads::Rate;
 
-type Workload = (&'static str, &'static str, fn(&TcpListener, Duration) -> Rate);
+type Workload = (
+    &'static str,
+    &'static str,
+    fn(&TcpListener, Duration) -> Rate,
+);
 
 const CPU: Option<usize> = Some(0);
 
 const WORKLOADS: &[Workload] = &[
-    ("request/response 1 B", "trips/s", |l, d| workloads::request_response(l, 1, d, CPU)),
-    ("request/response 1 KiB", "trips/s", |l, d| workloads::request_response(l, 1024, d, CPU)),
-    ("request/response 64 KiB", "trips/s", |l, d| workloads::request_response(l, 65536, d, CPU)),
-    ("bulk, 64 KiB writes", "Gbit/s", |l, d| scale(workloads::bulk(l, 65536, d, CPU), 1e-9)),
-    ("bulk, 4 KiB writes", "Gbit/s", |l, d| scale(workloads::bulk(l, 4096, d, CPU), 1e-9)),
+    ("request/response 1 B", "trips/s", |l, d| {
+        workloads::request_response(l, 1, d, CPU)
+    }),
+    ("request/response 1 KiB", "trips/s", |l, d| {
+        workloads::request_response(l, 1024, d, CPU)
+    }),
+    ("request/response 64 KiB", "trips/s", |l, d| {
+        workloads::request_response(l, 65536, d, CPU)
+    }),
+    ("bulk, 64 KiB writes", "Gbit/s", |l, d| {
+        scale(workloads::bulk(l, 65536, d, CPU), 1e-9)
+    }),
+    ("bulk, 4 KiB writes", "Gbit/s", |l, d| {
+        scale(workloads::bulk(l, 4096, d, CPU), 1e-9)
+    }),
 ];
 
 fn scale(rate: Rate, factor: f64) -> Rate {
@@ -58,7 +72,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .attach()?;
     println!("attached: {guard:?}; both ends pinned to CPU 0; {seconds} s per run\n");
 
-    println!("| workload | unit | plain TCP | sockmap-fastpath | ratio | bytes redirected / moved |");
+    println!(
+        "| workload | unit | plain TCP | sockmap-fastpath | ratio | bytes redirected / moved |"
+    );
     println!("|---|---|---|---|---|---|");
     let mut total = Stats::default();
     for (name, unit, run) in WORKLOADS {
@@ -78,7 +94,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("\ncounters of the accelerated runs:\n{total}");
     let final_stats = guard.detach()?;
-    println!("detached; {} sockets were accelerated in total", final_stats.sockets_inserted);
+    println!(
+        "detached; {} sockets were accelerated in total",
+        final_stats.sockets_inserted
+    );
     drop(cgroup);
     Ok(())
 }

@@ -33,7 +33,12 @@ fn connect(listener: &TcpListener) -> (TcpStream, TcpStream) {
 }
 
 /// Ping-pong of `size`-byte messages; returns round trips per second.
-pub fn request_response(listener: &TcpListener, size: usize, duration: Duration, cpu: Option<usize>) -> Rate {
+pub fn request_response(
+    listener: &TcpListener,
+    size: usize,
+    duration: Duration,
+    cpu: Option<usize>,
+) -> Rate {
     let (mut client, mut server) = connect(listener);
     let echo = thread::spawn(move || {
         if let Some(cpu) = cpu {
@@ -69,7 +74,12 @@ pub fn request_response(listener: &TcpListener, size: usize, duration: Duration,
 }
 
 /// One-way stream of `write_size`-byte writes; returns bits per second.
-pub fn bulk(listener: &TcpListener, write_size: usize, duration: Duration, cpu: Option<usize>) -> Rate {
+pub fn bulk(
+    listener: &TcpListener,
+    write_size: usize,
+    duration: Duration,
+    cpu: Option<usize>,
+) -> Rate {
     let (mut client, mut server) = connect(listener);
     let sink = thread::spawn(move || {
         if let Some(cpu) = cpu {
