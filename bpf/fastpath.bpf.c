@@ -7,6 +7,12 @@
  *               policy selects into sock_map.
  *  fp_sk_msg    (sk_msg on sock_map): moves each sendmsg chunk straight to the
  *               peer socket, or lets it through as plain TCP.
+ *  fp_splice_guard (lsm/file_permission): refuses splice(2)/sendfile(2) reads
+ *               from accelerated sockets with EINVAL, which programs already
+ *               treat as "splice unsupported, use read()", and remembers the
+ *               process so its later connections stay plain. (The kernel's
+ *               splice path does not read redirected bytes: false EOF or
+ *               endless EAGAIN.)
  *
  * Rules that keep every byte (see ../shared/FACTS.md):
  *  - a lookup miss returns SK_PASS: SK_DROP would fail the sender's send;
@@ -19,6 +25,7 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_tracing.h>
 
 #include "fastpath.h"
 
@@ -28,6 +35,34 @@ struct task_struct {
 	struct task_struct *group_leader;
 	char comm[FP_COMM_LEN];
 } __attribute__((preserve_access_index));
+
+/* For the splice guard, likewise relocated (CO-RE). */
+struct sock;
+struct socket {
+	struct sock *sk;
+} __attribute__((preserve_access_index));
+struct file;
+
+#if defined(__TARGET_ARCH_x86)
+struct pt_regs {
+	unsigned long orig_ax;
+} __attribute__((preserve_access_index));
+#define SYSCALL_NR(regs) ((regs)->orig_ax)
+#define NR_SENDFILE 40
+#define NR_SPLICE 275
+#elif defined(__TARGET_ARCH_arm64)
+struct pt_regs {
+	int syscallno;
+} __attribute__((preserve_access_index));
+#define SYSCALL_NR(regs) ((regs)->syscallno)
+#define NR_SENDFILE 71
+#define NR_SPLICE 76
+#else
+#error "the splice guard knows syscall numbers for x86_64 and arm64 only"
+#endif
+
+#define MAY_READ 4
+#define EINVAL 22
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -80,6 +115,14 @@ struct {
 	__type(value, __u8);
 	__uint(max_entries, 256);
 } policy_comms SEC(".maps");
+
+/* Processes caught splicing from an accelerated socket: tgid -> times. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 4096);
+} splice_excluded SEC(".maps");
 
 static __always_inline struct fp_stats *this_cpu_stats(void)
 {
@@ -240,6 +283,11 @@ static __always_inline void on_established(struct bpf_sock_ops *skops)
 		COUNT(policy_skipped, 1);
 		return;
 	}
+	if ((st->flags & FP_OWNER_KNOWN) &&
+	    bpf_map_lookup_elem(&splice_excluded, &st->owner_tgid)) {
+		COUNT(splice_excluded, 1);
+		return;
+	}
 	/* Bytes that already moved as plain TCP (e.g. TCP Fast Open data in the
 	 * SYN) could be overtaken by redirected ones: keep such sockets plain. */
 	if (bytes_received || data_segs_out) {
@@ -305,6 +353,40 @@ pass:
 	s->msgs_passed += 1;
 	s->bytes_passed += size;
 	return SK_PASS;
+}
+
+SEC("lsm/file_permission")
+int BPF_PROG(fp_splice_guard, struct file *file, int mask, int ret)
+{
+	struct fp_sock_state *st;
+	struct pt_regs *regs;
+	struct socket *sock;
+	unsigned long nr;
+	__u32 tgid;
+	__u64 one = 1, *times;
+
+	if (ret || !(mask & MAY_READ))
+		return ret;
+	/* Only reads made by splice(2) or sendfile(2): read(2) passes here too. */
+	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	nr = SYSCALL_NR(regs);
+	if (nr != NR_SPLICE && nr != NR_SENDFILE)
+		return 0;
+	sock = bpf_sock_from_file(file);
+	if (!sock || !sock->sk)
+		return 0;
+	st = bpf_sk_storage_get(&sock_state, sock->sk, 0, 0);
+	if (!st || !(st->flags & FP_ACCELERATED))
+		return 0;
+
+	tgid = bpf_get_current_pid_tgid() >> 32;
+	times = bpf_map_lookup_elem(&splice_excluded, &tgid);
+	if (times)
+		__sync_fetch_and_add(times, 1);
+	else
+		bpf_map_update_elem(&splice_excluded, &tgid, &one, BPF_NOEXIST);
+	COUNT(splice_blocked, 1);
+	return -EINVAL;
 }
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";

@@ -11,7 +11,7 @@ mod workloads;
 use std::net::TcpListener;
 use std::time::Duration;
 
-use sockmap_fastpath::{Accelerator, Cgroup, RedirectMode, Stats};
+use sockmap_fastpath::{Accelerator, Cgroup, Error, RedirectMode, SpliceGuard, Stats};
 use workloads::Rate;
 
 type Workload = (
@@ -65,11 +65,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // the plain runs share the same process, cgroup and programs.
     let plain = TcpListener::bind("127.0.0.1:0")?;
     let accelerated = TcpListener::bind("127.0.0.1:0")?;
-    let guard = Accelerator::builder()
+    let builder = Accelerator::builder()
         .cgroup(cgroup.cgroup().clone())
         .ports([accelerated.local_addr()?.port()])
-        .redirect(RedirectMode::Ingress)
-        .attach()?;
+        .redirect(RedirectMode::Ingress);
+    let guard = match builder.clone().attach() {
+        Ok(guard) => guard,
+        // The default splice guard needs the BPF LSM. This demo's own
+        // traffic never splices, so it may opt out; your services may not.
+        Err(err @ Error::KernelFeature { .. }) => {
+            println!("splice guard unavailable: {err}\n-> the demo does not splice: continuing with SpliceGuard::Off\n");
+            builder.splice_guard(SpliceGuard::Off).attach()?
+        }
+        Err(err) => return Err(err.into()),
+    };
     println!("attached: {guard:?}; both ends pinned to CPU 0; {seconds} s per run\n");
 
     println!(

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::guard::FastpathGuard;
 use crate::policy::{Cidr, Policy};
 use crate::programs::{LoadConfig, Programs};
+use crate::splice_guard::{self, SpliceGuard};
 use crate::sys::{self, Capability};
 
 /// Where redirected bytes go.
@@ -53,6 +54,7 @@ pub struct AcceleratorBuilder {
     policy: Policy,
     mode: RedirectMode,
     capacity: u32,
+    splice_guard: SpliceGuard,
 }
 
 impl Default for AcceleratorBuilder {
@@ -62,6 +64,7 @@ impl Default for AcceleratorBuilder {
             policy: Policy::default(),
             mode: RedirectMode::default(),
             capacity: Self::DEFAULT_CAPACITY,
+            splice_guard: SpliceGuard::default(),
         }
     }
 }
@@ -112,11 +115,17 @@ impl AcceleratorBuilder {
         self
     }
 
+    /// Whether to install the splice guard (default [`SpliceGuard::On`]).
+    pub fn splice_guard(mut self, guard: SpliceGuard) -> Self {
+        self.splice_guard = guard;
+        self
+    }
+
     /// Loads the BPF programs and attaches them to the cgroup.
     ///
-    /// Order: the sk_msg program is linked to the socket map first, the
-    /// sock_ops program to the cgroup last, so nothing is selected before
-    /// the whole path is in place. On any error everything done so far is
+    /// Order: the splice guard first, then the sk_msg program on the socket
+    /// map, the sock_ops program on the cgroup last, so nothing is selected
+    /// before the whole path is in place. On any error everything done so far is
     /// undone: nothing stays attached.
     ///
     /// Needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN).
@@ -125,7 +134,8 @@ impl AcceleratorBuilder {
     /// Invalid input ([`Error::NoCgroup`], [`Error::InvalidPort`],
     /// [`Error::InvalidComm`], [`Error::ZeroCapacity`],
     /// [`Error::PolicyTooLarge`]); [`Error::MissingCapability`];
-    /// [`Error::KernelFeature`] when the kernel lacks sockmap links; or
+    /// [`Error::KernelFeature`] when the kernel lacks sockmap links or (with
+    /// the splice guard on) an active BPF LSM; or
     /// [`Error::Bpf`] naming the failing call.
     ///
     /// # Minimum kernel version
@@ -143,10 +153,15 @@ impl AcceleratorBuilder {
         let mut programs = Programs::load(LoadConfig {
             redirect_flags: self.mode.bpf_flags(),
             capacity: self.capacity,
+            splice_guard: self.splice_guard.enabled(),
         })?;
         programs.set_policy(&self.policy)?;
 
         let skel = programs.skel();
+        let guard_link = match self.splice_guard {
+            SpliceGuard::On => Some(splice_guard::attach(&skel.progs.fp_splice_guard)?),
+            SpliceGuard::Off => None,
+        };
         let msg_link =
             sys::attach_sockmap_link(&skel.progs.fp_sk_msg, sys::map_fd(&skel.maps.sock_map))
                 .map_err(|source| classify_attach_error(AttachStep::SockmapLink, source))?;
@@ -160,7 +175,13 @@ impl AcceleratorBuilder {
                 classify_attach_error(AttachStep::CgroupLink, crate::error::libbpf_to_io(&err))
             })?;
 
-        FastpathGuard::new(programs, msg_link, ops_link, cgroup, self.mode)
+        FastpathGuard::new(
+            programs,
+            [ops_link, msg_link],
+            guard_link,
+            cgroup,
+            self.mode,
+        )
     }
 }
 

@@ -1,12 +1,13 @@
 //! The attached accelerator: live policy, counters, and detaching.
 
-use libbpf_rs::Link;
+use libbpf_rs::{Link, MapHandle};
 
 use crate::accelerator::RedirectMode;
 use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
 use crate::policy::{check_size, comm_key, validate_ports, Cidr, MAX_CIDRS, MAX_COMMS};
 use crate::programs::Programs;
+use crate::splice_guard;
 use crate::stats::{Stats, StatsReader};
 
 /// An attached accelerator. Dropping it detaches (ignoring errors);
@@ -23,6 +24,7 @@ use crate::stats::{Stats, StatsReader};
 pub struct FastpathGuard {
     // Field order is drop order: links before the programs they reference.
     links: Option<[Link; 2]>,
+    splice_guard: Option<Link>,
     stats: StatsReader,
     programs: Programs,
     cgroup: Cgroup,
@@ -42,13 +44,14 @@ impl std::fmt::Debug for FastpathGuard {
 impl FastpathGuard {
     pub(crate) fn new(
         programs: Programs,
-        msg_link: Link,
-        ops_link: Link,
+        links: [Link; 2],
+        splice_guard: Option<Link>,
         cgroup: Cgroup,
         mode: RedirectMode,
     ) -> Result<Self> {
         Ok(FastpathGuard {
-            links: Some([ops_link, msg_link]),
+            links: Some(links),
+            splice_guard,
             stats: programs.stats_reader()?,
             programs,
             cgroup,
@@ -88,6 +91,12 @@ impl FastpathGuard {
         self.programs.socket_count()
     }
 
+    /// Process ids the splice guard caught splicing from an accelerated
+    /// socket; their connections made since stay on plain TCP.
+    pub fn splice_excluded_processes(&self) -> Vec<u32> {
+        splice_guard::excluded_processes(&self.programs.skel().maps.splice_excluded)
+    }
+
     /// Replaces the port set for connections established from now on;
     /// empty matches every port.
     ///
@@ -124,7 +133,8 @@ impl FastpathGuard {
         self.programs.set_comms(&comms)
     }
 
-    /// Detaches now and returns the final counters.
+    /// Detaches now and returns the final counters. The splice guard stays
+    /// until the last accelerated socket has closed (see [`SpliceGuard`](crate::SpliceGuard)).
     ///
     /// # Errors
     /// [`Error::Bpf`] naming the first link that failed to detach; the
@@ -147,6 +157,14 @@ impl FastpathGuard {
         ]) {
             if let Err(err) = link.detach() {
                 first_error.get_or_insert(Error::bpf(call, err));
+            }
+        }
+        if let Some(link) = self.splice_guard.take() {
+            match MapHandle::try_from(&self.programs.skel().maps.sock_map) {
+                Ok(sock_map) => splice_guard::linger(link, sock_map),
+                Err(err) => {
+                    first_error.get_or_insert(Error::bpf("dup of the sock_map fd", err));
+                }
             }
         }
         first_error.map_or(Ok(()), Err)

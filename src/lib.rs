@@ -30,6 +30,7 @@ mod error;
 mod guard;
 pub mod policy;
 mod programs;
+mod splice_guard;
 mod stats;
 mod sys;
 
@@ -43,4 +44,5 @@ pub use cgroup::{cgroup2_mount, Cgroup, ChildCgroup};
 pub use error::{Error, Result};
 pub use guard::FastpathGuard;
 pub use policy::Cidr;
+pub use splice_guard::SpliceGuard;
 pub use stats::{Stats, StatsReader};

@@ -17,6 +17,7 @@ use crate::stats::StatsReader;
 pub(crate) struct LoadConfig {
     pub redirect_flags: u64,
     pub capacity: u32,
+    pub splice_guard: bool,
 }
 
 /// Owns the skeleton together with the `OpenObject` storage it borrows.
@@ -35,6 +36,24 @@ unsafe impl Sync for Programs {}
 impl Programs {
     /// Opens, configures and loads the programs into the kernel.
     pub fn load(config: LoadConfig) -> Result<Self> {
+        match Self::load_once(config) {
+            Err(Error::Bpf { source, .. })
+                if config.splice_guard
+                    && Self::load_once(LoadConfig {
+                        splice_guard: false,
+                        ..config
+                    })
+                    .is_ok() =>
+            {
+                // Everything but the splice guard loads: the kernel refuses
+                // LSM programs (no BPF LSM, lockdown, or missing BTF).
+                Err(crate::splice_guard::unsupported(source))
+            }
+            other => other,
+        }
+    }
+
+    fn load_once(config: LoadConfig) -> Result<Self> {
         let object = NonNull::from(Box::leak(Box::new(MaybeUninit::<OpenObject>::uninit())));
         // SAFETY: `object` stays allocated until Drop, after the skeleton that
         // borrows it is gone; nothing else accesses it meanwhile.
@@ -70,8 +89,13 @@ impl Programs {
             .sock_map
             .set_max_entries(config.capacity)
             .map_err(|err| Error::bpf("bpf_map__set_max_entries(sock_map)", err))?;
-        open.load()
-            .map_err(|err| Error::bpf("loading the BPF object (bpf_object__load: creating maps, verifying fp_sock_ops and fp_sk_msg)", err))
+        open.progs.fp_splice_guard.set_autoload(config.splice_guard);
+        open.load().map_err(|err| {
+            Error::bpf(
+                "loading the BPF object (bpf_object__load: creating maps, verifying the programs)",
+                err,
+            )
+        })
     }
 
     pub fn skel(&self) -> &FastpathSkel<'static> {

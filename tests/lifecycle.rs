@@ -197,6 +197,7 @@ fn guards_side_by_side_on_sibling_and_same_cgroups() {
     let here = env.attach(|b| b);
     let there = sockmap_fastpath::Accelerator::builder()
         .cgroup(sibling.cgroup().clone())
+        .splice_guard(sockmap_fastpath::SpliceGuard::Off)
         .attach()
         .unwrap();
     const SIZE: usize = 1 << 20;

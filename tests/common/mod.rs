@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
 
-use sockmap_fastpath::{AcceleratorBuilder, Cgroup, ChildCgroup, FastpathGuard, Stats};
+use sockmap_fastpath::{
+    AcceleratorBuilder, Cgroup, ChildCgroup, FastpathGuard, SpliceGuard, Stats,
+};
 
 /// Tests move this process between cgroups and netns: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -108,8 +110,13 @@ impl Drop for TestCgroup {
 }
 
 impl Env {
+    /// A builder for the test cgroup. The splice guard is off: this VM's
+    /// kernel refuses LSM programs (see tests/splice.rs), and these tests
+    /// do not splice.
     pub fn builder(&self) -> AcceleratorBuilder {
-        sockmap_fastpath::Accelerator::builder().cgroup(self.cgroup.cgroup())
+        sockmap_fastpath::Accelerator::builder()
+            .cgroup(self.cgroup.cgroup())
+            .splice_guard(SpliceGuard::Off)
     }
 
     pub fn attach(

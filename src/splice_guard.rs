@@ -1,0 +1,84 @@
+//! The splice guard: an LSM program that makes splice(2)/sendfile(2) reads
+//! from accelerated sockets fail with EINVAL.
+//!
+//! The kernel's splice path reads only a socket's TCP queue, not the queue
+//! redirected bytes land in: a blocking splice waits for the peer's close
+//! and returns 0 (false EOF), a non-blocking one returns EAGAIN forever.
+//! EINVAL is what programs already take as "splice unsupported here, fall
+//! back to read/write" (Go's internal/poll does), and the refused call
+//! consumes nothing. The process is remembered and its later connections
+//! stay on plain TCP, where splice works at full speed.
+
+use std::time::Duration;
+
+use libbpf_rs::{Link, MapCore, MapHandle, ProgramMut};
+
+use crate::error::{libbpf_to_io, Error, Result};
+
+/// Whether to install the splice guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SpliceGuard {
+    /// Refuse splice reads of accelerated sockets with EINVAL and keep the
+    /// caught process on plain TCP. Needs the BPF LSM.
+    #[default]
+    On,
+    /// No guard. **Unsafe for programs that splice from TCP sockets** (Go
+    /// >= 1.22 `io.Copy` between TCP connections, many C proxies): they see
+    /// truncated streams or hang. Only for kernels without the BPF LSM,
+    /// with workloads known not to splice.
+    Off,
+}
+
+impl SpliceGuard {
+    pub(crate) fn enabled(self) -> bool {
+        self == SpliceGuard::On
+    }
+}
+
+/// The error for a kernel that refuses to load or attach the guard.
+pub(crate) fn unsupported(source: std::io::Error) -> Error {
+    Error::KernelFeature {
+        feature: "BPF LSM programs for the splice guard (CONFIG_BPF_LSM, `bpf` among the \
+                  active LSMs, BTF, and no lockdown refusing them); opt out with \
+                  `.splice_guard(SpliceGuard::Off)` only if no selected program uses splice(2)",
+        min_kernel: "5.7",
+        source,
+    }
+}
+
+/// Attaches `fp_splice_guard` to the `file_permission` LSM hook.
+pub(crate) fn attach(prog: &ProgramMut<'_>) -> Result<Link> {
+    prog.attach_lsm()
+        .map_err(|err| unsupported(libbpf_to_io(&err)))
+}
+
+/// Process ids caught splicing from an accelerated socket.
+pub(crate) fn excluded_processes<M: MapCore>(map: &M) -> Vec<u32> {
+    let mut pids: Vec<u32> = map
+        .keys()
+        .filter_map(|k| Some(u32::from_ne_bytes(k.get(..4)?.try_into().ok()?)))
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// Keeps the guard attached until no accelerated socket is left: a socket
+/// that was accelerated may still hold redirected bytes after detach, and
+/// splicing it would then misread. A background thread polls the map and
+/// drops the link when it is empty (or when this process exits).
+pub(crate) fn linger(link: Link, sock_map: MapHandle) {
+    if sock_map.keys().next().is_none() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("fastpath-splice".into())
+        .spawn(move || {
+            while sock_map.keys().next().is_some() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            drop(link);
+        });
+    // Without a thread the link is dropped here: the guard ends now.
+    drop(spawned);
+}
