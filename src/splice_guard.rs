@@ -24,8 +24,8 @@ pub enum SpliceGuard {
     #[default]
     On,
     /// No guard. **Unsafe for programs that splice from TCP sockets** (Go
-    /// >= 1.22 `io.Copy` between TCP connections, many C proxies): they see
-    /// truncated streams or hang. Only for kernels without the BPF LSM,
+    /// 1.22 and later `io.Copy` between TCP connections, many C proxies):
+    /// they see truncated streams or hang. Only for kernels without the BPF LSM,
     /// with workloads known not to splice.
     Off,
 }
