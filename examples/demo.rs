@@ -56,6 +56,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or(1.0);
     let duration = Duration::from_secs_f64(seconds);
 
+    let report = sockmap_fastpath::probe();
+    println!("{report}");
+    if !report.can_accelerate() {
+        return Err("this kernel cannot accelerate (see the probe above)".into());
+    }
+
     let parent = Cgroup::current()?;
     let cgroup = parent.create_child(&format!("sockmap-fastpath-demo-{}", std::process::id()))?;
     cgroup.add_process(std::process::id())?;

@@ -50,3 +50,15 @@ pub(crate) fn attach_sockmap_link(prog: &Program<'_>, map: BorrowedFd<'_>) -> io
 pub(crate) fn map_fd<M: AsFd>(map: &M) -> BorrowedFd<'_> {
     map.as_fd()
 }
+
+/// Bytes waiting to be read on a socket (`ioctl(FIONREAD)`).
+pub(crate) fn bytes_readable(fd: std::os::fd::RawFd) -> io::Result<usize> {
+    let mut count: nix::libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through a valid pointer; `fd` is open
+    // for the duration of the call (borrowed from a live socket).
+    let rc = unsafe { nix::libc::ioctl(fd, nix::libc::FIONREAD, &mut count) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(count.max(0) as usize)
+}

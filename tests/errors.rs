@@ -5,54 +5,8 @@ mod common;
 use common::*;
 
 use std::process::Command;
-use std::time::Duration;
 
 use sockmap_fastpath::{Accelerator, Cgroup, Error};
-
-/// Our programs currently loaded anywhere in the kernel.
-fn loaded_programs() -> usize {
-    let out = Command::new("bpftool")
-        .args(["prog", "show"])
-        .output()
-        .expect("bpftool");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .filter(|l| l.contains("fp_sock_ops") || l.contains("fp_sk_msg"))
-        .count()
-}
-
-fn attached_to(cgroup: &Cgroup) -> String {
-    let out = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(cgroup.as_path())
-        .output()
-        .expect("bpftool");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .skip(1)
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// Program teardown after the last fd closes is asynchronous (RCU).
-fn assert_nothing_left(cgroup: &Cgroup, baseline: usize) {
-    assert_eq!(
-        attached_to(cgroup),
-        "",
-        "nothing attached to {}",
-        cgroup.as_path().display()
-    );
-    for _ in 0..300 {
-        if loaded_programs() == baseline {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!(
-        "programs still loaded: {} (baseline {baseline})",
-        loaded_programs()
-    );
-}
 
 fn expect_err(result: sockmap_fastpath::Result<sockmap_fastpath::FastpathGuard>) -> Error {
     match result {

@@ -277,3 +277,48 @@ pub fn wait_map_empty(guard: &FastpathGuard) -> usize {
     }
     guard.socket_count()
 }
+
+/// Our programs currently loaded anywhere in the kernel.
+pub fn loaded_programs() -> usize {
+    let out = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .expect("bpftool");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|l| l.contains("fp_sock_ops") || l.contains("fp_sk_msg"))
+        .count()
+}
+
+pub fn attached_to(cgroup: &Cgroup) -> String {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup.as_path())
+        .output()
+        .expect("bpftool");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Program teardown after the last fd closes is asynchronous (RCU).
+pub fn assert_nothing_left(cgroup: &Cgroup, baseline: usize) {
+    assert_eq!(
+        attached_to(cgroup),
+        "",
+        "nothing attached to {}",
+        cgroup.as_path().display()
+    );
+    for _ in 0..300 {
+        if loaded_programs() == baseline {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!(
+        "programs still loaded: {} (baseline {baseline})",
+        loaded_programs()
+    );
+}

@@ -1,0 +1,317 @@
+//! `probe()`: what this kernel can do, found by trying it.
+//!
+//! Every finding comes from a real attempt: loading the programs, linking
+//! them, and sending bytes over a private loopback connection made in a
+//! temporary child cgroup, never from version numbers.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::accelerator::{require_capabilities, Accelerator};
+use crate::cgroup::{cgroup2_mount, Cgroup};
+use crate::error::{Error, Result};
+use crate::programs::{LoadConfig, Programs};
+use crate::splice_guard::{self, SpliceGuard};
+
+/// One finding of [`probe`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// Present or works; the text says what was seen.
+    Yes(String),
+    /// Absent or broken; the text says why.
+    No(String),
+    /// Not tried, because something it depends on is missing.
+    NotTested(String),
+}
+
+impl Finding {
+    /// Whether this is [`Finding::Yes`].
+    pub fn is_yes(&self) -> bool {
+        matches!(self, Finding::Yes(_))
+    }
+
+    fn from_result<T>(result: Result<T>, yes: impl FnOnce(T) -> String) -> Finding {
+        match result {
+            Ok(value) => Finding::Yes(yes(value)),
+            Err(err) => Finding::No(err.to_string()),
+        }
+    }
+}
+
+/// What [`probe`] found.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ProbeReport {
+    /// `uname -r`.
+    pub kernel_release: String,
+    /// CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN) in effect.
+    pub privileges: Finding,
+    /// Kernel BTF at /sys/kernel/btf/vmlinux.
+    pub btf: Finding,
+    /// A cgroup v2 mount.
+    pub cgroup2: Finding,
+    /// The sock_ops and sk_msg programs load (verifier accepts them).
+    pub programs_load: Finding,
+    /// sk_msg programs can be linked to a socket map with a BPF link.
+    pub sockmap_link: Finding,
+    /// Bytes sent on a private loopback pair were redirected, intact.
+    pub redirect: Finding,
+    /// The splice guard (BPF LSM program) loads and attaches.
+    pub splice_guard: Finding,
+    /// splice(2) reads redirected bytes natively (then no guard is needed).
+    pub splice_reads_redirected: Finding,
+    /// FIONREAD counts redirected bytes.
+    pub fionread_counts_redirected: Finding,
+    /// How long the probe took.
+    pub duration: Duration,
+}
+
+impl ProbeReport {
+    /// Whether connections can be accelerated at all.
+    pub fn can_accelerate(&self) -> bool {
+        self.redirect.is_yes()
+    }
+
+    /// Whether `attach()` with the default [`SpliceGuard::On`] will work.
+    pub fn can_guard_splice(&self) -> bool {
+        self.splice_guard.is_yes() || self.splice_reads_redirected.is_yes()
+    }
+}
+
+impl fmt::Display for ProbeReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "sockmap-fastpath probe of Linux {} ({:.0?}):",
+            self.kernel_release, self.duration
+        )?;
+        let rows: [(&str, &Finding); 9] = [
+            ("privileges", &self.privileges),
+            ("kernel BTF", &self.btf),
+            ("cgroup v2", &self.cgroup2),
+            ("programs load", &self.programs_load),
+            ("sockmap links", &self.sockmap_link),
+            ("sk_msg redirect", &self.redirect),
+            ("splice guard (BPF LSM)", &self.splice_guard),
+            ("splice reads redirected", &self.splice_reads_redirected),
+            ("FIONREAD counts them", &self.fionread_counts_redirected),
+        ];
+        for (name, finding) in rows {
+            let (mark, text) = match finding {
+                Finding::Yes(t) => ("yes", t),
+                Finding::No(t) => ("NO ", t),
+                Finding::NotTested(t) => (" - ", t),
+            };
+            writeln!(f, "  [{mark}] {name:<24} {text}")?;
+        }
+        Ok(())
+    }
+}
+
+const PROBE_BYTES: usize = 64 * 1024;
+
+/// Tests what this kernel can do. Needs the same privileges as `attach()`;
+/// without them the report says so. It makes a child cgroup of the calling
+/// process's cgroup, moves the process in for the moment it takes to open
+/// one loopback connection (accelerated only for that connection's port),
+/// moves it back, and removes everything before returning.
+pub fn probe() -> ProbeReport {
+    let start = Instant::now();
+    let kernel_release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "(unknown)".into());
+    let btf_path = Path::new("/sys/kernel/btf/vmlinux");
+    let mut report = ProbeReport {
+        kernel_release,
+        privileges: Finding::from_result(require_capabilities("probing"), |()| {
+            "CAP_BPF, CAP_NET_ADMIN".into()
+        }),
+        btf: if btf_path.exists() {
+            Finding::Yes(btf_path.display().to_string())
+        } else {
+            Finding::No(format!(
+                "{} missing (CO-RE needs CONFIG_DEBUG_INFO_BTF)",
+                btf_path.display()
+            ))
+        },
+        cgroup2: Finding::from_result(cgroup2_mount(), |p| p.display().to_string()),
+        programs_load: Finding::NotTested(String::new()),
+        sockmap_link: Finding::NotTested(String::new()),
+        redirect: Finding::NotTested(String::new()),
+        splice_guard: Finding::NotTested(String::new()),
+        splice_reads_redirected: Finding::NotTested(String::new()),
+        fionread_counts_redirected: Finding::NotTested(String::new()),
+        duration: Duration::ZERO,
+    };
+    if report.privileges.is_yes() && report.cgroup2.is_yes() {
+        report.splice_guard = probe_splice_guard();
+        if let Err(err) = probe_traffic(&mut report) {
+            let unset = Finding::NotTested(format!("setup failed: {err}"));
+            for finding in [
+                &mut report.redirect,
+                &mut report.splice_reads_redirected,
+                &mut report.fionread_counts_redirected,
+            ] {
+                if matches!(finding, Finding::NotTested(_)) {
+                    *finding = unset.clone();
+                }
+            }
+        }
+    } else {
+        let why = Finding::NotTested("needs privileges and cgroup v2".into());
+        for finding in [
+            &mut report.programs_load,
+            &mut report.sockmap_link,
+            &mut report.redirect,
+            &mut report.splice_guard,
+            &mut report.splice_reads_redirected,
+            &mut report.fionread_counts_redirected,
+        ] {
+            *finding = why.clone();
+        }
+    }
+    report.duration = start.elapsed();
+    report
+}
+
+fn probe_splice_guard() -> Finding {
+    let programs = Programs::load(LoadConfig {
+        redirect_flags: 0,
+        capacity: 2,
+        splice_guard: true,
+    });
+    Finding::from_result(
+        programs.and_then(|p| splice_guard::attach(&p.skel().progs.fp_splice_guard).map(drop)),
+        |()| "lsm/file_permission loads and attaches".into(),
+    )
+}
+
+fn probe_traffic(report: &mut ProbeReport) -> Result<()> {
+    let original = Cgroup::current()?;
+    let child = original.create_child(&format!("sockmap-fastpath-probe-{}", std::process::id()))?;
+    // Sockets take the cgroup of the process creating them, and accepted
+    // sockets that of their listener: create all three inside the child,
+    // then leave it at once.
+    child.add_process(std::process::id())?;
+    let sockets = probe_sockets(report, &child);
+    original.add_process(std::process::id())?;
+    let Some((guard, mut client, mut server)) = sockets? else {
+        return Ok(());
+    };
+
+    let data: Vec<u8> = (0..PROBE_BYTES).map(|i| (i * 7 % 251) as u8).collect();
+    client
+        .write_all(&data)
+        .map_err(|e| Error::io("write", "probe socket", e))?;
+    let queued = wait_for_fionread(&server, PROBE_BYTES);
+    let redirected = guard.stats()?.bytes_redirected;
+    report.fionread_counts_redirected = if queued == PROBE_BYTES {
+        Finding::Yes(format!("{queued} of {PROBE_BYTES} bytes"))
+    } else {
+        Finding::No(format!("{queued} of {PROBE_BYTES} bytes"))
+    };
+    report.splice_reads_redirected = probe_splice(&server);
+
+    drop(client);
+    let mut got = Vec::with_capacity(PROBE_BYTES);
+    server
+        .read_to_end(&mut got)
+        .map_err(|e| Error::io("read", "probe socket", e))?;
+    let spliced = PROBE_BYTES - got.len(); // taken by a working splice
+    report.redirect = if redirected == PROBE_BYTES as u64 && data[spliced..] == got[..] {
+        Finding::Yes(format!("{redirected} bytes redirected, intact"))
+    } else {
+        Finding::No(format!(
+            "{redirected} of {PROBE_BYTES} bytes redirected; intact: {}",
+            data[spliced..] == got[..]
+        ))
+    };
+    drop(guard);
+    child.remove()
+}
+
+/// Attaches (only for the probe's own port) and opens one connection.
+fn probe_sockets(
+    report: &mut ProbeReport,
+    child: &Cgroup,
+) -> Result<Option<(crate::FastpathGuard, TcpStream, TcpStream)>> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind", "127.0.0.1:0", e))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| Error::io("getsockname", "listener", e))?
+        .port();
+    let attached = Accelerator::builder()
+        .cgroup(child.clone())
+        .ports([port])
+        .splice_guard(SpliceGuard::Off)
+        .capacity(2)
+        .attach();
+    let guard = match attached {
+        Ok(guard) => {
+            report.programs_load = Finding::Yes("fp_sock_ops, fp_sk_msg verified".into());
+            report.sockmap_link = Finding::Yes("BPF_LINK_TYPE_SOCKMAP".into());
+            guard
+        }
+        Err(err @ Error::KernelFeature { .. }) => {
+            report.programs_load = Finding::Yes("fp_sock_ops, fp_sk_msg verified".into());
+            report.sockmap_link = Finding::No(err.to_string());
+            return Ok(None);
+        }
+        Err(err) => {
+            report.programs_load = Finding::No(err.to_string());
+            report.sockmap_link = Finding::NotTested("programs did not load".into());
+            return Ok(None);
+        }
+    };
+    let client = TcpStream::connect(("127.0.0.1", port))
+        .map_err(|e| Error::io("connect", "127.0.0.1", e))?;
+    let (server, _) = listener
+        .accept()
+        .map_err(|e| Error::io("accept", "127.0.0.1", e))?;
+    Ok(Some((guard, client, server)))
+}
+
+fn wait_for_fionread(socket: &TcpStream, want: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        let queued = crate::sys::bytes_readable(socket.as_raw_fd()).unwrap_or(0);
+        if queued >= want || Instant::now() > deadline {
+            return queued;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A non-blocking splice of the queued bytes into a pipe.
+fn probe_splice(server: &TcpStream) -> Finding {
+    let result = (|| -> nix::Result<usize> {
+        let (_read_end, write_end) = nix::unistd::pipe()?;
+        server
+            .set_nonblocking(true)
+            .map_err(|_| nix::errno::Errno::EIO)?;
+        let spliced = nix::fcntl::splice(
+            server.as_fd(),
+            None,
+            write_end.as_fd(),
+            None,
+            PROBE_BYTES,
+            nix::fcntl::SpliceFFlags::SPLICE_F_NONBLOCK,
+        );
+        server
+            .set_nonblocking(false)
+            .map_err(|_| nix::errno::Errno::EIO)?;
+        spliced
+    })();
+    match result {
+        Ok(n) if n > 0 => Finding::Yes(format!("spliced {n} bytes")),
+        Ok(_) => Finding::No("splice returned 0 (false EOF) with bytes queued".into()),
+        Err(errno) => Finding::No(format!(
+            "splice failed with {errno} while the bytes were queued"
+        )),
+    }
+}
