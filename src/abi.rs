@@ -5,7 +5,7 @@
 //! layout cannot drift. The flag constants are not in BTF; the test at the
 //! bottom checks them against the header text.
 
-pub(crate) use crate::skel::types::{fp_cidr_key, fp_sock_key, fp_stats};
+pub(crate) use crate::skel::types::{fp_cidr_key, fp_live, fp_sock_key, fp_stats};
 
 pub(crate) const FP_COMM_LEN: usize = 16;
 pub(crate) const FP_MATCH_PORTS: u32 = 1;

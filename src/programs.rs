@@ -6,7 +6,7 @@ use std::ptr::NonNull;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, OpenObject};
 
-use crate::abi::{FP_MATCH_CIDRS, FP_MATCH_COMMS, FP_MATCH_PORTS};
+use crate::abi::{fp_live, FP_MATCH_CIDRS, FP_MATCH_COMMS, FP_MATCH_PORTS};
 use crate::error::{Error, Result};
 use crate::policy::{cidr_keys, comm_keys, port_keys, sync_set, Cidr, Policy};
 use crate::skel::{FastpathSkel, FastpathSkelBuilder};
@@ -104,13 +104,18 @@ impl Programs {
 
     /// Sets `live.paused`: from now on nothing is inserted or redirected.
     pub fn pause(&mut self) {
-        let bss = self
+        store_shared(&mut self.live().paused, 1);
+    }
+
+    /// The live settings in the mmapped .bss, shared with the programs.
+    fn live(&mut self) -> &mut fp_live {
+        &mut self
             .skel
             .maps
             .bss_data
             .as_deref_mut()
-            .expect(".bss is mmapped");
-        store_shared(&mut bss.live.paused, 1);
+            .expect(".bss is mmapped")
+            .live
     }
 
     pub fn stats_reader(&self) -> Result<StatsReader> {
@@ -179,14 +184,9 @@ impl Programs {
     }
 
     fn update_match_flags(&mut self, change: impl FnOnce(u32) -> u32) {
-        let bss = self
-            .skel
-            .maps
-            .bss_data
-            .as_deref_mut()
-            .expect(".bss is mmapped");
-        let new = change(bss.live.match_flags);
-        store_shared(&mut bss.live.match_flags, new);
+        let live = self.live();
+        let new = change(live.match_flags);
+        store_shared(&mut live.match_flags, new);
     }
 }
 
