@@ -138,8 +138,8 @@ static __always_inline struct fp_stats *this_cpu_stats(void)
 			s__->field += (n);                                     \
 	} while (0)
 
-/* The address fields of bpf_sock_ops and sk_msg_md, read once each with a
- * plain 32-bit load. Reading local_ip4 on one branch and local_ip6[i] on
+/* The address fields of bpf_sock_ops, read once each with a plain 32-bit
+ * load. Reading local_ip4 on one branch and local_ip6[i] on
  * another lets clang-19 emit a modified-ctx-pointer load the verifier
  * rejects; reading everything up front avoids it. */
 struct endpoint_fields {
@@ -264,6 +264,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops)
 	struct fp_sock_key key = {};
 	struct fp_sock_state *st;
 	struct bpf_sock *sk;
+	__u64 netns_cookie;
 	__u32 bytes_received, data_segs_out;
 
 	READ_ENDPOINT_FIELDS(skops, &f);
@@ -272,7 +273,8 @@ static __always_inline void on_established(struct bpf_sock_ops *skops)
 	sk = skops->sk;
 	if (!sk || live.paused)
 		return;
-	if (make_key(&f, bpf_get_netns_cookie(skops), 0, &key))
+	netns_cookie = bpf_get_netns_cookie(skops);
+	if (make_key(&f, netns_cookie, 0, &key))
 		return;
 	st = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st) {
@@ -294,6 +296,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops)
 		COUNT(late_skipped, 1);
 		return;
 	}
+	make_key(&f, netns_cookie, 1, &st->peer);
 	if (bpf_sock_hash_update(skops, &sock_map, &key, BPF_NOEXIST)) {
 		COUNT(insert_failed, 1);
 		return;
@@ -321,14 +324,10 @@ int fp_sock_ops(struct bpf_sock_ops *skops)
 SEC("sk_msg")
 int fp_sk_msg(struct sk_msg_md *msg)
 {
-	struct endpoint_fields f;
-	struct fp_sock_key peer = {};
 	struct fp_sock_state *st;
 	struct fp_stats *s;
-	__u32 size;
+	__u32 size = msg->size;
 
-	READ_ENDPOINT_FIELDS(msg, &f);
-	size = msg->size;
 	s = this_cpu_stats();
 	if (!s)
 		return SK_PASS;
@@ -337,9 +336,7 @@ int fp_sk_msg(struct sk_msg_md *msg)
 	st = bpf_sk_storage_get(&sock_state, msg->sk, 0, 0);
 	if (!st || (st->flags & FP_FELL_BACK))
 		goto pass;
-	if (make_key(&f, bpf_get_netns_cookie(msg), 1, &peer))
-		goto pass;
-	if (bpf_msg_redirect_hash(msg, &sock_map, &peer, redirect_flags) != SK_PASS) {
+	if (bpf_msg_redirect_hash(msg, &sock_map, &st->peer, redirect_flags) != SK_PASS) {
 		/* Peer not (yet) in the map: this chunk goes plain, and so must
 		 * every later one, or it could overtake this one. */
 		st->flags |= FP_FELL_BACK;

@@ -51,6 +51,9 @@ struct fp_sock_state {
 	__u32 owner_tgid;
 	__u32 flags;
 	char owner_comm[FP_COMM_LEN];
+	/* The peer's key, computed once when the socket is inserted, so the
+	 * per-message path does no key building. */
+	struct fp_sock_key peer;
 };
 
 /* Key of the CIDR LPM trie: IPv6 or IPv4-mapped IPv6. */
