@@ -8,17 +8,12 @@
 #[path = "support/workloads.rs"]
 mod workloads;
 
-use std::net::TcpListener;
 use std::time::Duration;
 
 use sockmap_fastpath::{Accelerator, Cgroup, Error, RedirectMode, SpliceGuard, Stats};
-use workloads::Rate;
+use workloads::{Connector, Rate};
 
-type Workload = (
-    &'static str,
-    &'static str,
-    fn(&TcpListener, Duration) -> Rate,
-);
+type Workload = (&'static str, &'static str, fn(&Connector, Duration) -> Rate);
 
 const CPU: Option<usize> = Some(0);
 
@@ -69,11 +64,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Two listeners: the policy selects only the accelerated one's port, so
     // the plain runs share the same process, cgroup and programs.
-    let plain = TcpListener::bind("127.0.0.1:0")?;
-    let accelerated = TcpListener::bind("127.0.0.1:0")?;
+    let plain = Connector::tcp("127.0.0.1:0");
+    let accelerated = Connector::tcp("127.0.0.1:0");
     let builder = Accelerator::builder()
         .cgroup(cgroup.cgroup().clone())
-        .ports([accelerated.local_addr()?.port()])
+        .ports(accelerated.port())
         .redirect(RedirectMode::Ingress);
     let guard = match builder.clone().attach() {
         Ok(guard) => guard,

@@ -1,22 +1,94 @@
-//! Loopback workloads shared by the demo and the benchmarks: each runs for
-//! a fixed time on one connection and reports a rate.
+//! Workloads shared by the demo and the benchmarks. Each runs for a fixed
+//! time over connected stream pairs made by a `Connector` (loopback TCP or
+//! AF_UNIX) and reports a rate.
+#![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// A byte stream of either kind.
+pub trait Stream: Read + Write + Send + 'static {
+    fn shutdown_write(&self);
+}
+
+impl Stream for TcpStream {
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
+impl Stream for UnixStream {
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
+/// Makes connected (client, server) pairs.
+pub enum Connector {
+    Tcp(TcpListener),
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+impl Connector {
+    pub fn tcp(addr: &str) -> Connector {
+        Connector::Tcp(TcpListener::bind(addr).expect("bind"))
+    }
+
+    pub fn unix(path: std::path::PathBuf) -> Connector {
+        let _ = std::fs::remove_file(&path);
+        Connector::Unix(UnixListener::bind(&path).expect("bind unix"), path)
+    }
+
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            Connector::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+            Connector::Unix(..) => None,
+        }
+    }
+
+    pub fn pair(&self) -> (Box<dyn Stream>, Box<dyn Stream>) {
+        match self {
+            Connector::Tcp(listener) => {
+                let client = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
+                let (server, _) = listener.accept().expect("accept");
+                client.set_nodelay(true).unwrap();
+                server.set_nodelay(true).unwrap();
+                (Box::new(client), Box::new(server))
+            }
+            Connector::Unix(listener, path) => {
+                let client = UnixStream::connect(path).expect("connect unix");
+                let (server, _) = listener.accept().expect("accept unix");
+                (Box::new(client), Box::new(server))
+            }
+        }
+    }
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        if let Connector::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// What a workload measured.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct Rate {
-    /// Operations (round trips or bytes) per second.
+    /// Operations (round trips, bytes*8, connections) per second.
     pub per_second: f64,
     /// Bytes moved in either direction.
     pub bytes: u64,
+    /// Round-trip latencies in nanoseconds (request/response only).
+    pub latencies_ns: Vec<u64>,
 }
 
-/// Pins the calling thread to one CPU (both ends on one CPU avoids the
-/// cross-CPU wake-up latency that dominates on small VMs).
+/// Pins the calling thread to one CPU.
 pub fn pin_to_cpu(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();
     if set.set(cpu).is_ok() {
@@ -24,82 +96,103 @@ pub fn pin_to_cpu(cpu: usize) {
     }
 }
 
-fn connect(listener: &TcpListener) -> (TcpStream, TcpStream) {
-    let client = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
-    let (server, _) = listener.accept().expect("accept");
-    client.set_nodelay(true).unwrap();
-    server.set_nodelay(true).unwrap();
-    (client, server)
+/// Pins to `cpu`, or allows every CPU again (affinity is inherited by new
+/// threads and outlives a workload, so "unpinned" must be set explicitly).
+fn maybe_pin(cpu: Option<usize>) {
+    match cpu {
+        Some(cpu) => pin_to_cpu(cpu),
+        None => {
+            let mut all = nix::sched::CpuSet::new();
+            for cpu in 0..std::thread::available_parallelism().map_or(1, |n| n.get()) {
+                let _ = all.set(cpu);
+            }
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all);
+        }
+    }
 }
 
-/// Ping-pong of `size`-byte messages; returns round trips per second.
-pub fn request_response(
-    listener: &TcpListener,
-    size: usize,
-    duration: Duration,
-    cpu: Option<usize>,
-) -> Rate {
-    let (mut client, mut server) = connect(listener);
-    let echo = thread::spawn(move || {
-        if let Some(cpu) = cpu {
-            pin_to_cpu(cpu);
+/// Reads until EOF, retrying the spurious EAGAIN of tcp_bpf (README).
+fn drain(stream: &mut dyn Stream) -> u64 {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return total,
+            Ok(n) => total += n as u64,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(e) => panic!("read: {e}"),
         }
+    }
+}
+
+fn read_full(stream: &mut dyn Stream, buf: &mut [u8]) -> bool {
+    let mut done = 0;
+    while done < buf.len() {
+        match stream.read(&mut buf[done..]) {
+            Ok(0) => return false,
+            Ok(n) => done += n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Echoes `size`-byte messages until the client closes.
+fn spawn_echo(
+    mut server: Box<dyn Stream>,
+    size: usize,
+    cpu: Option<usize>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        maybe_pin(cpu);
         let mut buf = vec![0u8; size];
-        while server.read_exact(&mut buf).is_ok() {
+        while read_full(server.as_mut(), &mut buf) {
             if server.write_all(&buf).is_err() {
                 break;
             }
         }
-    });
-    if let Some(cpu) = cpu {
-        pin_to_cpu(cpu);
-    }
-    let mut buf = vec![7u8; size];
-    let start = Instant::now();
-    let mut trips = 0u64;
-    while start.elapsed() < duration {
-        for _ in 0..64 {
-            client.write_all(&buf).unwrap();
-            client.read_exact(&mut buf).unwrap();
-        }
-        trips += 64;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    client.shutdown(Shutdown::Both).ok();
-    echo.join().unwrap();
-    Rate {
-        per_second: trips as f64 / secs,
-        bytes: 2 * trips * size as u64,
-    }
+    })
 }
 
-/// One-way stream of `write_size`-byte writes; returns bits per second.
-pub fn bulk(
-    listener: &TcpListener,
-    write_size: usize,
+/// Ping-pong of `size`-byte messages on one connection; round trips per
+/// second, with every round trip's latency.
+pub fn request_response(
+    conn: &Connector,
+    size: usize,
     duration: Duration,
     cpu: Option<usize>,
 ) -> Rate {
-    let (mut client, mut server) = connect(listener);
-    let sink = thread::spawn(move || {
-        if let Some(cpu) = cpu {
-            pin_to_cpu(cpu);
-        }
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut total = 0u64;
-        loop {
-            match server.read(&mut buf) {
-                Ok(0) => return total,
-                Ok(n) => total += n as u64,
-                // Spurious EAGAIN from tcp_bpf_recvmsg (see README).
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("read: {e}"),
-            }
-        }
-    });
-    if let Some(cpu) = cpu {
-        pin_to_cpu(cpu);
+    let (mut client, server) = conn.pair();
+    let echo = spawn_echo(server, size, cpu);
+    maybe_pin(cpu);
+    let mut buf = vec![7u8; size];
+    let mut latencies = Vec::with_capacity(1 << 20);
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        let t = Instant::now();
+        client.write_all(&buf).unwrap();
+        assert!(read_full(client.as_mut(), &mut buf), "echo closed");
+        latencies.push(t.elapsed().as_nanos() as u64);
     }
+    let secs = start.elapsed().as_secs_f64();
+    drop(client);
+    echo.join().unwrap();
+    Rate {
+        per_second: latencies.len() as f64 / secs,
+        bytes: 2 * (latencies.len() * size) as u64,
+        latencies_ns: latencies,
+    }
+}
+
+/// One-way stream of `write_size`-byte writes; bits per second.
+pub fn bulk(conn: &Connector, write_size: usize, duration: Duration, cpu: Option<usize>) -> Rate {
+    let (mut client, mut server) = conn.pair();
+    let sink = thread::spawn(move || {
+        maybe_pin(cpu);
+        drain(server.as_mut())
+    });
+    maybe_pin(cpu);
     let buf = vec![7u8; write_size];
     let start = Instant::now();
     while start.elapsed() < duration {
@@ -107,11 +200,73 @@ pub fn bulk(
             client.write_all(&buf).unwrap();
         }
     }
-    client.shutdown(Shutdown::Write).unwrap();
+    client.shutdown_write();
     let total = sink.join().unwrap();
     let secs = start.elapsed().as_secs_f64();
     Rate {
         per_second: total as f64 * 8.0 / secs,
         bytes: total,
+        ..Rate::default()
+    }
+}
+
+/// Connect, one 1-byte request and reply, close; connections per second.
+pub fn churn(conn: &Connector, duration: Duration, cpu: Option<usize>) -> Rate {
+    maybe_pin(cpu);
+    let start = Instant::now();
+    let mut count = 0u64;
+    while start.elapsed() < duration {
+        let (mut client, mut server) = conn.pair();
+        client.write_all(&[1]).unwrap();
+        let mut b = [0u8; 1];
+        assert!(read_full(server.as_mut(), &mut b));
+        server.write_all(&b).unwrap();
+        assert!(read_full(client.as_mut(), &mut b));
+        count += 1;
+    }
+    Rate {
+        per_second: count as f64 / start.elapsed().as_secs_f64(),
+        bytes: 2 * count,
+        ..Rate::default()
+    }
+}
+
+/// `connections` concurrent ping-pong connections of `size` bytes; total
+/// round trips per second.
+pub fn concurrent(conn: &Connector, connections: usize, size: usize, duration: Duration) -> Rate {
+    maybe_pin(None);
+    let pairs: Vec<_> = (0..connections).map(|_| conn.pair()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut echoes = Vec::new();
+    let mut clients = Vec::new();
+    for (mut client, server) in pairs {
+        echoes.push(spawn_echo(server, size, None));
+        let stop = stop.clone();
+        clients.push(
+            thread::Builder::new()
+                .stack_size(64 << 10)
+                .spawn(move || {
+                    let mut buf = vec![7u8; size];
+                    let mut trips = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        client.write_all(&buf).unwrap();
+                        assert!(read_full(client.as_mut(), &mut buf));
+                        trips += 1;
+                    }
+                    trips
+                })
+                .unwrap(),
+        );
+    }
+    let start = Instant::now();
+    thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let trips: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    let secs = start.elapsed().as_secs_f64();
+    echoes.into_iter().for_each(|e| e.join().unwrap());
+    Rate {
+        per_second: trips as f64 / secs,
+        bytes: 2 * trips * size as u64,
+        ..Rate::default()
     }
 }

@@ -1,0 +1,355 @@
+//! Side-by-side benchmarks: plain loopback TCP, TCP accelerated by this
+//! crate, and AF_UNIX stream sockets, interleaved (ABCABC...) and repeated;
+//! median and spread per workload. Needs root.
+//!
+//! `cargo bench --bench fastpath -- [--quick] [--json PATH]`
+//!
+//! Writes a markdown table to stdout and JSON to `target/bench/fastpath.json`
+//! (or PATH). `--quick` finishes in well under two minutes.
+
+#[path = "../examples/support/workloads.rs"]
+mod workloads;
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use libbpf_rs::query::ProgInfoIter;
+use sockmap_fastpath::{Accelerator, Cgroup, SpliceGuard, Stats};
+use workloads::{Connector, Rate};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Plain,
+    Accelerated,
+    Unix,
+}
+
+const PATHS: [Path; 3] = [Path::Plain, Path::Accelerated, Path::Unix];
+const PINNED: Option<usize> = Some(0);
+
+type Run = Box<dyn Fn(&Connector, Duration) -> Rate>;
+
+struct Case {
+    name: String,
+    unit: &'static str,
+    scale: f64,
+    latency: bool,
+    run: Run,
+}
+
+fn rr(size: usize, cpu: Option<usize>) -> Run {
+    Box::new(move |c, d| workloads::request_response(c, size, d, cpu))
+}
+
+fn cases(quick: bool) -> Vec<Case> {
+    let mut cases = Vec::new();
+    let sizes: &[(usize, &str)] = if quick {
+        &[(1, "1 B"), (1024, "1 KiB"), (65536, "64 KiB")]
+    } else {
+        &[
+            (1, "1 B"),
+            (1024, "1 KiB"),
+            (16384, "16 KiB"),
+            (65536, "64 KiB"),
+        ]
+    };
+    for &(size, label) in sizes {
+        cases.push(Case {
+            name: format!("req/resp {label}, one CPU"),
+            unit: "trips/s",
+            scale: 1.0,
+            latency: true,
+            run: rr(size, PINNED),
+        });
+    }
+    for &(size, label) in &sizes[..2] {
+        cases.push(Case {
+            name: format!("req/resp {label}, unpinned"),
+            unit: "trips/s",
+            scale: 1.0,
+            latency: true,
+            run: rr(size, None),
+        });
+    }
+    for (size, label) in [
+        (64, "64 B"),
+        (1024, "1 KiB"),
+        (4096, "4 KiB"),
+        (16384, "16 KiB"),
+        (65536, "64 KiB"),
+    ] {
+        cases.push(Case {
+            name: format!("bulk {label} writes, one CPU"),
+            unit: "Gbit/s",
+            scale: 1e-9,
+            latency: false,
+            run: Box::new(move |c, d| workloads::bulk(c, size, d, PINNED)),
+        });
+    }
+    cases.push(Case {
+        name: "connect+1 req+close, one CPU".into(),
+        unit: "conn/s",
+        scale: 1.0,
+        latency: false,
+        run: Box::new(|c, d| workloads::churn(c, d, PINNED)),
+    });
+    let fanouts: &[usize] = if quick { &[64] } else { &[64, 1024] };
+    for &n in fanouts {
+        cases.push(Case {
+            name: format!("{n} connections, req/resp 1 KiB, unpinned"),
+            unit: "trips/s",
+            scale: 1.0,
+            latency: false,
+            run: Box::new(move |c, d| workloads::concurrent(c, n, 1024, d)),
+        });
+    }
+    cases
+}
+
+struct Measured {
+    name: String,
+    unit: &'static str,
+    /// Per path: rates of each repetition, and all latencies.
+    rates: [Vec<f64>; 3],
+    latencies: [Vec<u64>; 3],
+    redirected_share: f64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[s.len() / 2]
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// run_time_ns and run_cnt of a loaded program, by name (kernel BPF stats).
+fn prog_stats(name: &str) -> (u64, u64) {
+    ProgInfoIter::default()
+        .filter(|p| p.name.to_str() == Some(name))
+        .fold((0, 0), |(t, c), p| (t + p.run_time_ns, c + p.run_cnt))
+}
+
+struct BpfStatsSwitch(String);
+
+impl BpfStatsSwitch {
+    const PATH: &'static str = "/proc/sys/kernel/bpf_stats_enabled";
+    fn on() -> Self {
+        let old = std::fs::read_to_string(Self::PATH).unwrap_or_else(|_| "0".into());
+        let _ = std::fs::write(Self::PATH, "1");
+        BpfStatsSwitch(old)
+    }
+}
+
+impl Drop for BpfStatsSwitch {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.0.trim());
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let json_path = args
+        .iter()
+        .position(|a| a == "--json")
+        .and_then(|i| args.get(i + 1))
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/fastpath.json")
+        });
+    let (seconds, reps) = if quick { (0.25, 3) } else { (1.0, 5) };
+    let duration = Duration::from_secs_f64(seconds);
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err("the benchmarks load BPF programs: run as root".into());
+    }
+    let started = Instant::now();
+
+    let cgroup = Cgroup::current()?
+        .create_child(&format!("sockmap-fastpath-bench-{}", std::process::id()))?;
+    cgroup.add_process(std::process::id())?;
+    let plain = Connector::tcp("127.0.0.1:0");
+    let accelerated = Connector::tcp("127.0.0.1:0");
+    let unix = Connector::unix(
+        std::env::temp_dir().join(format!("fastpath-bench-{}.sock", std::process::id())),
+    );
+    // The benchmark's own traffic never splices (see README, splice guard).
+    let guard = Accelerator::builder()
+        .cgroup(cgroup.cgroup().clone())
+        .ports(accelerated.port())
+        .splice_guard(SpliceGuard::Off)
+        .attach()?;
+    let stats_switch = BpfStatsSwitch::on();
+    let prog_before = (prog_stats("fp_sk_msg"), prog_stats("fp_sock_ops"));
+
+    let mut results = Vec::new();
+    for case in cases(quick) {
+        let mut m = Measured {
+            name: case.name.clone(),
+            unit: case.unit,
+            rates: Default::default(),
+            latencies: Default::default(),
+            redirected_share: 0.0,
+        };
+        let (mut moved, mut redirected) = (0u64, 0u64);
+        for _ in 0..reps {
+            for (i, path) in PATHS.iter().enumerate() {
+                let conn = match path {
+                    Path::Plain => &plain,
+                    Path::Accelerated => &accelerated,
+                    Path::Unix => &unix,
+                };
+                let before = guard.stats()?;
+                let rate = (case.run)(conn, duration);
+                if *path == Path::Accelerated {
+                    moved += rate.bytes;
+                    redirected += guard.stats()?.since(&before).bytes_redirected;
+                }
+                m.rates[i].push(rate.per_second * case.scale);
+                if case.latency {
+                    m.latencies[i].extend(rate.latencies_ns);
+                }
+            }
+        }
+        m.latencies.iter_mut().for_each(|l| l.sort_unstable());
+        m.redirected_share = redirected as f64 / moved.max(1) as f64;
+        eprintln!(
+            "{}: plain {:.0}, accelerated {:.0}, unix {:.0} {}",
+            m.name,
+            median(&m.rates[0]),
+            median(&m.rates[1]),
+            median(&m.rates[2]),
+            m.unit
+        );
+        results.push(m);
+    }
+    let prog_after = (prog_stats("fp_sk_msg"), prog_stats("fp_sock_ops"));
+    drop(stats_switch);
+    let final_stats = guard.stats()?;
+    drop(guard);
+    drop(cgroup);
+
+    let per = |after: (u64, u64), before: (u64, u64)| {
+        (after.0 - before.0) as f64 / (after.1 - before.1).max(1) as f64
+    };
+    let msg_ns = per(prog_after.0, prog_before.0);
+    let ops_ns = per(prog_after.1, prog_before.1);
+    let table = markdown(&results, reps, seconds, msg_ns, ops_ns, &final_stats);
+    println!("{table}");
+    std::fs::create_dir_all(json_path.parent().unwrap())?;
+    std::fs::write(&json_path, json(&results, reps, seconds, msg_ns, ops_ns))?;
+    eprintln!("wrote {} in {:.0?}", json_path.display(), started.elapsed());
+    Ok(())
+}
+
+fn spread(v: &[f64]) -> String {
+    let min = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let max = v.iter().cloned().fold(0.0, f64::max);
+    let m = median(v);
+    format!(
+        "±{:.0}%",
+        100.0 * (max - min) / (2.0 * m.max(f64::MIN_POSITIVE))
+    )
+}
+
+fn num(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn markdown(
+    results: &[Measured],
+    reps: usize,
+    seconds: f64,
+    msg_ns: f64,
+    ops_ns: f64,
+    stats: &Stats,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{reps} interleaved repetitions of {seconds} s per path; median (spread = half the min-max range).\n");
+    let _ = writeln!(out, "| workload | unit | plain TCP | accelerated | AF_UNIX | accel/plain | accel/unix | bytes redirected |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for m in results {
+        let [p, a, u] = [
+            median(&m.rates[0]),
+            median(&m.rates[1]),
+            median(&m.rates[2]),
+        ];
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} {} | {} {} | {} {} | {:.2}x | {:.2}x | {:.0}% |",
+            m.name,
+            m.unit,
+            num(p),
+            spread(&m.rates[0]),
+            num(a),
+            spread(&m.rates[1]),
+            num(u),
+            spread(&m.rates[2]),
+            a / p,
+            a / u,
+            100.0 * m.redirected_share
+        );
+    }
+    let _ = writeln!(out, "\nRound-trip latency (µs): p50 / p99 / p99.9 / max\n");
+    let _ = writeln!(out, "| workload | plain TCP | accelerated | AF_UNIX |");
+    let _ = writeln!(out, "|---|---|---|---|");
+    for m in results.iter().filter(|m| !m.latencies[0].is_empty()) {
+        let cell = |l: &[u64]| {
+            [0.5, 0.99, 0.999, 1.0]
+                .map(|p| format!("{:.1}", percentile(l, p) as f64 / 1000.0))
+                .join(" / ")
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            m.name,
+            cell(&m.latencies[0]),
+            cell(&m.latencies[1]),
+            cell(&m.latencies[2])
+        );
+    }
+    let _ = writeln!(out, "\nBPF run time (kernel.bpf_stats_enabled): fp_sk_msg {msg_ns:.0} ns per message, fp_sock_ops {ops_ns:.0} ns per call.");
+    let _ = writeln!(out, "Counters over the whole run: {} sockets inserted, {} bytes redirected, {} bytes passed, {} insert failures.", stats.sockets_inserted, stats.bytes_redirected, stats.bytes_passed, stats.insert_failed);
+    out
+}
+
+fn json(results: &[Measured], reps: usize, seconds: f64, msg_ns: f64, ops_ns: f64) -> String {
+    let mut out = format!("{{\"reps\":{reps},\"seconds\":{seconds},\"fp_sk_msg_ns_per_msg\":{msg_ns:.1},\"fp_sock_ops_ns_per_call\":{ops_ns:.1},\"workloads\":[");
+    for (i, m) in results.iter().enumerate() {
+        let rates = |v: &[f64]| {
+            format!(
+                "[{}]",
+                v.iter()
+                    .map(|x| format!("{x:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+        };
+        let lat = |l: &[u64]| {
+            format!(
+                "[{}]",
+                [0.5, 0.99, 0.999, 1.0]
+                    .map(|p| percentile(l, p).to_string())
+                    .join(",")
+            )
+        };
+        let _ = write!(
+            out,
+            "{}{{\"name\":\"{}\",\"unit\":\"{}\",\"plain\":{},\"accelerated\":{},\"unix\":{},\"latency_ns_p50_p99_p999_max\":{{\"plain\":{},\"accelerated\":{},\"unix\":{}}},\"redirected_share\":{:.4}}}",
+            if i > 0 { "," } else { "" },
+            m.name, m.unit, rates(&m.rates[0]), rates(&m.rates[1]), rates(&m.rates[2]),
+            lat(&m.latencies[0]), lat(&m.latencies[1]), lat(&m.latencies[2]), m.redirected_share
+        );
+    }
+    out.push_str("]}\n");
+    out
+}
