@@ -7,6 +7,9 @@
 //! Writes a markdown table to stdout and JSON to `target/bench/fastpath.json`
 //! (or PATH). `--quick` finishes in well under two minutes.
 
+#[path = "../examples/support/signals.rs"]
+mod signals;
+
 #[path = "../examples/support/workloads.rs"]
 mod workloads;
 
@@ -170,8 +173,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let started = Instant::now();
 
-    let cgroup = Cgroup::current()?
-        .create_child(&format!("sockmap-fastpath-bench-{}", std::process::id()))?;
+    let parent = Cgroup::current()?;
+    let cgroup = parent.create_child(&format!("sockmap-fastpath-bench-{}", std::process::id()))?;
+    signals::remove_cgroup_on_signal(parent.clone(), cgroup.as_path().to_owned());
     cgroup.add_process(std::process::id())?;
     let plain = Connector::tcp("127.0.0.1:0");
     let accelerated = Connector::tcp("127.0.0.1:0");

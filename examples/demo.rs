@@ -5,6 +5,9 @@
 //! It creates a child cgroup of its own cgroup, moves itself in, attaches
 //! there (never to the root cgroup), and removes everything on exit.
 
+#[path = "support/signals.rs"]
+mod signals;
+
 #[path = "support/workloads.rs"]
 mod workloads;
 
@@ -59,6 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let parent = Cgroup::current()?;
     let cgroup = parent.create_child(&format!("sockmap-fastpath-demo-{}", std::process::id()))?;
+    signals::remove_cgroup_on_signal(parent.clone(), cgroup.as_path().to_owned());
     cgroup.add_process(std::process::id())?;
     println!("cgroup: {}", cgroup.as_path().display());
 

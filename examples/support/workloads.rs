@@ -52,20 +52,14 @@ impl Connector {
     }
 
     pub fn pair(&self) -> (Box<dyn Stream>, Box<dyn Stream>) {
-        match self {
-            Connector::Tcp(listener) => {
-                let client = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
-                let (server, _) = listener.accept().expect("accept");
-                client.set_nodelay(true).unwrap();
-                server.set_nodelay(true).unwrap();
-                (Box::new(client), Box::new(server))
+        let boxed = |s: StdStream| -> Box<dyn Stream> {
+            match s {
+                StdStream::Tcp(s) => Box::new(s),
+                StdStream::Unix(s) => Box::new(s),
             }
-            Connector::Unix(listener, path) => {
-                let client = UnixStream::connect(path).expect("connect unix");
-                let (server, _) = listener.accept().expect("accept unix");
-                (Box::new(client), Box::new(server))
-            }
-        }
+        };
+        let (client, server) = self.std_pair();
+        (boxed(client), boxed(server))
     }
 }
 
@@ -231,42 +225,120 @@ pub fn churn(conn: &Connector, duration: Duration, cpu: Option<usize>) -> Rate {
     }
 }
 
-/// `connections` concurrent ping-pong connections of `size` bytes; total
-/// round trips per second.
+/// `connections` concurrent ping-pong connections of `size` bytes, driven
+/// by a two-worker tokio runtime on each side (as event-loop servers are);
+/// total round trips per second.
 pub fn concurrent(conn: &Connector, connections: usize, size: usize, duration: Duration) -> Rate {
     maybe_pin(None);
-    let pairs: Vec<_> = (0..connections).map(|_| conn.pair()).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut echoes = Vec::new();
-    let mut clients = Vec::new();
-    for (mut client, server) in pairs {
-        echoes.push(spawn_echo(server, size, None));
-        let stop = stop.clone();
-        clients.push(
-            thread::Builder::new()
-                .stack_size(64 << 10)
-                .spawn(move || {
-                    let mut buf = vec![7u8; size];
-                    let mut trips = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        client.write_all(&buf).unwrap();
-                        assert!(read_full(client.as_mut(), &mut buf));
-                        trips += 1;
-                    }
-                    trips
-                })
-                .unwrap(),
-        );
-    }
-    let start = Instant::now();
-    thread::sleep(duration);
-    stop.store(true, Ordering::Relaxed);
-    let trips: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
-    let secs = start.elapsed().as_secs_f64();
-    echoes.into_iter().for_each(|e| e.join().unwrap());
+    let pairs: Vec<_> = (0..connections).map(|_| conn.std_pair()).collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let trips = rt.block_on(async move {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut clients = Vec::new();
+        for (client, server) in pairs {
+            let (client, server) = (client.into_tokio(), server.into_tokio());
+            tokio::spawn(async move { echo_async(server, size).await });
+            let stop = stop.clone();
+            clients.push(tokio::spawn(
+                async move { ping_async(client, size, stop).await },
+            ));
+        }
+        tokio::time::sleep(duration).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut trips = 0u64;
+        for c in clients {
+            trips += c.await.unwrap();
+        }
+        trips
+    });
     Rate {
-        per_second: trips as f64 / secs,
+        per_second: trips as f64 / duration.as_secs_f64(),
         bytes: 2 * trips * size as u64,
         ..Rate::default()
     }
+}
+
+/// A std stream of either kind, to be handed to tokio.
+pub enum StdStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// A tokio stream of either kind.
+pub enum AsyncStream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl StdStream {
+    fn into_tokio(self) -> AsyncStream {
+        match self {
+            StdStream::Tcp(s) => {
+                s.set_nonblocking(true).unwrap();
+                AsyncStream::Tcp(tokio::net::TcpStream::from_std(s).unwrap())
+            }
+            StdStream::Unix(s) => {
+                s.set_nonblocking(true).unwrap();
+                AsyncStream::Unix(tokio::net::UnixStream::from_std(s).unwrap())
+            }
+        }
+    }
+}
+
+impl Connector {
+    fn std_pair(&self) -> (StdStream, StdStream) {
+        match self {
+            Connector::Tcp(listener) => {
+                let client = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
+                let (server, _) = listener.accept().expect("accept");
+                client.set_nodelay(true).unwrap();
+                server.set_nodelay(true).unwrap();
+                (StdStream::Tcp(client), StdStream::Tcp(server))
+            }
+            Connector::Unix(listener, path) => {
+                let client = UnixStream::connect(path).expect("connect unix");
+                let (server, _) = listener.accept().expect("accept unix");
+                (StdStream::Unix(client), StdStream::Unix(server))
+            }
+        }
+    }
+}
+
+macro_rules! with_stream {
+    ($stream:expr, $s:ident => $body:expr) => {
+        match $stream {
+            AsyncStream::Tcp(mut $s) => $body,
+            AsyncStream::Unix(mut $s) => $body,
+        }
+    };
+}
+
+async fn echo_async(stream: AsyncStream, size: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; size];
+    with_stream!(stream, s => {
+        while s.read_exact(&mut buf).await.is_ok() {
+            if s.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+async fn ping_async(stream: AsyncStream, size: usize, stop: Arc<AtomicBool>) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![7u8; size];
+    let mut trips = 0u64;
+    with_stream!(stream, s => {
+        while !stop.load(Ordering::Relaxed) {
+            s.write_all(&buf).await.unwrap();
+            s.read_exact(&mut buf).await.unwrap();
+            trips += 1;
+        }
+    });
+    trips
 }

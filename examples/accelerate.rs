@@ -1,0 +1,104 @@
+//! Runs a command in a fresh child cgroup with the accelerator attached to
+//! it (or, with `--plain`, without), then prints the counters.
+//!
+//! ```text
+//! accelerate [--plain] [--port P]... [--comm NAME]... [--stats-file F] -- CMD [ARGS...]
+//! ```
+//! Every process the command starts inherits the cgroup, so servers and
+//! clients started by it are in scope. The cgroup is removed on exit; the
+//! exit code is the command's. Used by `scripts/real-programs.sh`.
+
+#[path = "support/signals.rs"]
+mod signals;
+
+use std::process::{exit, Command};
+
+use sockmap_fastpath::{Accelerator, Cgroup, Error, SpliceGuard};
+
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("accelerate: {err}");
+        exit(2);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let split = args
+        .iter()
+        .position(|a| a == "--")
+        .ok_or("usage: accelerate [options] -- CMD [ARGS...]")?;
+    let (options, command) = (&args[..split], &args[split + 1..]);
+    if command.is_empty() {
+        return Err("no command after --".into());
+    }
+    let value = |i: usize| {
+        options
+            .get(i + 1)
+            .cloned()
+            .ok_or_else(|| format!("{} needs a value", options[i]))
+    };
+    let (mut plain, mut ports, mut comms, mut stats_file) = (false, Vec::new(), Vec::new(), None);
+    let mut i = 0;
+    while i < options.len() {
+        match options[i].as_str() {
+            "--plain" => plain = true,
+            "--port" => {
+                ports.push(value(i)?.parse::<u16>()?);
+                i += 1;
+            }
+            "--comm" => {
+                comms.push(value(i)?);
+                i += 1;
+            }
+            "--stats-file" => {
+                stats_file = Some(value(i)?);
+                i += 1;
+            }
+            other => return Err(format!("unknown option {other}").into()),
+        }
+        i += 1;
+    }
+
+    let parent = Cgroup::current()?;
+    let cgroup = parent.create_child(&format!("sockmap-fastpath-run-{}", std::process::id()))?;
+    signals::remove_cgroup_on_signal(parent.clone(), cgroup.as_path().to_owned());
+    let guard = if plain {
+        None
+    } else {
+        let mut builder = Accelerator::builder()
+            .cgroup(cgroup.cgroup().clone())
+            .ports(ports);
+        for comm in comms {
+            builder = builder.comm(comm);
+        }
+        Some(match builder.clone().attach() {
+            Ok(guard) => guard,
+            Err(err @ Error::KernelFeature { .. }) => {
+                eprintln!("accelerate: {err}\naccelerate: continuing WITHOUT the splice guard");
+                builder.splice_guard(SpliceGuard::Off).attach()?
+            }
+            Err(err) => return Err(err.into()),
+        })
+    };
+    cgroup.add_process(std::process::id())?;
+    let status = Command::new(&command[0]).args(&command[1..]).status()?;
+    let stats = guard
+        .as_ref()
+        .map(|g| g.stats())
+        .transpose()?
+        .unwrap_or_default();
+    let line: Vec<String> = stats
+        .counters()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let text = format!("{}\n", line.join(" "));
+    match stats_file {
+        Some(path) => std::fs::write(path, text)?,
+        None => eprint!("accelerate: {text}"),
+    }
+    drop(guard);
+    drop(cgroup);
+    exit(status.code().unwrap_or(1));
+}
