@@ -82,7 +82,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         })
     };
     cgroup.add_process(std::process::id())?;
-    let status = Command::new(&command[0]).args(&command[1..]).status()?;
+    let mut child = Command::new(&command[0]);
+    child.args(&command[1..]);
+    signals::unblock_in_child(&mut child);
+    let status = child.status()?;
     let stats = guard
         .as_ref()
         .map(|g| g.stats())

@@ -20,7 +20,8 @@ scripts/install-deps.sh "${pkgs[@]}"
 cargo build --release --quiet --example accelerate
 ACC=$PWD/target/release/examples/accelerate
 WORK=$(mktemp -d /tmp/fastpath-real.XXXXXX)
-cleanup() { pkill -f "$WORK" 2>/dev/null || true; rm -rf "$WORK"; }
+chmod 755 "$WORK" # nginx workers run as www-data
+cleanup() { pkill -f "$WORK" 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$WORK"; }
 trap cleanup EXIT
 FAILED=0
 ROWS=()

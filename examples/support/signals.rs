@@ -1,6 +1,7 @@
 //! Ctrl-C / SIGTERM cleanup for the examples and benchmarks: the kernel
 //! detaches the programs when the process dies, but a cgroup directory
 //! would stay behind.
+#![allow(dead_code)] // each user needs a different subset
 
 use std::path::PathBuf;
 
@@ -23,4 +24,21 @@ pub fn remove_cgroup_on_signal(parent: Cgroup, child: PathBuf) {
             std::process::exit(130);
         }
     });
+}
+
+/// Lets a child process receive SIGINT and SIGTERM again: a blocked mask is
+/// inherited across fork and exec, so without this a server started by us
+/// could not be stopped with `kill`.
+pub fn unblock_in_child(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only calls
+    // sigprocmask (through thread_unblock), which is async-signal-safe.
+    unsafe {
+        command.pre_exec(|| {
+            let mut signals = SigSet::empty();
+            signals.add(Signal::SIGINT);
+            signals.add(Signal::SIGTERM);
+            signals.thread_unblock().map_err(std::io::Error::from)
+        });
+    }
 }
