@@ -37,6 +37,9 @@ struct Case {
     unit: &'static str,
     scale: f64,
     latency: bool,
+    /// Also run on a selected socket whose sends fall back to plain TCP
+    /// (measures the kernel's sockmap send path without the redirect).
+    fallback: bool,
     run: Run,
 }
 
@@ -62,6 +65,7 @@ fn cases(quick: bool) -> Vec<Case> {
             unit: "trips/s",
             scale: 1.0,
             latency: true,
+            fallback: false,
             run: rr(size, PINNED),
         });
     }
@@ -71,6 +75,7 @@ fn cases(quick: bool) -> Vec<Case> {
             unit: "trips/s",
             scale: 1.0,
             latency: true,
+            fallback: false,
             run: rr(size, None),
         });
     }
@@ -86,6 +91,7 @@ fn cases(quick: bool) -> Vec<Case> {
             unit: "Gbit/s",
             scale: 1e-9,
             latency: false,
+            fallback: size <= 4096,
             run: Box::new(move |c, d| workloads::bulk(c, size, d, PINNED)),
         });
     }
@@ -94,6 +100,7 @@ fn cases(quick: bool) -> Vec<Case> {
         unit: "conn/s",
         scale: 1.0,
         latency: false,
+        fallback: false,
         run: Box::new(|c, d| workloads::churn(c, d, PINNED)),
     });
     let fanouts: &[usize] = if quick { &[64] } else { &[64, 1024] };
@@ -103,6 +110,7 @@ fn cases(quick: bool) -> Vec<Case> {
             unit: "trips/s",
             scale: 1.0,
             latency: false,
+            fallback: false,
             run: Box::new(move |c, d| workloads::concurrent(c, n, 1024, d)),
         });
     }
@@ -114,6 +122,7 @@ struct Measured {
     unit: &'static str,
     /// Per path: rates of each repetition, and all latencies.
     rates: [Vec<f64>; 3],
+    fallback: Vec<f64>,
     latencies: [Vec<u64>; 3],
     redirected_share: f64,
 }
@@ -188,6 +197,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ports(accelerated.port())
         .splice_guard(SpliceGuard::Off)
         .attach()?;
+    // A second accelerator with room for one socket: the client of each
+    // connection is inserted, the server is not, so every send runs the
+    // sk_msg program and falls back to plain TCP.
+    let fallback = Connector::tcp("127.0.0.1:0");
+    let fallback_guard = Accelerator::builder()
+        .cgroup(cgroup.cgroup().clone())
+        .ports(fallback.port())
+        .capacity(1)
+        .splice_guard(SpliceGuard::Off)
+        .attach()?;
     let stats_switch = BpfStatsSwitch::on();
     let prog_before = (prog_stats("fp_sk_msg"), prog_stats("fp_sock_ops"));
 
@@ -197,6 +216,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             name: case.name.clone(),
             unit: case.unit,
             rates: Default::default(),
+            fallback: Vec::new(),
             latencies: Default::default(),
             redirected_share: 0.0,
         };
@@ -219,6 +239,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     m.latencies[i].extend(rate.latencies_ns);
                 }
             }
+            if case.fallback {
+                m.fallback
+                    .push((case.run)(&fallback, duration).per_second * case.scale);
+            }
         }
         m.latencies.iter_mut().for_each(|l| l.sort_unstable());
         m.redirected_share = redirected as f64 / moved.max(1) as f64;
@@ -235,7 +259,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prog_after = (prog_stats("fp_sk_msg"), prog_stats("fp_sock_ops"));
     drop(stats_switch);
     let final_stats = guard.stats()?;
-    drop(guard);
+    let fallback_stats = fallback_guard.stats()?;
+    drop((guard, fallback_guard));
+    if fallback_stats.bytes_redirected != 0 || fallback_stats.bytes_passed == 0 {
+        return Err(format!("fallback path was not a fallback: {fallback_stats}").into());
+    }
     drop(cgroup);
 
     let per = |after: (u64, u64), before: (u64, u64)| {
@@ -319,6 +347,30 @@ fn markdown(
             cell(&m.latencies[0]),
             cell(&m.latencies[1]),
             cell(&m.latencies[2])
+        );
+    }
+    let _ = writeln!(out, "\nThe sockmap send path without the redirect: a selected socket whose sends fall back to plain TCP.\n");
+    let _ = writeln!(
+        out,
+        "| workload | unit | plain TCP | accelerated | selected, fallen back | fallback/plain |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for m in results.iter().filter(|m| !m.fallback.is_empty()) {
+        let (p, a, f) = (
+            median(&m.rates[0]),
+            median(&m.rates[1]),
+            median(&m.fallback),
+        );
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} {} | {:.2}x |",
+            m.name,
+            m.unit,
+            num(p),
+            num(a),
+            num(f),
+            spread(&m.fallback),
+            f / p
         );
     }
     let _ = writeln!(out, "\nBPF run time (kernel.bpf_stats_enabled): fp_sk_msg {msg_ns:.0} ns per message, fp_sock_ops {ops_ns:.0} ns per call.");
