@@ -48,3 +48,16 @@ pub use policy::Cidr;
 pub use probe::{probe, Finding, ProbeReport};
 pub use splice_guard::SpliceGuard;
 pub use stats::{Stats, StatsReader};
+
+#[cfg(test)]
+mod tests {
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn handles_can_move_between_threads() {
+        assert_send_sync::<crate::FastpathGuard>();
+        assert_send_sync::<crate::StatsReader>();
+        assert_send_sync::<crate::ChildCgroup>();
+        assert_send_sync::<crate::Error>();
+    }
+}
