@@ -7,6 +7,9 @@
  *               policy selects into sock_map.
  *  fp_sk_msg    (sk_msg on sock_map): moves each sendmsg chunk straight to the
  *               peer socket, or lets it through as plain TCP.
+ *  fp_fwd_verdict (sk_skb stream verdict on fwd_map, egress mode): bytes a
+ *               proxy's socket receives leave through its paired socket's
+ *               send path, never crossing user space.
  *  fp_splice_guard (lsm/file_permission): refuses splice(2)/sendfile(2) reads
  *               from accelerated sockets with EINVAL, which programs already
  *               treat as "splice unsupported, use read()", and remembers the
@@ -115,6 +118,21 @@ struct {
 	__type(value, __u8);
 	__uint(max_entries, 256);
 } policy_comms SEC(".maps");
+
+/* Egress mode: a proxy's forwarded sockets, by socket cookie. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__type(key, __u64);
+	__type(value, __u64);
+	__uint(max_entries, 65536); /* resized before load */
+} fwd_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);
+	__type(value, struct fp_fwd_dir);
+	__uint(max_entries, 65536); /* resized before load */
+} fwd_dirs SEC(".maps");
 
 /* Processes caught splicing from an accelerated socket: tgid -> times. */
 struct {
@@ -349,6 +367,34 @@ int fp_sk_msg(struct sk_msg_md *msg)
 pass:
 	s->msgs_passed += 1;
 	s->bytes_passed += size;
+	return SK_PASS;
+}
+
+SEC("sk_skb/stream_verdict")
+int fp_fwd_verdict(struct __sk_buff *skb)
+{
+	__u64 cookie = bpf_get_socket_cookie(skb);
+	struct fp_fwd_dir *dir = bpf_map_lookup_elem(&fwd_dirs, &cookie);
+	__u32 len = skb->len;
+
+	/* An empty skb (a bare FIN; TCP has already recorded the FIN itself)
+	 * carries no byte: drop it. Redirected, or passed while forwarded bytes
+	 * wait in this socket's backlog, it makes the backlog "send" 0 bytes,
+	 * which skmsg treats as a broken pipe: EPIPE, and transmission stops
+	 * with bytes still queued. Forwarding::wait passes the half-close on. */
+	if (len == 0)
+		return SK_DROP;
+	/* No peer (it closed, or the pair is not set up): the bytes stay
+	 * with this socket, readable by the proxy as usual. */
+	if (!dir || bpf_sk_redirect_hash(skb, &fwd_map, &dir->peer_cookie, 0) != SK_PASS) {
+		COUNT(fwd_unpaired, 1);
+		return SK_PASS;
+	}
+	/* Counted before the peer sends them: Forwarding::wait compares this
+	 * with what reached the peer's send queue before it passes a FIN on. */
+	__sync_fetch_and_add(&dir->bytes, len);
+	COUNT(fwd_segments, 1);
+	COUNT(fwd_bytes, len);
 	return SK_PASS;
 }
 

@@ -38,6 +38,16 @@ struct fp_stats {
 	__u64 late_skipped;     /* selected, but data moved before insertion */
 	__u64 splice_blocked;   /* splice reads refused with EINVAL */
 	__u64 splice_excluded;  /* sockets kept plain because the owner spliced */
+	__u64 fwd_segments;     /* egress mode: received segments forwarded */
+	__u64 fwd_bytes;
+	__u64 fwd_unpaired;     /* received with no peer to forward to */
+};
+
+/* Egress mode: one direction of a forwarded pair, keyed by the socket
+ * cookie of the receiving socket. */
+struct fp_fwd_dir {
+	__u64 peer_cookie; /* where bytes received here are sent */
+	__u64 bytes;       /* bytes forwarded so far */
 };
 
 /* Per-socket state in socket-local storage. */

@@ -5,7 +5,7 @@
 //! layout cannot drift. The flag constants are not in BTF; the test at the
 //! bottom checks them against the header text.
 
-pub(crate) use crate::skel::types::{fp_cidr_key, fp_live, fp_sock_key, fp_stats};
+pub(crate) use crate::skel::types::{fp_cidr_key, fp_fwd_dir, fp_live, fp_sock_key, fp_stats};
 
 pub(crate) const FP_COMM_LEN: usize = 16;
 pub(crate) const FP_MATCH_PORTS: u32 = 1;
@@ -36,6 +36,7 @@ pub(crate) trait Plain: Copy + Default {
 impl Plain for fp_cidr_key {}
 impl Plain for fp_sock_key {}
 impl Plain for fp_stats {}
+impl Plain for fp_fwd_dir {}
 
 #[cfg(test)]
 mod tests {

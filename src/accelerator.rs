@@ -17,17 +17,16 @@ use crate::sys::{self, Capability};
 pub enum RedirectMode {
     /// Bytes a socket sends go straight into the receive queue of its local
     /// peer socket (the other end of the same loopback connection), skipping
-    /// the TCP/IP stack. For any two local processes talking TCP.
+    /// the TCP/IP stack. For any two local processes talking TCP. Selects
+    /// sockets in the builder's cgroup by its policy.
     #[default]
     Ingress,
-}
-
-impl RedirectMode {
-    fn bpf_flags(self) -> u64 {
-        match self {
-            RedirectMode::Ingress => u64::from(libbpf_sys::BPF_F_INGRESS),
-        }
-    }
+    /// For proxies: bytes arriving on one of a pair of the proxy's own
+    /// sockets leave through the other's send path (the peer may be on
+    /// another host). Nothing is selected automatically: the proxy hands
+    /// each pair over with [`FastpathGuard::forward`]; no cgroup is needed
+    /// and the policy knobs and splice guard do not apply.
+    Egress,
 }
 
 /// Entry point: `Accelerator::builder()`.
@@ -141,6 +140,9 @@ impl AcceleratorBuilder {
     /// # Minimum kernel version
     /// 6.10 (BPF links for sk_msg programs).
     pub fn attach(self) -> Result<FastpathGuard> {
+        if self.mode == RedirectMode::Egress {
+            return self.attach_egress();
+        }
         let cgroup = self.cgroup.clone().ok_or(Error::NoCgroup)?;
         self.policy.validate()?;
         if self.capacity == 0 {
@@ -151,7 +153,7 @@ impl AcceleratorBuilder {
         require_capabilities("attaching sock_ops and sk_msg programs")?;
 
         let mut programs = Programs::load(LoadConfig {
-            redirect_flags: self.mode.bpf_flags(),
+            redirect_flags: u64::from(libbpf_sys::BPF_F_INGRESS),
             capacity: self.capacity,
             splice_guard: self.splice_guard.enabled(),
         })?;
@@ -175,13 +177,38 @@ impl AcceleratorBuilder {
                 classify_attach_error(AttachStep::CgroupLink, crate::error::libbpf_to_io(&err))
             })?;
 
-        FastpathGuard::new(
-            programs,
-            [ops_link, msg_link],
-            guard_link,
-            cgroup,
-            self.mode,
-        )
+        let links = vec![
+            (
+                ops_link,
+                "bpf(BPF_LINK_DETACH) of fp_sock_ops from the cgroup",
+            ),
+            (msg_link, "bpf(BPF_LINK_DETACH) of fp_sk_msg from sock_map"),
+        ];
+        FastpathGuard::new(programs, links, guard_link, Some(cgroup), self.mode)
+    }
+
+    /// Egress mode: only the stream verdict program, linked to fwd_map.
+    fn attach_egress(self) -> Result<FastpathGuard> {
+        if self.capacity == 0 {
+            return Err(Error::ZeroCapacity {
+                default: Self::DEFAULT_CAPACITY,
+            });
+        }
+        require_capabilities("attaching an sk_skb program")?;
+        let programs = Programs::load(LoadConfig {
+            redirect_flags: 0,
+            capacity: self.capacity,
+            splice_guard: false,
+        })?;
+        let skel = programs.skel();
+        let verdict_link =
+            sys::attach_sockmap_link(&skel.progs.fp_fwd_verdict, sys::map_fd(&skel.maps.fwd_map))
+                .map_err(|source| classify_attach_error(AttachStep::SockmapLink, source))?;
+        let links = vec![(
+            verdict_link,
+            "bpf(BPF_LINK_DETACH) of fp_fwd_verdict from fwd_map",
+        )];
+        FastpathGuard::new(programs, links, None, self.cgroup, self.mode)
     }
 }
 

@@ -51,6 +51,10 @@ pub enum Error {
     #[error("no cgroup chosen: call `.cgroup(Cgroup::path(..)?)` (or `Cgroup::current()?`) on the builder before `attach()`")]
     NoCgroup,
 
+    /// `forward()` was called on a guard in ingress mode.
+    #[error("forward() needs an accelerator built with `.redirect(RedirectMode::Egress)`; this one is in ingress mode")]
+    NotEgressMode,
+
     /// A process name for the comm policy is unusable.
     #[error("invalid comm {comm:?}: {reason}")]
     InvalidComm {

@@ -1,10 +1,13 @@
 //! The attached accelerator: live policy, counters, and detaching.
 
+use std::net::TcpStream;
+
 use libbpf_rs::{Link, MapHandle};
 
 use crate::accelerator::RedirectMode;
 use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
+use crate::forward::Forwarding;
 use crate::policy::{check_size, comm_key, validate_ports, Cidr, MAX_CIDRS, MAX_COMMS};
 use crate::programs::Programs;
 use crate::splice_guard;
@@ -23,11 +26,11 @@ use crate::stats::{Stats, StatsReader};
 #[must_use = "dropping the guard detaches the accelerator at once"]
 pub struct FastpathGuard {
     // Field order is drop order: links before the programs they reference.
-    links: Option<[Link; 2]>,
+    links: Option<Vec<(Link, &'static str)>>,
     splice_guard: Option<Link>,
     stats: StatsReader,
     programs: Programs,
-    cgroup: Cgroup,
+    cgroup: Option<Cgroup>,
     mode: RedirectMode,
 }
 
@@ -44,9 +47,9 @@ impl std::fmt::Debug for FastpathGuard {
 impl FastpathGuard {
     pub(crate) fn new(
         programs: Programs,
-        links: [Link; 2],
+        links: Vec<(Link, &'static str)>,
         splice_guard: Option<Link>,
-        cgroup: Cgroup,
+        cgroup: Option<Cgroup>,
         mode: RedirectMode,
     ) -> Result<Self> {
         Ok(FastpathGuard {
@@ -59,9 +62,30 @@ impl FastpathGuard {
         })
     }
 
-    /// The cgroup it is attached to.
-    pub fn cgroup(&self) -> &Cgroup {
-        &self.cgroup
+    /// The cgroup it is attached to (none in egress mode).
+    pub fn cgroup(&self) -> Option<&Cgroup> {
+        self.cgroup.as_ref()
+    }
+
+    /// Egress mode: hands a proxy's pair of connections to the kernel, which
+    /// from now on forwards bytes arriving on either socket out through the
+    /// other. Keep your streams; follow the hand-over protocol in the
+    /// [`forward`](crate::forward) module docs, then call
+    /// [`Forwarding::wait`].
+    ///
+    /// # Errors
+    /// [`Error::NotEgressMode`] in ingress mode; [`Error::Bpf`] if a socket
+    /// is already forwarded or the map is full (nothing is forwarded then,
+    /// and the sockets can still be copied in user space); I/O errors from
+    /// dup or getsockopt.
+    pub fn forward(&self, downstream: &TcpStream, upstream: &TcpStream) -> Result<Forwarding> {
+        if self.mode != RedirectMode::Egress {
+            return Err(Error::NotEgressMode);
+        }
+        let maps = &self.programs.skel().maps;
+        let dirs = MapHandle::try_from(&maps.fwd_dirs)
+            .map_err(|e| Error::bpf("dup of the fwd_dirs fd", e))?;
+        Forwarding::start(&maps.fwd_map, dirs, downstream, upstream)
     }
 
     /// The redirect mode.
@@ -151,10 +175,7 @@ impl FastpathGuard {
             return Ok(());
         };
         let mut first_error = None;
-        for (link, call) in links.iter().zip([
-            "bpf(BPF_LINK_DETACH) of fp_sock_ops from the cgroup",
-            "bpf(BPF_LINK_DETACH) of fp_sk_msg from sock_map",
-        ]) {
+        for (link, call) in &links {
             if let Err(err) = link.detach() {
                 first_error.get_or_insert(Error::bpf(call, err));
             }

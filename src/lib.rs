@@ -27,6 +27,7 @@ mod abi;
 mod accelerator;
 mod cgroup;
 mod error;
+pub mod forward;
 mod guard;
 pub mod policy;
 mod probe;
@@ -43,6 +44,7 @@ mod skel {
 pub use accelerator::{Accelerator, AcceleratorBuilder, RedirectMode};
 pub use cgroup::{cgroup2_mount, Cgroup, ChildCgroup};
 pub use error::{Error, Result};
+pub use forward::{ForwardEnd, ForwardStats, Forwarding};
 pub use guard::FastpathGuard;
 pub use policy::Cidr;
 pub use probe::{probe, Finding, ProbeReport};

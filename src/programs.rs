@@ -85,10 +85,14 @@ impl Programs {
             .as_deref_mut()
             .expect("fastpath.bpf.c has a .rodata section");
         rodata.redirect_flags = config.redirect_flags;
-        open.maps
-            .sock_map
-            .set_max_entries(config.capacity)
-            .map_err(|err| Error::bpf("bpf_map__set_max_entries(sock_map)", err))?;
+        for map in [
+            &mut open.maps.sock_map,
+            &mut open.maps.fwd_map,
+            &mut open.maps.fwd_dirs,
+        ] {
+            map.set_max_entries(config.capacity)
+                .map_err(|err| Error::bpf("bpf_map__set_max_entries", err))?;
+        }
         open.progs.fp_splice_guard.set_autoload(config.splice_guard);
         open.load().map_err(|err| {
             Error::bpf(

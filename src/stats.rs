@@ -71,6 +71,13 @@ counters! {
     splice_blocked,
     /// Sockets kept plain because their owner process was caught splicing.
     splice_excluded,
+    /// Egress mode: received segments forwarded to the paired socket.
+    fwd_segments,
+    /// Egress mode: bytes forwarded to the paired socket.
+    fwd_bytes,
+    /// Egress mode: segments received with no peer to forward to (left to
+    /// the proxy to read).
+    fwd_unpaired,
 }
 
 impl Stats {

@@ -62,3 +62,84 @@ pub(crate) fn bytes_readable(fd: std::os::fd::RawFd) -> io::Result<usize> {
     }
     Ok(count.max(0) as usize)
 }
+
+fn getsockopt_into<T>(
+    fd: std::os::fd::RawFd,
+    level: i32,
+    name: i32,
+    value: &mut T,
+) -> io::Result<()> {
+    let mut len = size_of::<T>() as nix::libc::socklen_t;
+    // SAFETY: `value` is a valid, writable T and `len` its size; the kernel
+    // writes at most `len` bytes.
+    let rc = unsafe { nix::libc::getsockopt(fd, level, name, (value as *mut T).cast(), &mut len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bytes that have entered a TCP socket's send queue since it was created
+/// (acknowledged plus still queued; the SYN counts as one): `tcp_info`'s
+/// `tcpi_bytes_acked` plus `ioctl(SIOCOUTQ)`.
+pub(crate) fn bytes_into_send_queue(fd: std::os::fd::RawFd) -> io::Result<u64> {
+    // SAFETY: an all-zero tcp_info is a valid value of this plain C struct.
+    let mut info: nix::libc::tcp_info = unsafe { std::mem::zeroed() };
+    getsockopt_into(fd, nix::libc::IPPROTO_TCP, nix::libc::TCP_INFO, &mut info)?;
+    let mut outq: nix::libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the valid pointer.
+    if unsafe { nix::libc::ioctl(fd, nix::libc::TIOCOUTQ, &mut outq) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_bytes_acked + outq.max(0) as u64)
+}
+
+/// Sets SO_RCVLOWAT. As a side effect the kernel re-runs the socket's
+/// data-ready callback, which makes a stream verdict program see bytes
+/// queued before the socket joined the map.
+pub(crate) fn set_rcvlowat(fd: std::os::fd::RawFd, bytes: i32) -> io::Result<()> {
+    // SAFETY: SO_RCVLOWAT takes an int, passed by a valid pointer and size.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            fd,
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_RCVLOWAT,
+            (&bytes as *const i32).cast(),
+            size_of::<i32>() as nix::libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The pending error of a socket (SO_ERROR), 0 if none.
+pub(crate) fn socket_error(fd: std::os::fd::RawFd) -> io::Result<i32> {
+    let mut err: i32 = 0;
+    getsockopt_into(fd, nix::libc::SOL_SOCKET, nix::libc::SO_ERROR, &mut err)?;
+    Ok(err)
+}
+
+/// poll(2) on sockets for `events`; returns each fd's revents bits
+/// (including POLLRDHUP, which nix's PollFlags cannot represent on output).
+pub(crate) fn poll_events<const N: usize>(
+    fds: [std::os::fd::RawFd; N],
+    events: i16,
+    timeout_ms: i32,
+) -> io::Result<[i16; N]> {
+    let mut pollfds = fds.map(|fd| nix::libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    });
+    // SAFETY: `pollfds` is a valid array of N pollfd structs for the call.
+    let rc = unsafe { nix::libc::poll(pollfds.as_mut_ptr(), N as nix::libc::nfds_t, timeout_ms) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    Ok(pollfds.map(|p| p.revents))
+}

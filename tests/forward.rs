@@ -1,0 +1,225 @@
+//! Egress mode: a proxy hands its two connections to the kernel.
+
+mod common;
+use common::*;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::thread;
+use std::time::Duration;
+
+use sockmap_fastpath::{Accelerator, Error, FastpathGuard, ForwardEnd, ForwardStats, RedirectMode};
+
+/// A client, the upstream server's accepted socket, and the proxy's
+/// forwarding running on a thread that keeps the proxy's streams until the
+/// pair ends.
+struct Proxied {
+    client: TcpStream,
+    server: TcpStream,
+    proxy: thread::JoinHandle<ForwardStats>,
+}
+
+/// Builds client -> proxy -> upstream. The client writes `client_first`
+/// before the proxy hands the pair over; `before_hand_over` runs on the
+/// proxy's (downstream, upstream) sockets just before `forward()`.
+fn proxied(
+    guard: &FastpathGuard,
+    upstream: &TcpListener,
+    client_first: &[u8],
+    before_hand_over: impl FnOnce(&mut TcpStream, &mut TcpStream),
+) -> Proxied {
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+    client.write_all(client_first).unwrap();
+    let (mut down, _) = front.accept().unwrap();
+    let mut up = TcpStream::connect(upstream.local_addr().unwrap()).unwrap();
+    let (server, _) = upstream.accept().unwrap();
+    before_hand_over(&mut down, &mut up);
+    let forwarding = guard.forward(&down, &up).expect("forward");
+    let proxy = thread::spawn(move || {
+        let stats = forwarding.wait().expect("wait");
+        drop((down, up));
+        stats
+    });
+    Proxied {
+        client,
+        server,
+        proxy,
+    }
+}
+
+fn egress_env() -> Option<(Env, FastpathGuard, TcpListener)> {
+    let env = privileged_env()?;
+    let guard = Accelerator::builder()
+        .redirect(RedirectMode::Egress)
+        .attach()
+        .expect("attach egress");
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    Some((env, guard, upstream))
+}
+
+#[test]
+fn forwards_both_ways_intact_and_passes_half_closes_on() {
+    let Some((_env, guard, upstream)) = egress_env() else {
+        return;
+    };
+    const SIZE: usize = 16 << 20;
+    let p = proxied(&guard, &upstream, &[], |_, _| {});
+    exchange(
+        p.client,
+        p.server,
+        random_bytes(SIZE, 1),
+        random_bytes(SIZE, 2),
+    );
+    let stats = p.proxy.join().unwrap();
+    assert_eq!(stats.end, ForwardEnd::Closed);
+    assert_eq!(
+        (stats.downstream_to_upstream, stats.upstream_to_downstream),
+        (SIZE as u64, SIZE as u64)
+    );
+    let counters = guard.stats().unwrap();
+    assert_eq!(
+        counters.fwd_bytes,
+        2 * SIZE as u64,
+        "every byte forwarded by the kernel: {counters}"
+    );
+}
+
+#[test]
+fn bytes_queued_and_peeked_before_the_hand_over_are_forwarded_in_order() {
+    let Some((_env, guard, upstream)) = egress_env() else {
+        return;
+    };
+    let mut request = b"GET /thing HTTP/1.1\r\n\r\n".to_vec();
+    request.extend(random_bytes(256 << 10, 3));
+    let p = proxied(&guard, &upstream, &request, |down, _| {
+        let mut header = [0u8; 16];
+        for _ in 0..1000 {
+            if down.peek(&mut header).unwrap() == header.len() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            &header, b"GET /thing HTTP/",
+            "the proxy looks without consuming"
+        );
+    });
+    let Proxied {
+        mut client,
+        mut server,
+        proxy,
+    } = p;
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_bytes_eq(
+        &read_all(&mut server),
+        &request,
+        "request through the proxy",
+    );
+    server
+        .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+        .unwrap();
+    server.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut client), b"HTTP/1.1 204 No Content\r\n\r\n");
+    let stats = proxy.join().unwrap();
+    assert_eq!(stats.end, ForwardEnd::Closed);
+    assert_eq!(stats.downstream_to_upstream, request.len() as u64);
+}
+
+#[test]
+fn bytes_the_proxy_read_and_wrote_itself_come_first() {
+    let Some((_env, guard, upstream)) = egress_env() else {
+        return;
+    };
+    let greeting = b"HELLO proxy\n".to_vec();
+    let p = proxied(&guard, &upstream, &greeting, |down, up| {
+        // The proxy consumes the greeting and sends its own first line.
+        let mut line = vec![0u8; greeting.len()];
+        down.read_exact(&mut line).unwrap();
+        up.write_all(b"FROM proxy\n").unwrap();
+    });
+    let Proxied {
+        mut client,
+        mut server,
+        proxy,
+    } = p;
+    let body = random_bytes(1 << 20, 4);
+    client.write_all(&body).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let mut want = b"FROM proxy\n".to_vec();
+    want.extend(&body);
+    assert_bytes_eq(
+        &read_all(&mut server),
+        &want,
+        "proxy's bytes, then the client's",
+    );
+    server.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut client), b"");
+    assert_eq!(proxy.join().unwrap().end, ForwardEnd::Closed);
+}
+
+#[test]
+fn a_reset_on_one_side_resets_the_other() {
+    let Some((_env, guard, upstream)) = egress_env() else {
+        return;
+    };
+    let Proxied {
+        client,
+        mut server,
+        proxy,
+    } = proxied(&guard, &upstream, b"partial", |_, _| {});
+    let mut got = [0u8; 7];
+    server.read_exact(&mut got).unwrap();
+    socket2::SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(client); // RST
+    assert_eq!(proxy.join().unwrap().end, ForwardEnd::DownstreamReset);
+    // The proxy dropped its streams with SO_LINGER 0: the server is reset.
+    let mut buf = [0u8; 1];
+    match server.read(&mut buf) {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("expected a reset, read {n} bytes"),
+    }
+}
+
+#[test]
+fn dropping_the_guard_mid_transfer_loses_nothing() {
+    let Some((_env, guard, upstream)) = egress_env() else {
+        return;
+    };
+    let Proxied {
+        mut client,
+        mut server,
+        proxy,
+    } = proxied(&guard, &upstream, &[], |_, _| {});
+    const SIZE: usize = 32 << 20;
+    let data = random_bytes(SIZE, 5);
+    let writer = {
+        let data = data.clone();
+        thread::spawn(move || {
+            client.write_all(&data).unwrap();
+            client.shutdown(Shutdown::Write).unwrap();
+            client
+        })
+    };
+    let mut got = vec![0u8; SIZE / 4];
+    server.read_exact(&mut got).unwrap();
+    drop(guard); // links detached; the pair keeps its programs
+    got.extend(read_all(&mut server));
+    assert_bytes_eq(&got, &data, "bytes across the guard's drop");
+    server.shutdown(Shutdown::Write).unwrap();
+    let mut client = writer.join().unwrap();
+    assert_eq!(read_all(&mut client), b"");
+    assert_eq!(proxy.join().unwrap().end, ForwardEnd::Closed);
+}
+
+#[test]
+fn forward_needs_egress_mode() {
+    let Some(env) = privileged_env() else { return };
+    let guard = env.attach(|b| b);
+    let (a, b) = connected_pair("127.0.0.1:0");
+    let err = guard.forward(&a, &b).unwrap_err();
+    assert!(matches!(err, Error::NotEgressMode), "{err}");
+    assert!(err.to_string().contains("RedirectMode::Egress"), "{err}");
+}
