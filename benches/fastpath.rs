@@ -17,7 +17,11 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use libbpf_rs::query::ProgInfoIter;
-use sockmap_fastpath::{Accelerator, Cgroup, SpliceGuard, Stats};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+
+use sockmap_fastpath::{Accelerator, Cgroup, FastpathGuard, RedirectMode, SpliceGuard, Stats};
 use workloads::{Connector, Rate};
 
 #[derive(Clone, Copy, PartialEq)]
@@ -164,6 +168,117 @@ impl Drop for BpfStatsSwitch {
     }
 }
 
+/// Copies one direction in user space (64 KiB reads), then passes the EOF on.
+fn copy_half(mut from: TcpStream, mut to: TcpStream) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// client -> proxy -> server pairs: the proxy copies in user space, or
+/// hands the pair to the kernel (egress mode).
+fn proxy_connector(forwarder: Option<Arc<FastpathGuard>>) -> Connector {
+    let front = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
+    Connector::Custom(Box::new(move || {
+        let client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+        let (down, _) = front.accept().unwrap();
+        let up = TcpStream::connect(upstream.local_addr().unwrap()).unwrap();
+        let (server, _) = upstream.accept().unwrap();
+        down.set_nodelay(true).unwrap();
+        up.set_nodelay(true).unwrap();
+        match &forwarder {
+            Some(guard) => {
+                let forwarding = guard.forward(&down, &up).expect("forward");
+                std::thread::spawn(move || {
+                    let _ = forwarding.wait();
+                    drop((down, up));
+                });
+            }
+            None => {
+                let (d2, u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+                std::thread::spawn(move || copy_half(down, up));
+                std::thread::spawn(move || copy_half(u2, d2));
+            }
+        }
+        (client, server)
+    }))
+}
+
+/// Proxy workloads: user-space copy vs kernel forwarding, interleaved.
+fn proxy_table(reps: usize, duration: Duration) -> Result<String, Box<dyn std::error::Error>> {
+    let guard = Arc::new(
+        Accelerator::builder()
+            .redirect(RedirectMode::Egress)
+            .attach()?,
+    );
+    let copy = proxy_connector(None);
+    let forward = proxy_connector(Some(guard.clone()));
+    let cases: [(&str, &str, f64, Run); 3] = [
+        (
+            "req/resp 1 KiB through the proxy",
+            "trips/s",
+            1.0,
+            rr(1024, None),
+        ),
+        (
+            "bulk 64 KiB writes through the proxy",
+            "Gbit/s",
+            1e-9,
+            Box::new(|c, d| workloads::bulk(c, 65536, d, None)),
+        ),
+        (
+            "bulk 4 KiB writes through the proxy",
+            "Gbit/s",
+            1e-9,
+            Box::new(|c, d| workloads::bulk(c, 4096, d, None)),
+        ),
+    ];
+    let mut out = String::from("\nProxy forwarding (egress mode), unpinned: a proxy copying in user space vs the kernel forwarding the pair.\n\n");
+    let _ = writeln!(
+        out,
+        "| workload | unit | user-space copy | kernel forwarding | ratio |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for (name, unit, scale, run) in cases {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            a.push(run(&copy, duration).per_second * scale);
+            b.push(run(&forward, duration).per_second * scale);
+        }
+        let (ma, mb) = (median(&a), median(&b));
+        eprintln!("{name}: copy {ma:.2}, forwarded {mb:.2} {unit}");
+        let _ = writeln!(
+            out,
+            "| {name} | {unit} | {} {} | {} {} | {:.2}x |",
+            num(ma),
+            spread(&a),
+            num(mb),
+            spread(&b),
+            mb / ma
+        );
+    }
+    let stats = guard.stats()?;
+    if stats.fwd_bytes == 0 {
+        return Err(format!("kernel forwarding moved no bytes: {stats}").into());
+    }
+    let _ = writeln!(
+        out,
+        "\nForwarded by the kernel in this section: {} bytes in {} segments.",
+        stats.fwd_bytes, stats.fwd_segments
+    );
+    Ok(out)
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -271,7 +386,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let msg_ns = per(prog_after.0, prog_before.0);
     let ops_ns = per(prog_after.1, prog_before.1);
-    let table = markdown(&results, reps, seconds, msg_ns, ops_ns, &final_stats);
+    let mut table = markdown(&results, reps, seconds, msg_ns, ops_ns, &final_stats);
+    table.push_str(&proxy_table(reps, duration)?);
     println!("{table}");
     std::fs::create_dir_all(json_path.parent().unwrap())?;
     std::fs::write(&json_path, json(&results, reps, seconds, msg_ns, ops_ns))?;

@@ -228,15 +228,61 @@ fn forward_needs_egress_mode() {
 /// the upstream server in the other (a different host, as far as TCP knows).
 #[test]
 fn forwards_to_an_upstream_in_another_namespace_behind_veth() {
-    let Some((_env, guard, _)) = egress_env() else { return };
+    let Some((_env, guard, _)) = egress_env() else {
+        return;
+    };
     let (app, remote) = (NetNs::new(), NetNs::new());
     let (veth_app, veth_remote) = (unique_name("va"), unique_name("vr"));
-    let (veth_app, veth_remote) = (&veth_app[veth_app.len() - 12..], &veth_remote[veth_remote.len() - 12..]);
-    run("ip", &["link", "add", veth_app, "netns", &app.name, "type", "veth", "peer", "name", veth_remote, "netns", &remote.name]);
-    run("ip", &["-n", &app.name, "addr", "add", "10.200.0.1/24", "dev", veth_app]);
+    let (veth_app, veth_remote) = (
+        &veth_app[veth_app.len() - 12..],
+        &veth_remote[veth_remote.len() - 12..],
+    );
+    run(
+        "ip",
+        &[
+            "link",
+            "add",
+            veth_app,
+            "netns",
+            &app.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            veth_remote,
+            "netns",
+            &remote.name,
+        ],
+    );
+    run(
+        "ip",
+        &[
+            "-n",
+            &app.name,
+            "addr",
+            "add",
+            "10.200.0.1/24",
+            "dev",
+            veth_app,
+        ],
+    );
     run("ip", &["-n", &app.name, "link", "set", veth_app, "up"]);
-    run("ip", &["-n", &remote.name, "addr", "add", "10.200.0.2/24", "dev", veth_remote]);
-    run("ip", &["-n", &remote.name, "link", "set", veth_remote, "up"]);
+    run(
+        "ip",
+        &[
+            "-n",
+            &remote.name,
+            "addr",
+            "add",
+            "10.200.0.2/24",
+            "dev",
+            veth_remote,
+        ],
+    );
+    run(
+        "ip",
+        &["-n", &remote.name, "link", "set", veth_remote, "up"],
+    );
 
     let upstream = remote.run(|| TcpListener::bind("10.200.0.2:8080").unwrap());
     let (client, down, up) = app.run(|| {
@@ -257,6 +303,9 @@ fn forwards_to_an_upstream_in_another_namespace_behind_veth() {
     exchange(client, server, random_bytes(SIZE, 7), random_bytes(SIZE, 8));
     let stats = proxy.join().unwrap();
     assert_eq!(stats.end, ForwardEnd::Closed);
-    assert_eq!((stats.downstream_to_upstream, stats.upstream_to_downstream), (SIZE as u64, SIZE as u64));
+    assert_eq!(
+        (stats.downstream_to_upstream, stats.upstream_to_downstream),
+        (SIZE as u64, SIZE as u64)
+    );
     assert_eq!(guard.stats().unwrap().fwd_bytes, 2 * SIZE as u64);
 }

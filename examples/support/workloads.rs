@@ -32,6 +32,8 @@ impl Stream for UnixStream {
 pub enum Connector {
     Tcp(TcpListener),
     Unix(UnixListener, std::path::PathBuf),
+    /// Any other way of making a TCP pair (e.g. through a proxy).
+    Custom(Box<dyn Fn() -> (TcpStream, TcpStream)>),
 }
 
 impl Connector {
@@ -47,7 +49,7 @@ impl Connector {
     pub fn port(&self) -> Option<u16> {
         match self {
             Connector::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
-            Connector::Unix(..) => None,
+            Connector::Unix(..) | Connector::Custom(_) => None,
         }
     }
 
@@ -303,6 +305,12 @@ impl Connector {
                 let client = UnixStream::connect(path).expect("connect unix");
                 let (server, _) = listener.accept().expect("accept unix");
                 (StdStream::Unix(client), StdStream::Unix(server))
+            }
+            Connector::Custom(make) => {
+                let (client, server) = make();
+                client.set_nodelay(true).unwrap();
+                server.set_nodelay(true).unwrap();
+                (StdStream::Tcp(client), StdStream::Tcp(server))
             }
         }
     }
