@@ -123,9 +123,7 @@ impl Forwarding {
             sides: [down, up],
             dirs,
         };
-        forwarding
-            .insert(fwd_map)
-            .inspect_err(|_| forwarding.remove_dirs())?;
+        forwarding.insert(fwd_map)?;
         // Bytes queued before the hand-over: make the verdict see them.
         for side in &forwarding.sides {
             sys::set_rcvlowat(side.stream.as_raw_fd(), 1)
@@ -134,30 +132,48 @@ impl Forwarding {
         Ok(forwarding)
     }
 
+    /// Inserts both directions, then both sockets. On failure it removes
+    /// only the direction entries it added (the sockets may belong to a pair
+    /// already forwarded); a socket already added to `fwd_map` stays there,
+    /// unpaired, so its bytes remain readable by the proxy (deleting a map
+    /// entry would drop bytes queued on it).
     fn insert<M: MapCore>(&self, fwd_map: &M) -> Result<()> {
-        for (from, to) in [
-            (&self.sides[DOWN], &self.sides[UP]),
-            (&self.sides[UP], &self.sides[DOWN]),
-        ] {
-            let dir = fp_fwd_dir {
-                peer_cookie: to.cookie,
-                bytes: 0,
-            };
-            self.dirs
-                .update(
-                    &from.cookie.to_ne_bytes(),
-                    dir.as_bytes(),
-                    MapFlags::NO_EXIST,
-                )
-                .map_err(|e| Error::bpf("bpf(BPF_MAP_UPDATE_ELEM) on fwd_dirs", e))?;
+        const REFUSED: &str =
+            "bpf(BPF_MAP_UPDATE_ELEM) on fwd_dirs/fwd_map (socket already forwarded, or map full)";
+        let mut added = Vec::new();
+        let result = (|| {
+            for (from, to) in [
+                (&self.sides[DOWN], &self.sides[UP]),
+                (&self.sides[UP], &self.sides[DOWN]),
+            ] {
+                let dir = fp_fwd_dir {
+                    peer_cookie: to.cookie,
+                    bytes: 0,
+                };
+                let key = from.cookie.to_ne_bytes();
+                self.dirs
+                    .update(&key, dir.as_bytes(), MapFlags::NO_EXIST)
+                    .map_err(|e| Error::bpf(REFUSED, e))?;
+                added.push(key);
+            }
+            for side in &self.sides {
+                let fd = side.stream.as_raw_fd() as u64;
+                fwd_map
+                    .update(
+                        &side.cookie.to_ne_bytes(),
+                        &fd.to_ne_bytes(),
+                        MapFlags::NO_EXIST,
+                    )
+                    .map_err(|e| Error::bpf(REFUSED, e))?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            for key in added {
+                let _ = self.dirs.delete(&key);
+            }
         }
-        for side in &self.sides {
-            let fd = side.stream.as_raw_fd() as u64;
-            fwd_map
-                .update(&side.cookie.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::NO_EXIST)
-                .map_err(|e| Error::bpf("bpf(BPF_MAP_UPDATE_ELEM) on fwd_map (socket already forwarded, or map full)", e))?;
-        }
-        Ok(())
+        result
     }
 
     fn remove_dirs(&self) {

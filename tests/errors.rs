@@ -32,6 +32,15 @@ fn invalid_input_is_refused_before_touching_the_kernel() {
             "longer than 15 bytes",
         ),
         (expect_err(env.builder().capacity(0).attach()), "capacity 0"),
+        (
+            expect_err(
+                Accelerator::builder()
+                    .redirect(sockmap_fastpath::RedirectMode::Egress)
+                    .capacity(0)
+                    .attach(),
+            ),
+            "capacity 0",
+        ),
     ];
     for (err, needle) in cases {
         assert!(

@@ -309,3 +309,64 @@ fn forwards_to_an_upstream_in_another_namespace_behind_veth() {
     );
     assert_eq!(guard.stats().unwrap().fwd_bytes, 2 * SIZE as u64);
 }
+
+/// The proxy's sockets for one client -> proxy -> server connection, not
+/// yet handed over: (client, downstream, upstream, server).
+fn unforwarded(front: &TcpListener, upstream: &TcpListener) -> [TcpStream; 4] {
+    let client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+    let (down, _) = front.accept().unwrap();
+    let up = TcpStream::connect(upstream.local_addr().unwrap()).unwrap();
+    let (server, _) = upstream.accept().unwrap();
+    [client, down, up, server]
+}
+
+#[test]
+fn a_socket_already_forwarded_or_a_full_map_is_refused_and_left_usable() {
+    let Some(_env) = privileged_env() else { return };
+    let guard = Accelerator::builder()
+        .redirect(RedirectMode::Egress)
+        .capacity(2)
+        .attach()
+        .unwrap();
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let [mut client, down, up, mut server] = unforwarded(&front, &upstream);
+    let first = guard.forward(&down, &up).expect("the first pair fits");
+
+    let err = guard.forward(&down, &up).unwrap_err();
+    assert!(matches!(err, Error::Bpf { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("already forwarded, or map full"),
+        "{err}"
+    );
+    // A second pair does not fit (capacity 2 sockets) ...
+    let [c2, mut down2, up2, _server2] = unforwarded(&front, &upstream);
+    let err = guard.forward(&down2, &up2).unwrap_err();
+    assert!(
+        err.to_string().contains("already forwarded, or map full"),
+        "{err}"
+    );
+    // ... and stays a plain connection the proxy can serve itself.
+    exchange(
+        c2,
+        down2.try_clone().unwrap(),
+        random_bytes(1 << 20, 9),
+        random_bytes(1 << 20, 10),
+    );
+    drop((&mut down2, up2));
+
+    // The refusals did not disturb the first pair.
+    let proxy = thread::spawn(move || {
+        let stats = first.wait().unwrap();
+        drop((down, up));
+        stats
+    });
+    client.write_all(b"still forwarded").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let got = read_all(&mut server);
+    assert_eq!(got, b"still forwarded", "{}", guard.stats().unwrap());
+    server.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut client), b"");
+    assert_eq!(proxy.join().unwrap().end, ForwardEnd::Closed);
+    assert_eq!(guard.stats().unwrap().fwd_bytes, 15);
+}
