@@ -1,0 +1,187 @@
+//! A transparent proxy that embeds the accelerator: the reference
+//! integration. Connections diverted to it by TPROXY (see
+//! `examples/tproxy/setup.sh`) arrive with their original destination as
+//! the accepted socket's local address; it connects there (with SO_MARK 2,
+//! so its own connection is not diverted again) and moves the bytes:
+//!
+//! - `--mode copy`: user-space copy loops (no accelerator);
+//! - `--mode ingress`: user-space copy, with the application-to-proxy hop
+//!   accelerated by an ingress-mode accelerator on `--cgroup` (the
+//!   application and the proxy must both run in it);
+//! - `--mode egress`: the kernel forwards each pair (egress mode).
+//!
+//! Ingress and egress cannot serve the same socket (see README), so there is
+//! no mode doing both. It stops after `--seconds N` or on SIGINT/SIGTERM and
+//! prints its counters.
+//!
+//! ```text
+//! tproxy [--listen 127.0.0.1:15001] [--mode copy|ingress|egress] [--cgroup DIR] [--seconds N]
+//! ```
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{SigSet, Signal};
+use socket2::{Domain, Socket, Type};
+use sockmap_fastpath::{Accelerator, Cgroup, FastpathGuard, RedirectMode, SpliceGuard};
+
+/// The mark the setup script's iptables rules exempt from diversion.
+const UPSTREAM_MARK: u32 = 2;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Copy,
+    Ingress,
+    Egress,
+}
+
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("tproxy: {err}");
+        std::process::exit(2);
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opt = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let listen: SocketAddr = opt("--listen")
+        .unwrap_or_else(|| "127.0.0.1:15001".into())
+        .parse()?;
+    let mode = match opt("--mode").as_deref().unwrap_or("copy") {
+        "copy" => Mode::Copy,
+        "ingress" => Mode::Ingress,
+        "egress" => Mode::Egress,
+        other => return Err(format!("unknown --mode {other}: copy, ingress or egress").into()),
+    };
+    let seconds: Option<f64> = opt("--seconds").map(|s| s.parse()).transpose()?;
+
+    // Block SIGINT/SIGTERM before starting threads; a waiter thread ends us.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block()?;
+
+    let guard: Option<Arc<FastpathGuard>> = match mode {
+        Mode::Copy => None,
+        Mode::Egress => Some(Arc::new(
+            Accelerator::builder()
+                .redirect(RedirectMode::Egress)
+                .attach()?,
+        )),
+        Mode::Ingress => {
+            let cgroup = opt("--cgroup").ok_or(
+                "--mode ingress needs --cgroup DIR (where the application and this proxy run)",
+            )?;
+            // This proxy copies with read/write, never splice: the guard is
+            // not needed for its own sockets.
+            let builder = Accelerator::builder().cgroup(Cgroup::path(cgroup)?);
+            Some(Arc::new(match builder.clone().attach() {
+                Ok(guard) => guard,
+                Err(err @ sockmap_fastpath::Error::KernelFeature { .. }) => {
+                    eprintln!("tproxy: {err}\ntproxy: continuing without the splice guard");
+                    builder.splice_guard(SpliceGuard::Off).attach()?
+                }
+                Err(err) => return Err(err.into()),
+            }))
+        }
+    };
+
+    let socket = Socket::new(Domain::for_address(listen), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_ip_transparent_v4(true)?; // accept diverted connections (CAP_NET_ADMIN)
+    socket.bind(&listen.into())?;
+    socket.listen(1024)?;
+    let listener: TcpListener = socket.into();
+    eprintln!("tproxy: listening on {listen}");
+
+    let copied = Arc::new(AtomicU64::new(0));
+    {
+        let (guard, copied) = (guard.clone(), copied.clone());
+        std::thread::spawn(move || {
+            for down in listener.incoming().flatten() {
+                let (guard, copied) = (guard.clone(), copied.clone());
+                std::thread::spawn(move || {
+                    if let Err(err) = serve(down, mode, guard.as_deref(), &copied) {
+                        eprintln!("tproxy: connection: {err}");
+                    }
+                });
+            }
+        });
+    }
+    match seconds {
+        Some(s) => std::thread::sleep(Duration::from_secs_f64(s)),
+        None => {
+            signals.wait()?;
+        }
+    }
+    println!(
+        "tproxy: bytes copied in user space: {}",
+        copied.load(Ordering::Relaxed)
+    );
+    if let Some(guard) = &guard {
+        print!("tproxy: counters\n{}", guard.stats()?);
+    }
+    Ok(())
+}
+
+fn serve(
+    down: TcpStream,
+    mode: Mode,
+    guard: Option<&FastpathGuard>,
+    copied: &AtomicU64,
+) -> std::io::Result<()> {
+    let original_destination = down.local_addr()?;
+    let socket = Socket::new(
+        Domain::for_address(original_destination),
+        Type::STREAM,
+        None,
+    )?;
+    socket.set_mark(UPSTREAM_MARK)?;
+    socket.connect(&original_destination.into())?;
+    let up: TcpStream = socket.into();
+    if mode == Mode::Egress {
+        let forwarding = guard
+            .expect("egress mode has a guard")
+            .forward(&down, &up)
+            .map_err(std::io::Error::other)?;
+        forwarding.wait().map_err(std::io::Error::other)?;
+        return Ok(());
+    }
+    let (down2, up2) = (down.try_clone()?, up.try_clone()?);
+    let back = std::thread::spawn(move || copy(up2, down2));
+    let sent = copy(down, up);
+    copied.fetch_add(sent + back.join().unwrap_or(0), Ordering::Relaxed);
+    Ok(())
+}
+
+/// Copies until EOF with read/write (never splice), then passes the EOF on.
+fn copy(mut from: TcpStream, mut to: TcpStream) -> u64 {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0;
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                total += n as u64;
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+    total
+}
