@@ -370,3 +370,87 @@ fn a_socket_already_forwarded_or_a_full_map_is_refused_and_left_usable() {
     assert_eq!(proxy.join().unwrap().end, ForwardEnd::Closed);
     assert_eq!(guard.stats().unwrap().fwd_bytes, 15);
 }
+
+/// The proxy process is SIGKILLed in the middle of a forwarded transfer: its
+/// sockets close with it, so the connection ends; the server must have
+/// received an exact prefix of what the client sent: nothing misdelivered,
+/// nothing reordered.
+#[test]
+fn proxy_killed_mid_transfer_delivers_an_exact_prefix() {
+    let Some(_env) = privileged_env() else { return };
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let front_port = {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "child_egress_proxy",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("FP_FRONT_PORT", front_port.to_string())
+        .env("FP_UPSTREAM", upstream.local_addr().unwrap().to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    assert!(
+        lines.by_ref().any(|l| l.unwrap() == "LISTENING"),
+        "child proxy did not start"
+    );
+    let mut client = TcpStream::connect(("127.0.0.1", front_port)).unwrap();
+    let (mut server, _) = upstream.accept().unwrap();
+    assert!(lines.by_ref().any(|l| l.unwrap() == "FORWARDING"));
+
+    const SIZE: usize = 64 << 20;
+    let data = random_bytes(SIZE, 11);
+    let writer = {
+        let data = data.clone();
+        thread::spawn(move || {
+            let _ = client.write_all(&data); // fails once the proxy is gone
+        })
+    };
+    let mut got = vec![0u8; 4 << 20];
+    server.read_exact(&mut got).unwrap();
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match server.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    writer.join().unwrap();
+    assert!(
+        got.len() < SIZE,
+        "the transfer was cut by the proxy's death"
+    );
+    assert_bytes_eq(&got, &data[..got.len()], "an exact prefix");
+}
+
+/// Run by `proxy_killed_mid_transfer_delivers_an_exact_prefix`: a proxy
+/// forwarding one connection in egress mode until it is killed.
+#[test]
+#[ignore = "run as a child process by proxy_killed_mid_transfer_delivers_an_exact_prefix"]
+fn child_egress_proxy() {
+    let port: u16 = std::env::var("FP_FRONT_PORT")
+        .expect("run by the parent test")
+        .parse()
+        .unwrap();
+    let upstream = std::env::var("FP_UPSTREAM").unwrap();
+    let guard = Accelerator::builder()
+        .redirect(RedirectMode::Egress)
+        .attach()
+        .unwrap();
+    let front = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    println!("\nLISTENING");
+    let (down, _) = front.accept().unwrap();
+    let up = TcpStream::connect(upstream).unwrap();
+    let forwarding = guard.forward(&down, &up).unwrap();
+    println!("\nFORWARDING");
+    let _ = forwarding.wait();
+}
