@@ -16,7 +16,7 @@
 //! entered the other socket's send queue, so nothing is cut off.
 
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::Duration;
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
@@ -98,11 +98,11 @@ impl Forwarding {
     pub(crate) fn start<M: MapCore>(
         fwd_map: &M,
         dirs: MapHandle,
-        down: &TcpStream,
-        up: &TcpStream,
+        down: &impl AsFd,
+        up: &impl AsFd,
     ) -> Result<Self> {
-        let side = |stream: &TcpStream, what: &'static str| -> Result<Side> {
-            let stream = stream.try_clone().map_err(io_err("dup", what))?;
+        let side = |socket: BorrowedFd<'_>, what: &'static str| -> Result<Side> {
+            let stream = TcpStream::from(socket.try_clone_to_owned().map_err(io_err("dup", what))?);
             let cookie = socket2::SockRef::from(&stream)
                 .cookie()
                 .map_err(io_err("getsockopt(SO_COOKIE)", what))?;
@@ -116,8 +116,8 @@ impl Forwarding {
             })
         };
         let (down, up) = (
-            side(down, "downstream socket")?,
-            side(up, "upstream socket")?,
+            side(down.as_fd(), "downstream socket")?,
+            side(up.as_fd(), "upstream socket")?,
         );
         let forwarding = Forwarding {
             sides: [down, up],

@@ -1,6 +1,6 @@
 //! The attached accelerator: live policy, counters, and detaching.
 
-use std::net::TcpStream;
+use std::os::fd::AsFd;
 
 use libbpf_rs::{Link, MapHandle};
 
@@ -69,7 +69,8 @@ impl FastpathGuard {
 
     /// Egress mode: hands a proxy's pair of connections to the kernel, which
     /// from now on forwards bytes arriving on either socket out through the
-    /// other. Keep your streams; follow the hand-over protocol in the
+    /// other. Takes any TCP stream by reference (std, tokio, socket2...);
+    /// keep your streams; follow the hand-over protocol in the
     /// [`forward`](crate::forward) module docs, then call
     /// [`Forwarding::wait`].
     ///
@@ -78,7 +79,7 @@ impl FastpathGuard {
     /// is already forwarded or the map is full (nothing is forwarded then,
     /// and the sockets can still be copied in user space); I/O errors from
     /// dup or getsockopt.
-    pub fn forward(&self, downstream: &TcpStream, upstream: &TcpStream) -> Result<Forwarding> {
+    pub fn forward(&self, downstream: &impl AsFd, upstream: &impl AsFd) -> Result<Forwarding> {
         if self.mode != RedirectMode::Egress {
             return Err(Error::NotEgressMode);
         }

@@ -454,3 +454,49 @@ fn child_egress_proxy() {
     println!("\nFORWARDING");
     let _ = forwarding.wait();
 }
+
+/// forward() takes tokio streams as they are; wait() runs on a blocking
+/// thread of the runtime.
+#[test]
+fn forwards_tokio_streams() {
+    let Some((_env, guard, upstream)) = egress_env() else {
+        return;
+    };
+    let guard = std::sync::Arc::new(guard);
+    let upstream_addr = upstream.local_addr().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (client, server, proxy) = rt.block_on(async {
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(front.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (down, _) = front.accept().await.unwrap();
+        let up = tokio::net::TcpStream::connect(upstream_addr).await.unwrap();
+        let forwarding = guard.forward(&down, &up).expect("forward tokio streams");
+        let proxy = tokio::task::spawn_blocking(move || {
+            let stats = forwarding.wait().unwrap();
+            drop((down, up));
+            stats
+        });
+        (
+            client.into_std().unwrap(),
+            upstream.accept().unwrap().0,
+            proxy,
+        )
+    });
+    client.set_nonblocking(false).unwrap();
+    exchange(
+        client,
+        server,
+        random_bytes(4 << 20, 12),
+        random_bytes(4 << 20, 13),
+    );
+    let stats = rt.block_on(proxy).expect("proxy task");
+    assert_eq!(stats.end, ForwardEnd::Closed);
+    assert_eq!(stats.downstream_to_upstream, 4 << 20);
+    assert_eq!(guard.stats().unwrap().fwd_bytes, 8 << 20);
+}
