@@ -10,7 +10,12 @@ use std::process::{exit, Command};
 use libbpf_cargo::SkeletonBuilder;
 
 const CLANG_ENV: &str = "SOCKMAP_FASTPATH_CLANG";
-const BPF_SOURCE: &str = "bpf/fastpath.bpf.c";
+/// (source, skeleton file in OUT_DIR). `reference` is a deliberately minimal
+/// redirect used only by the benchmarks to price the safety checks.
+const BPF_SOURCES: [(&str, &str); 2] = [
+    ("bpf/fastpath.bpf.c", "fastpath.skel.rs"),
+    ("bpf/reference.bpf.c", "reference.skel.rs"),
+];
 const MIN_VERSIONED_CLANG: u32 = 19;
 const MAX_VERSIONED_CLANG: u32 = 40;
 
@@ -34,18 +39,20 @@ fn main() {
         args.push(format!("-I{}", dir.display()));
     }
 
-    SkeletonBuilder::new()
-        .source(BPF_SOURCE)
-        .clang(&clang)
-        .clang_args(args)
-        .build_and_generate(out.join("fastpath.skel.rs"))
-        .unwrap_or_else(|err| {
-            println!(
-                "cargo:warning=sockmap-fastpath: compiling {BPF_SOURCE} with {} failed: {err:#}",
-                clang.display()
-            );
-            exit(1);
-        });
+    for (source, skeleton) in BPF_SOURCES {
+        SkeletonBuilder::new()
+            .source(source)
+            .clang(&clang)
+            .clang_args(&args)
+            .build_and_generate(out.join(skeleton))
+            .unwrap_or_else(|err| {
+                println!(
+                    "cargo:warning=sockmap-fastpath: compiling {source} with {} failed: {err:#}",
+                    clang.display()
+                );
+                exit(1);
+            });
+    }
 }
 
 fn find_clang() -> Option<PathBuf> {

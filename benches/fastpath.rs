@@ -13,6 +13,18 @@ mod signals;
 #[path = "../examples/support/workloads.rs"]
 mod workloads;
 
+/// The minimal reference redirect (bpf/reference.bpf.c), benchmark only.
+#[allow(
+    clippy::all,
+    dead_code,
+    missing_docs,
+    unsafe_op_in_unsafe_fn,
+    unused_imports
+)]
+mod reference {
+    include!(concat!(env!("OUT_DIR"), "/reference.skel.rs"));
+}
+
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -279,6 +291,108 @@ fn proxy_table(reps: usize, duration: Duration) -> Result<String, Box<dyn std::e
     Ok(out)
 }
 
+/// Our programs vs the minimal reference redirect, each attached to its own
+/// child cgroup, interleaved: what the safety checks cost.
+fn reference_table(
+    parent: &Cgroup,
+    reps: usize,
+    duration: Duration,
+) -> Result<String, Box<dyn std::error::Error>> {
+    use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+    use std::os::fd::{AsFd, AsRawFd};
+
+    let here = Cgroup::current()?;
+    let ours_cg = parent.create_child(&format!(
+        "sockmap-fastpath-bench-ours-{}",
+        std::process::id()
+    ))?;
+    let ref_cg = parent.create_child(&format!(
+        "sockmap-fastpath-bench-ref-{}",
+        std::process::id()
+    ))?;
+    let ours = Accelerator::builder()
+        .cgroup(ours_cg.cgroup().clone())
+        .splice_guard(SpliceGuard::Off)
+        .attach()?;
+    let mut storage = std::mem::MaybeUninit::uninit();
+    let skel = reference::ReferenceSkelBuilder::default()
+        .open(&mut storage)?
+        .load()?;
+    skel.progs
+        .ref_sk_msg
+        .attach_sockmap(skel.maps.ref_map.as_fd().as_raw_fd())?;
+    let dir = std::fs::File::open(ref_cg.as_path())?;
+    let _ops_link = skel.progs.ref_sock_ops.attach_cgroup(dir.as_raw_fd())?;
+
+    // Sockets belong to the cgroup their creator is in: make each side's
+    // listener, and run its clients, inside its cgroup.
+    let in_cgroup = |cg: &Cgroup, f: &mut dyn FnMut()| -> Result<(), Box<dyn std::error::Error>> {
+        cg.add_process(std::process::id())?;
+        f();
+        here.add_process(std::process::id())?;
+        Ok(())
+    };
+    let mut connectors: Vec<Connector> = Vec::new();
+    for cg in [ours_cg.cgroup(), ref_cg.cgroup()] {
+        in_cgroup(cg, &mut || connectors.push(Connector::tcp("127.0.0.1:0")))?;
+    }
+    let cases: [(&str, &str, f64, Run); 2] = [
+        ("req/resp 1 B, one CPU", "trips/s", 1.0, rr(1, PINNED)),
+        (
+            "bulk 64 KiB writes, one CPU",
+            "Gbit/s",
+            1e-9,
+            Box::new(|c, d| workloads::bulk(c, 65536, d, PINNED)),
+        ),
+    ];
+    let programs = [("fp_sk_msg", "fp_sock_ops"), ("ref_sk_msg", "ref_sock_ops")];
+    let before = programs.map(|(m, o)| (prog_stats(m), prog_stats(o)));
+    let mut out = String::from("\nOur programs vs a minimal reference redirect (bpf/reference.bpf.c: IPv4 only, no netns, no policy, no ordering fallback; never use it), interleaved:\n\n");
+    let _ = writeln!(
+        out,
+        "| workload | unit | sockmap-fastpath | minimal reference | ratio |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for (name, unit, scale, run) in cases {
+        let mut rates = [Vec::new(), Vec::new()];
+        for _ in 0..reps {
+            for (i, cg) in [ours_cg.cgroup(), ref_cg.cgroup()].into_iter().enumerate() {
+                in_cgroup(cg, &mut || {
+                    rates[i].push(run(&connectors[i], duration).per_second * scale)
+                })?;
+            }
+        }
+        let (a, r) = (median(&rates[0]), median(&rates[1]));
+        let _ = writeln!(
+            out,
+            "| {name} | {unit} | {} {} | {} {} | {:.2}x |",
+            num(a),
+            spread(&rates[0]),
+            num(r),
+            spread(&rates[1]),
+            a / r
+        );
+    }
+    let after = programs.map(|(m, o)| (prog_stats(m), prog_stats(o)));
+    let per = |a: (u64, u64), b: (u64, u64)| (a.0 - b.0) as f64 / (a.1 - b.1).max(1) as f64;
+    let _ = writeln!(
+        out,
+        "\nBPF run time per call: fp_sk_msg {:.0} ns vs ref_sk_msg {:.0} ns ({:.2}x); fp_sock_ops {:.0} ns vs ref_sock_ops {:.0} ns.",
+        per(after[0].0, before[0].0),
+        per(after[1].0, before[1].0),
+        per(after[0].0, before[0].0) / per(after[1].0, before[1].0),
+        per(after[0].1, before[0].1),
+        per(after[1].1, before[1].1),
+    );
+    let stats = ours.stats()?;
+    if stats.bytes_redirected == 0 {
+        return Err(format!("our side redirected nothing: {stats}").into());
+    }
+    drop(connectors);
+    drop(ours);
+    Ok(out)
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -372,6 +486,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         results.push(m);
     }
     let prog_after = (prog_stats("fp_sk_msg"), prog_stats("fp_sock_ops"));
+    let reference = reference_table(&parent, reps, duration)?;
     drop(stats_switch);
     let final_stats = guard.stats()?;
     let fallback_stats = fallback_guard.stats()?;
@@ -387,6 +502,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let msg_ns = per(prog_after.0, prog_before.0);
     let ops_ns = per(prog_after.1, prog_before.1);
     let mut table = markdown(&results, reps, seconds, msg_ns, ops_ns, &final_stats);
+    table.push_str(&reference);
     table.push_str(&proxy_table(reps, duration)?);
     println!("{table}");
     std::fs::create_dir_all(json_path.parent().unwrap())?;

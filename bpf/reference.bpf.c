@@ -1,0 +1,54 @@
+// SPDX-License-Identifier: (MIT OR Apache-2.0)
+/*
+ * A minimal sockmap redirect, built only for the benchmarks: it shows what
+ * fastpath.bpf.c's safety checks cost per message. It is NOT safe to use:
+ * IPv4 only, no netns in the key (namespaces collide), no policy, no
+ * owner tracking, no ordering fallback.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+struct ref_key {
+	__u32 local_ip, remote_ip, local_port, remote_port;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__type(key, struct ref_key);
+	__type(value, __u64);
+	__uint(max_entries, 65536);
+} ref_map SEC(".maps");
+
+SEC("sockops")
+int ref_sock_ops(struct bpf_sock_ops *skops)
+{
+	struct ref_key key = {};
+	__u32 op = skops->op;
+
+	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+	if (skops->family != 2 /* AF_INET */)
+		return 1;
+	key.local_ip = skops->local_ip4;
+	key.remote_ip = skops->remote_ip4;
+	key.local_port = skops->local_port;
+	key.remote_port = bpf_ntohl(skops->remote_port);
+	bpf_sock_hash_update(skops, &ref_map, &key, BPF_ANY);
+	return 1;
+}
+
+SEC("sk_msg")
+int ref_sk_msg(struct sk_msg_md *msg)
+{
+	struct ref_key peer = {};
+
+	peer.local_ip = msg->remote_ip4;
+	peer.remote_ip = msg->local_ip4;
+	peer.local_port = bpf_ntohl(msg->remote_port);
+	peer.remote_port = msg->local_port;
+	bpf_msg_redirect_hash(msg, &ref_map, &peer, BPF_F_INGRESS);
+	return SK_PASS;
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
