@@ -18,8 +18,16 @@
 //! # }
 //! ```
 //!
-//! See the crate README for what is accelerated, the guarantees and the
-//! known limits.
+//! - [`RedirectMode::Ingress`] (the default): sockets of the chosen cgroup
+//!   that the policy selects are paired with their local peer; each
+//!   `sendmsg()` goes straight into the peer's receive queue.
+//! - [`RedirectMode::Egress`]: a proxy hands pairs of its own connections to
+//!   [`FastpathGuard::forward`]; the kernel forwards between them (see the
+//!   [`forward`] module for the hand-over protocol).
+//! - [`probe`] tells what the running kernel can do, by trying it.
+//!
+//! See the crate README for what is accelerated, the guarantees, the
+//! measured numbers and the known limits.
 
 #![warn(missing_docs)]
 
