@@ -7,11 +7,14 @@
 #
 #   examples/tproxy/run.sh                      # copy, ingress, egress; 256 MiB
 #   MODES="egress" SIZE_MIB=64 examples/tproxy/run.sh
+#   RATES=1 examples/tproxy/run.sh              # also requests/s: wrk -> proxy -> nginx
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODES=${MODES:-copy ingress egress}
 SIZE_MIB=${SIZE_MIB:-256}
 command -v iptables >/dev/null && command -v curl >/dev/null || scripts/install-deps.sh iptables curl
+RATES=${RATES:-}
+[ -z "$RATES" ] || { command -v wrk >/dev/null && command -v nginx >/dev/null; } || scripts/install-deps.sh wrk nginx-light
 cargo build --release --quiet --example tproxy
 TPROXY=$PWD/target/release/examples/tproxy
 
@@ -21,8 +24,10 @@ chmod 755 "$WORK"
 CG2=$(awk '$9 == "cgroup2" { print $5; exit }' /proc/self/mountinfo)
 CG=$CG2/sockmap-fastpath-tproxy-$$
 SRV=
+NGINX=
 cleanup() {
   [ -n "$SRV" ] && kill "$SRV" 2>/dev/null
+  [ -n "$NGINX" ] && kill "$NGINX" 2>/dev/null
   examples/tproxy/setup.sh down
   if [ -d "$CG" ]; then
     for p in $(cat "$CG/cgroup.procs"); do echo "$p" > "$CG2/cgroup.procs" || true; done
@@ -43,6 +48,16 @@ for _ in $(seq 100); do
   nsenter --net="/run/netns/$NS_SERVER" curl -s -o /dev/null http://10.200.1.2/index.html && break
   sleep 0.1
 done
+if [ -n "$RATES" ]; then
+  cat > "$WORK/nginx.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/nginx.pid; error_log $WORK/nginx.err;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 10.200.1.2:8080; root $WORK; } }
+CONF
+  nsenter --net="/run/netns/$NS_SERVER" nginx -c "$WORK/nginx.conf" &
+  NGINX=$!
+fi
 mkdir "$CG"
 FAILED=0
 ROWS=()
@@ -59,6 +74,9 @@ for mode in $MODES; do
     for _ in $(seq 100); do grep -q listening "$out.log" && break; sleep 0.05; done
     in_app curl -sS --max-time 60 http://10.200.1.2/index.html > "$out.index"
     in_app curl -sS --max-time 120 -o "$out.big" -w '%{speed_download}\n' http://10.200.1.2/big.bin > "$out.speed"
+    if [ -n "$RATES" ]; then
+      in_app wrk -t2 -c16 -d3s http://10.200.1.2:8080/index.html > "$out.wrk"
+    fi
     kill -TERM "$tp"
     wait "$tp"
   ) || { echo "FAIL: $mode: a command failed; proxy log:" >&2; tail "$out.log" >&2; FAILED=1; continue; }
@@ -77,11 +95,16 @@ for mode in $MODES; do
       { [ "${forwarded:-0}" -ge "$size" ] && [ "${copied:-1}" = 0 ]; } || ok="not forwarded by the kernel" ;;
   esac
   [ "$ok" = ok ] || { echo "FAIL: $mode: $ok ($proof)" >&2; FAILED=1; }
-  ROWS+=("| $mode | $(awk -v v="$(cat "$out.speed")" 'BEGIN { printf "%.0f MB/s", v / 1e6 }') | $proof | $ok |")
+  rate=-
+  if [ -n "$RATES" ]; then
+    rate=$(awk '/Requests\/sec/ { printf "%.0f", $2 }' "$out.wrk")
+    grep -q "Socket errors\|Non-2xx" "$out.wrk" && { ok="wrk saw errors"; FAILED=1; }
+  fi
+  ROWS+=("| $mode | $(awk -v v="$(cat "$out.speed")" 'BEGIN { printf "%.0f MB/s", v / 1e6 }') | $rate | $proof | $ok |")
 done
 
-echo "| mode | $SIZE_MIB MiB download through the proxy | which path (counters) | result |"
-echo "|---|---|---|---|"
+echo "| mode | $SIZE_MIB MiB download through the proxy | requests/s (wrk, 16 keep-alive conns, 3 s) | which path (counters) | result |"
+echo "|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
 [ "$FAILED" = 0 ] || { echo "tproxy end-to-end: FAILED" >&2; exit 1; }
 echo "tproxy end-to-end: all modes passed" >&2
