@@ -256,28 +256,20 @@ fn proxy_table(reps: usize, duration: Duration) -> Result<String, Box<dyn std::e
         ),
     ];
     let mut out = String::from("\nProxy forwarding (egress mode), unpinned: a proxy copying in user space vs the kernel forwarding the pair.\n\n");
-    let _ = writeln!(
-        out,
-        "| workload | unit | user-space copy | kernel forwarding | ratio |"
-    );
-    let _ = writeln!(out, "|---|---|---|---|---|");
+    two_path_header(&mut out, "user-space copy", "kernel forwarding");
     for (name, unit, scale, run) in cases {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         for _ in 0..reps {
             a.push(run(&copy, duration).per_second * scale);
             b.push(run(&forward, duration).per_second * scale);
         }
-        let (ma, mb) = (median(&a), median(&b));
-        eprintln!("{name}: copy {ma:.2}, forwarded {mb:.2} {unit}");
-        let _ = writeln!(
-            out,
-            "| {name} | {unit} | {} {} | {} {} | {:.2}x |",
-            num(ma),
-            spread(&a),
-            num(mb),
-            spread(&b),
-            mb / ma
+        let ratio = median(&b) / median(&a);
+        eprintln!(
+            "{name}: copy {:.2}, forwarded {:.2} {unit}",
+            median(&a),
+            median(&b)
         );
+        two_path_row(&mut out, name, unit, &a, &b, ratio);
     }
     let stats = guard.stats()?;
     if stats.fwd_bytes == 0 {
@@ -348,11 +340,7 @@ fn reference_table(
     let programs = [("fp_sk_msg", "fp_sock_ops"), ("ref_sk_msg", "ref_sock_ops")];
     let before = programs.map(|(m, o)| (prog_stats(m), prog_stats(o)));
     let mut out = String::from("\nOur programs vs a minimal reference redirect (bpf/reference.bpf.c: IPv4 only, no netns, no policy, no ordering fallback; never use it), interleaved:\n\n");
-    let _ = writeln!(
-        out,
-        "| workload | unit | sockmap-fastpath | minimal reference | ratio |"
-    );
-    let _ = writeln!(out, "|---|---|---|---|---|");
+    two_path_header(&mut out, "sockmap-fastpath", "minimal reference");
     for (name, unit, scale, run) in cases {
         let mut rates = [Vec::new(), Vec::new()];
         for _ in 0..reps {
@@ -362,16 +350,8 @@ fn reference_table(
                 })?;
             }
         }
-        let (a, r) = (median(&rates[0]), median(&rates[1]));
-        let _ = writeln!(
-            out,
-            "| {name} | {unit} | {} {} | {} {} | {:.2}x |",
-            num(a),
-            spread(&rates[0]),
-            num(r),
-            spread(&rates[1]),
-            a / r
-        );
+        let ratio = median(&rates[0]) / median(&rates[1]);
+        two_path_row(&mut out, name, unit, &rates[0], &rates[1], ratio);
     }
     let after = programs.map(|(m, o)| (prog_stats(m), prog_stats(o)));
     let per = |a: (u64, u64), b: (u64, u64)| (a.0 - b.0) as f64 / (a.1 - b.1).max(1) as f64;
@@ -519,6 +499,24 @@ fn spread(v: &[f64]) -> String {
         "±{:.0}%",
         100.0 * (max - min) / (2.0 * m.max(f64::MIN_POSITIVE))
     )
+}
+
+/// Header of a markdown table comparing two paths side by side.
+fn two_path_header(out: &mut String, left: &str, right: &str) {
+    let _ = writeln!(out, "| workload | unit | {left} | {right} | ratio |");
+    let _ = writeln!(out, "|---|---|---|---|---|");
+}
+
+/// One workload's row: median and spread of each path, and the ratio.
+fn two_path_row(out: &mut String, name: &str, unit: &str, left: &[f64], right: &[f64], ratio: f64) {
+    let _ = writeln!(
+        out,
+        "| {name} | {unit} | {} {} | {} {} | {ratio:.2}x |",
+        num(median(left)),
+        spread(left),
+        num(median(right)),
+        spread(right)
+    );
 }
 
 fn num(v: f64) -> String {

@@ -8,12 +8,14 @@
 //! clients started by it are in scope. The cgroup is removed on exit; the
 //! exit code is the command's. Used by `scripts/real-programs.sh`.
 
+#[path = "support/attach.rs"]
+mod attach;
 #[path = "support/signals.rs"]
 mod signals;
 
 use std::process::{exit, Command};
 
-use sockmap_fastpath::{Accelerator, Cgroup, Error, SpliceGuard};
+use sockmap_fastpath::{Accelerator, Cgroup};
 
 fn main() {
     if let Err(err) = run() {
@@ -72,14 +74,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         for comm in comms {
             builder = builder.comm(comm);
         }
-        Some(match builder.clone().attach() {
-            Ok(guard) => guard,
-            Err(err @ Error::KernelFeature { .. }) => {
-                eprintln!("accelerate: {err}\naccelerate: continuing WITHOUT the splice guard");
-                builder.splice_guard(SpliceGuard::Off).attach()?
-            }
-            Err(err) => return Err(err.into()),
-        })
+        Some(attach::attach_or_without_splice_guard(
+            builder,
+            "accelerate",
+        )?)
     };
     cgroup.add_process(std::process::id())?;
     let mut child = Command::new(&command[0]);

@@ -5,6 +5,8 @@
 //! It creates a child cgroup of its own cgroup, moves itself in, attaches
 //! there (never to the root cgroup), and removes everything on exit.
 
+#[path = "support/attach.rs"]
+mod attach;
 #[path = "support/signals.rs"]
 mod signals;
 
@@ -13,7 +15,7 @@ mod workloads;
 
 use std::time::Duration;
 
-use sockmap_fastpath::{Accelerator, Cgroup, Error, RedirectMode, SpliceGuard, Stats};
+use sockmap_fastpath::{Accelerator, Cgroup, RedirectMode, Stats};
 use workloads::{Connector, Rate};
 
 type Workload = (&'static str, &'static str, fn(&Connector, Duration) -> Rate);
@@ -74,16 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .cgroup(cgroup.cgroup().clone())
         .ports(accelerated.port())
         .redirect(RedirectMode::Ingress);
-    let guard = match builder.clone().attach() {
-        Ok(guard) => guard,
-        // The default splice guard needs the BPF LSM. This demo's own
-        // traffic never splices, so it may opt out; your services may not.
-        Err(err @ Error::KernelFeature { .. }) => {
-            println!("splice guard unavailable: {err}\n-> the demo does not splice: continuing with SpliceGuard::Off\n");
-            builder.splice_guard(SpliceGuard::Off).attach()?
-        }
-        Err(err) => return Err(err.into()),
-    };
+    let guard = attach::attach_or_without_splice_guard(builder, "demo")?;
     println!("attached: {guard:?}; both ends pinned to CPU 0; {seconds} s per run\n");
 
     println!(

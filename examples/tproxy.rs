@@ -24,9 +24,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "support/attach.rs"]
+mod attach;
+
 use nix::sys::signal::{SigSet, Signal};
 use socket2::{Domain, Socket, Type};
-use sockmap_fastpath::{Accelerator, Cgroup, FastpathGuard, RedirectMode, SpliceGuard};
+use sockmap_fastpath::{Accelerator, Cgroup, FastpathGuard, RedirectMode};
 
 /// The mark the setup script's iptables rules exempt from diversion.
 const UPSTREAM_MARK: u32 = 2;
@@ -84,14 +87,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             // This proxy copies with read/write, never splice: the guard is
             // not needed for its own sockets.
             let builder = Accelerator::builder().cgroup(Cgroup::path(cgroup)?);
-            Some(Arc::new(match builder.clone().attach() {
-                Ok(guard) => guard,
-                Err(err @ sockmap_fastpath::Error::KernelFeature { .. }) => {
-                    eprintln!("tproxy: {err}\ntproxy: continuing without the splice guard");
-                    builder.splice_guard(SpliceGuard::Off).attach()?
-                }
-                Err(err) => return Err(err.into()),
-            }))
+            Some(Arc::new(attach::attach_or_without_splice_guard(
+                builder, "tproxy",
+            )?))
         }
     };
 

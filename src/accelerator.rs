@@ -1,7 +1,7 @@
 //! The builder: what to accelerate, and `attach()`.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
@@ -164,9 +164,8 @@ impl AcceleratorBuilder {
             SpliceGuard::On => Some(splice_guard::attach(&skel.progs.fp_splice_guard)?),
             SpliceGuard::Off => None,
         };
-        let msg_link =
-            sys::attach_sockmap_link(&skel.progs.fp_sk_msg, sys::map_fd(&skel.maps.sock_map))
-                .map_err(|source| classify_attach_error(AttachStep::SockmapLink, source))?;
+        let msg_link = sys::attach_sockmap_link(&skel.progs.fp_sk_msg, skel.maps.sock_map.as_fd())
+            .map_err(|source| classify_attach_error(AttachStep::SockmapLink, source))?;
         let cgroup_dir =
             File::open(cgroup.as_path()).map_err(|err| Error::io("open", cgroup.as_path(), err))?;
         let ops_link = skel
@@ -202,7 +201,7 @@ impl AcceleratorBuilder {
         })?;
         let skel = programs.skel();
         let verdict_link =
-            sys::attach_sockmap_link(&skel.progs.fp_fwd_verdict, sys::map_fd(&skel.maps.fwd_map))
+            sys::attach_sockmap_link(&skel.progs.fp_fwd_verdict, skel.maps.fwd_map.as_fd())
                 .map_err(|source| classify_attach_error(AttachStep::SockmapLink, source))?;
         let links = vec![(
             verdict_link,

@@ -8,7 +8,7 @@ use crate::accelerator::RedirectMode;
 use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
 use crate::forward::Forwarding;
-use crate::policy::{check_size, comm_key, validate_ports, Cidr, MAX_CIDRS, MAX_COMMS};
+use crate::policy::{validate_cidrs, validate_comms, validate_ports, Cidr};
 use crate::programs::Programs;
 use crate::splice_guard;
 use crate::stats::{Stats, StatsReader};
@@ -141,7 +141,7 @@ impl FastpathGuard {
     /// [`Error::PolicyTooLarge`], or [`Error::Bpf`] if a map update fails.
     pub fn set_cidrs(&mut self, cidrs: impl IntoIterator<Item = Cidr>) -> Result<()> {
         let cidrs: Vec<Cidr> = cidrs.into_iter().collect();
-        check_size("CIDRs", cidrs.len(), MAX_CIDRS)?;
+        validate_cidrs(&cidrs)?;
         self.programs.set_cidrs(&cidrs)
     }
 
@@ -153,8 +153,7 @@ impl FastpathGuard {
     /// or [`Error::Bpf`] if a map update fails.
     pub fn set_comms<S: Into<String>>(&mut self, comms: impl IntoIterator<Item = S>) -> Result<()> {
         let comms: Vec<String> = comms.into_iter().map(Into::into).collect();
-        check_size("comms", comms.len(), MAX_COMMS)?;
-        comms.iter().try_for_each(|c| comm_key(c).map(drop))?;
+        validate_comms(&comms)?;
         self.programs.set_comms(&comms)
     }
 

@@ -22,9 +22,9 @@ use crate::abi::{fp_cidr_key, Plain, FP_COMM_LEN};
 use crate::error::{Error, Result};
 
 /// Limits of the policy maps in bpf/fastpath.bpf.c.
-pub(crate) const MAX_PORTS: usize = 1024;
-pub(crate) const MAX_CIDRS: usize = 1024;
-pub(crate) const MAX_COMMS: usize = 256;
+const MAX_PORTS: usize = 1024;
+const MAX_CIDRS: usize = 1024;
+const MAX_COMMS: usize = 256;
 
 /// An IPv4 or IPv6 prefix such as `10.0.0.0/8` or `fd00::/8`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -156,11 +156,22 @@ pub(crate) fn validate_ports(ports: &[u16]) -> Result<()> {
     check_size("ports", ports.len(), MAX_PORTS)
 }
 
-pub(crate) fn check_size(what: &'static str, given: usize, max: usize) -> Result<()> {
+fn check_size(what: &'static str, given: usize, max: usize) -> Result<()> {
     if given > max {
         return Err(Error::PolicyTooLarge { what, given, max });
     }
     Ok(())
+}
+
+/// Validates a CIDR set (its size; each prefix was checked when parsed).
+pub(crate) fn validate_cidrs(cidrs: &[Cidr]) -> Result<()> {
+    check_size("CIDRs", cidrs.len(), MAX_CIDRS)
+}
+
+/// Validates a process-name set: its size and every name.
+pub(crate) fn validate_comms(comms: &[String]) -> Result<()> {
+    check_size("comms", comms.len(), MAX_COMMS)?;
+    comms.iter().try_for_each(|c| comm_key(c).map(drop))
 }
 
 /// The selection knobs, as given to the builder or a live guard.
@@ -175,9 +186,8 @@ impl Policy {
     /// Checks every knob before anything touches the kernel.
     pub fn validate(&self) -> Result<()> {
         validate_ports(&self.ports)?;
-        check_size("CIDRs", self.cidrs.len(), MAX_CIDRS)?;
-        check_size("comms", self.comms.len(), MAX_COMMS)?;
-        self.comms.iter().try_for_each(|c| comm_key(c).map(drop))
+        validate_cidrs(&self.cidrs)?;
+        validate_comms(&self.comms)
     }
 }
 

@@ -2,7 +2,7 @@
 //! API. Everything `unsafe` lives here.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 
 use libbpf_rs::{AsRawLibbpf, Link, Program};
@@ -44,11 +44,6 @@ pub(crate) fn attach_sockmap_link(prog: &Program<'_>, map: BorrowedFd<'_>) -> io
         Some(ptr) => Ok(unsafe { Link::from_ptr(ptr) }),
         None => Err(io::Error::last_os_error()),
     }
-}
-
-/// Borrowed fd of a libbpf-rs map (helper to keep call sites short).
-pub(crate) fn map_fd<M: AsFd>(map: &M) -> BorrowedFd<'_> {
-    map.as_fd()
 }
 
 /// Bytes waiting to be read on a socket (`ioctl(FIONREAD)`).

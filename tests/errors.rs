@@ -106,6 +106,7 @@ fn cgroup_vanishing_before_attach_undoes_the_sockmap_link() {
 #[test]
 fn missing_capabilities_are_named() {
     let Some(env) = privileged_env() else { return };
+    let baseline = loaded_programs();
     let exe = std::env::current_exe().unwrap();
     let out = Command::new("setpriv")
         .args([
@@ -132,7 +133,7 @@ fn missing_capabilities_are_named() {
         "child output: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_nothing_left(&env.cgroup.cgroup(), loaded_programs());
+    assert_nothing_left(&env.cgroup.cgroup(), baseline);
 }
 
 /// Run by `missing_capabilities_are_named` as an unprivileged user.
