@@ -7,9 +7,12 @@
  *               policy selects into sock_map.
  *  fp_sk_msg    (sk_msg on sock_map): moves each sendmsg chunk straight to the
  *               peer socket, or lets it through as plain TCP.
- *  fp_fwd_verdict (sk_skb stream verdict on fwd_map, egress mode): bytes a
- *               proxy's socket receives leave through its paired socket's
- *               send path, never crossing user space.
+ *  fp_sk_msg_both (both mode, instead of fp_sk_msg): the same, except that
+ *               an application's bytes to a proxy's forwarded downstream
+ *               socket leave straight through the paired upstream socket.
+ *  fp_fwd_verdict (sk_skb stream verdict on fwd_map, egress and both
+ *               modes): bytes a proxy's socket receives leave through its
+ *               paired socket's send path, never crossing user space.
  *  fp_splice_guard (lsm/file_permission): refuses splice(2)/sendfile(2) reads
  *               from accelerated sockets with EINVAL, which programs already
  *               treat as "splice unsupported, use read()", and remembers the
@@ -29,6 +32,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
 
 #include "fastpath.h"
 
@@ -69,9 +73,6 @@ struct pt_regs {
 
 #define AF_INET 2
 #define AF_INET6 10
-
-/* Set before load by the Rust side. */
-const volatile __u64 redirect_flags = BPF_F_INGRESS;
 
 /* Written live by the Rust side through the mmapped .bss. */
 struct fp_live live;
@@ -133,6 +134,14 @@ struct {
 	__type(value, struct fp_fwd_dir);
 	__uint(max_entries, 65536); /* resized before load */
 } fwd_dirs SEC(".maps");
+
+/* Both mode: forwarded pairs by the downstream socket's key. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct fp_sock_key);
+	__type(value, struct fp_proxy_pair);
+	__uint(max_entries, 65536); /* resized before load */
+} proxy_pairs SEC(".maps");
 
 /* Processes caught splicing from an accelerated socket: tgid -> times. */
 struct {
@@ -339,35 +348,149 @@ int fp_sock_ops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
+/* How an sk_msg verdict ended, for the counters. */
+enum msg_outcome { MSG_PASSED, MSG_REDIRECTED, MSG_DIRECT };
+
+/* Counts a message (st: its socket's state, NULL if none) and lets it go
+ * where the verdict sent it. */
+static __always_inline int count_msg(struct fp_stats *s, struct fp_sock_state *st,
+				     enum msg_outcome outcome, __u32 size)
+{
+	if (st && outcome != MSG_PASSED)
+		st->bytes_redirected += size;
+	switch (outcome) {
+	case MSG_REDIRECTED:
+		s->msgs_redirected += 1;
+		s->bytes_redirected += size;
+		break;
+	case MSG_DIRECT:
+		s->fwd_direct_msgs += 1;
+		s->fwd_direct_bytes += size;
+		break;
+	default:
+		s->msgs_passed += 1;
+		s->bytes_passed += size;
+	}
+	return SK_PASS;
+}
+
+/* The accelerated socket's state, or NULL if its messages go plain. */
+static __always_inline struct fp_sock_state *accelerated_state(struct sk_msg_md *msg)
+{
+	struct fp_sock_state *st;
+
+	if (!msg->sk)
+		return NULL;
+	st = bpf_sk_storage_get(&sock_state, msg->sk, 0, 0);
+	if (!st || (st->flags & FP_FELL_BACK))
+		return NULL;
+	return st;
+}
+
+/* Redirects the message into its local peer's receive queue. On a miss the
+ * chunk goes plain, and so must every later one, or it could overtake this
+ * one. */
+static __always_inline enum msg_outcome redirect_to_peer(struct sk_msg_md *msg,
+							 struct fp_sock_state *st,
+							 struct fp_stats *s)
+{
+	if (bpf_msg_redirect_hash(msg, &sock_map, &st->peer, BPF_F_INGRESS) == SK_PASS)
+		return MSG_REDIRECTED;
+	st->flags |= FP_FELL_BACK;
+	s->peer_missing += 1;
+	return MSG_PASSED;
+}
+
 SEC("sk_msg")
 int fp_sk_msg(struct sk_msg_md *msg)
 {
 	struct fp_sock_state *st;
-	struct fp_stats *s;
-	__u32 size = msg->size;
+	struct fp_stats *s = this_cpu_stats();
 
-	s = this_cpu_stats();
 	if (!s)
 		return SK_PASS;
-	if (live.paused || !msg->sk)
-		goto pass;
-	st = bpf_sk_storage_get(&sock_state, msg->sk, 0, 0);
-	if (!st || (st->flags & FP_FELL_BACK))
-		goto pass;
-	if (bpf_msg_redirect_hash(msg, &sock_map, &st->peer, redirect_flags) != SK_PASS) {
-		/* Peer not (yet) in the map: this chunk goes plain, and so must
-		 * every later one, or it could overtake this one. */
-		st->flags |= FP_FELL_BACK;
-		s->peer_missing += 1;
-		goto pass;
+	st = live.paused ? NULL : accelerated_state(msg);
+	return count_msg(s, st, st ? redirect_to_peer(msg, st, s) : MSG_PASSED, msg->size);
+}
+
+/* Both mode. Kernel internals read (read-only, CO-RE relocated) to see
+ * whether a forwarded downstream socket still holds bytes redirected to it
+ * earlier: the redirect target the kernel recorded for this message, and
+ * that socket's psock (sk_user_data, tagged in its low bits). */
+struct sock {
+	void *sk_user_data;
+} __attribute__((preserve_access_index));
+struct sk_msg {
+	struct sock *sk_redir;
+} __attribute__((preserve_access_index));
+struct sk_psock {
+	__u32 msg_tot_len;
+} __attribute__((preserve_access_index));
+
+#define SK_USER_DATA_PTRMASK 7UL
+
+extern void *bpf_cast_to_kern_ctx(void *ctx) __ksym;
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+
+/* Bytes waiting in the receive queue of the socket this message was just
+ * redirected to (with BPF_F_INGRESS). */
+static __always_inline __u32 redirect_target_queued(struct sk_msg_md *msg)
+{
+	struct sk_msg *kmsg = bpf_cast_to_kern_ctx(msg);
+	struct sk_psock *psock;
+	unsigned long data;
+
+	data = (unsigned long)kmsg->sk_redir->sk_user_data & ~SK_USER_DATA_PTRMASK;
+	if (!data)
+		return 1; /* no psock: treat as busy, stay on the queue path */
+	psock = bpf_rdonly_cast((void *)data, bpf_core_type_id_kernel(struct sk_psock));
+	return psock->msg_tot_len;
+}
+
+/* Both mode: like fp_sk_msg, except that once the peer is a proxy's
+ * forwarded downstream socket, the message leaves straight through the
+ * paired upstream socket. The switch happens only when the downstream
+ * socket's queue is empty: Forwarding (src/forward.rs) copies bytes queued
+ * there before the switch to the upstream socket and consumes them only
+ * after they are written, so nothing queued earlier can be overtaken. */
+SEC("sk_msg")
+int fp_sk_msg_both(struct sk_msg_md *msg)
+{
+	struct fp_proxy_pair *pair;
+	struct fp_fwd_dir *dir;
+	struct fp_sock_state *st;
+	struct fp_stats *s = this_cpu_stats();
+	enum msg_outcome outcome;
+	__u32 size = msg->size;
+
+	if (!s)
+		return SK_PASS;
+	st = accelerated_state(msg);
+	if (!st)
+		return count_msg(s, NULL, MSG_PASSED, size);
+	pair = bpf_map_lookup_elem(&proxy_pairs, &st->peer);
+	/* Paused (detached): new plain bytes would reach a forwarded peer's
+	 * forwarding program before the bytes queued on it are copied, so a
+	 * forwarded pair keeps its path; everything else goes plain. */
+	if (live.paused && !pair)
+		return count_msg(s, NULL, MSG_PASSED, size);
+	if (!pair || !pair->direct) {
+		outcome = redirect_to_peer(msg, st, s);
+		if (!pair || outcome != MSG_REDIRECTED || redirect_target_queued(msg))
+			return count_msg(s, st, outcome, size);
+		pair->direct = 1;
 	}
-	s->msgs_redirected += 1;
-	s->bytes_redirected += size;
-	return SK_PASS;
-pass:
-	s->msgs_passed += 1;
-	s->bytes_passed += size;
-	return SK_PASS;
+	dir = bpf_map_lookup_elem(&fwd_dirs, &pair->down_cookie);
+	if (!dir || bpf_msg_redirect_hash(msg, &fwd_map, &pair->up_cookie, 0) != SK_PASS) {
+		/* The upstream socket is gone: its pair is ending. */
+		st->flags |= FP_FELL_BACK;
+		return count_msg(s, NULL, MSG_PASSED, size);
+	}
+	/* Counted as forwarded from the downstream side: Forwarding::wait
+	 * passes the application's FIN on only after these reached the
+	 * upstream send queue. */
+	__sync_fetch_and_add(&dir->bytes, size);
+	return count_msg(s, st, MSG_DIRECT, size);
 }
 
 SEC("sk_skb/stream_verdict")

@@ -41,6 +41,8 @@ struct fp_stats {
 	__u64 fwd_segments;     /* egress mode: received segments forwarded */
 	__u64 fwd_bytes;
 	__u64 fwd_unpaired;     /* received with no peer to forward to */
+	__u64 fwd_direct_msgs;  /* both mode: an application's messages sent */
+	__u64 fwd_direct_bytes; /* straight out of a forwarded upstream socket */
 };
 
 /* Egress mode: one direction of a forwarded pair, keyed by the socket
@@ -48,6 +50,19 @@ struct fp_stats {
 struct fp_fwd_dir {
 	__u64 peer_cookie; /* where bytes received here are sent */
 	__u64 bytes;       /* bytes forwarded so far */
+};
+
+/* Both mode: a forwarded pair whose downstream socket's local peer (an
+ * application in the same cgroup) sends straight out of the upstream
+ * socket. Keyed by the downstream socket's fp_sock_key, which is what the
+ * application's socket holds as its peer key. */
+struct fp_proxy_pair {
+	__u64 down_cookie; /* the proxy's downstream socket */
+	__u64 up_cookie;   /* the proxy's upstream socket, in fwd_map */
+	__u32 direct;      /* set by the program once the downstream receive
+			    * queue was empty: from then on the application's
+			    * bytes go straight to the upstream socket */
+	__u32 pad;
 };
 
 /* Per-socket state in socket-local storage. */
@@ -64,6 +79,10 @@ struct fp_sock_state {
 	/* The peer's key, computed once when the socket is inserted, so the
 	 * per-message path does no key building. */
 	struct fp_sock_key peer;
+	/* Bytes its sk_msg program sent around TCP (into the peer's queue, or
+	 * straight out of an upstream socket): Forwarding::wait adds them to
+	 * what entered the TCP send queue to know what the socket has sent. */
+	__u64 bytes_redirected;
 };
 
 /* Key of the CIDR LPM trie: IPv6 or IPv4-mapped IPv6. */

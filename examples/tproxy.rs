@@ -8,14 +8,17 @@
 //! - `--mode ingress`: user-space copy, with the application-to-proxy hop
 //!   accelerated by an ingress-mode accelerator on `--cgroup` (the
 //!   application and the proxy must both run in it);
-//! - `--mode egress`: the kernel forwards each pair (egress mode).
+//! - `--mode egress`: the kernel forwards each pair (egress mode);
+//! - `--mode both`: both at once (both mode, needs `--cgroup`): the kernel
+//!   forwards each pair, the application's later bytes leave straight
+//!   through the upstream socket, and the upstream's bytes go straight into
+//!   the application's receive queue.
 //!
-//! Ingress and egress cannot serve the same socket (see README), so there is
-//! no mode doing both. It stops after `--seconds N` or on SIGINT/SIGTERM and
-//! prints its counters.
+//! It stops after `--seconds N` or on SIGINT/SIGTERM and prints its
+//! counters.
 //!
 //! ```text
-//! tproxy [--listen 127.0.0.1:15001] [--mode copy|ingress|egress] [--cgroup DIR] [--seconds N]
+//! tproxy [--listen 127.0.0.1:15001] [--mode copy|ingress|egress|both] [--cgroup DIR] [--seconds N]
 //! ```
 
 use std::io::{Read, Write};
@@ -39,6 +42,16 @@ enum Mode {
     Copy,
     Ingress,
     Egress,
+    Both,
+}
+
+/// What the proxy moved in user space.
+#[derive(Default)]
+struct Copied {
+    /// By its own copy loops (copy and ingress modes).
+    by_loops: AtomicU64,
+    /// By `Forwarding::wait` at the hand-over (both mode).
+    at_hand_over: AtomicU64,
 }
 
 fn main() {
@@ -63,7 +76,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         "copy" => Mode::Copy,
         "ingress" => Mode::Ingress,
         "egress" => Mode::Egress,
-        other => return Err(format!("unknown --mode {other}: copy, ingress or egress").into()),
+        "both" => Mode::Both,
+        other => {
+            return Err(format!("unknown --mode {other}: copy, ingress, egress or both").into())
+        }
     };
     let seconds: Option<f64> = opt("--seconds").map(|s| s.parse()).transpose()?;
 
@@ -80,13 +96,19 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .redirect(RedirectMode::Egress)
                 .attach()?,
         )),
-        Mode::Ingress => {
+        Mode::Ingress | Mode::Both => {
             let cgroup = opt("--cgroup").ok_or(
-                "--mode ingress needs --cgroup DIR (where the application and this proxy run)",
+                "--mode ingress and --mode both need --cgroup DIR (where the application and this proxy run)",
             )?;
+            let redirect = match mode {
+                Mode::Both => RedirectMode::Both,
+                _ => RedirectMode::Ingress,
+            };
             // This proxy copies with read/write, never splice: the guard is
             // not needed for its own sockets.
-            let builder = Accelerator::builder().cgroup(Cgroup::path(cgroup)?);
+            let builder = Accelerator::builder()
+                .cgroup(Cgroup::path(cgroup)?)
+                .redirect(redirect);
             Some(Arc::new(attach::attach_or_without_splice_guard(
                 builder, "tproxy",
             )?))
@@ -101,7 +123,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let listener: TcpListener = socket.into();
     eprintln!("tproxy: listening on {listen}");
 
-    let copied = Arc::new(AtomicU64::new(0));
+    let copied = Arc::new(Copied::default());
     {
         let (guard, copied) = (guard.clone(), copied.clone());
         std::thread::spawn(move || {
@@ -123,7 +145,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!(
         "tproxy: bytes copied in user space: {}",
-        copied.load(Ordering::Relaxed)
+        copied.by_loops.load(Ordering::Relaxed)
+    );
+    println!(
+        "tproxy: bytes copied at hand-over: {}",
+        copied.at_hand_over.load(Ordering::Relaxed)
     );
     if let Some(guard) = &guard {
         print!("tproxy: counters\n{}", guard.stats()?);
@@ -135,7 +161,7 @@ fn serve(
     down: TcpStream,
     mode: Mode,
     guard: Option<&FastpathGuard>,
-    copied: &AtomicU64,
+    copied: &Copied,
 ) -> std::io::Result<()> {
     let original_destination = down.local_addr()?;
     let socket = Socket::new(
@@ -146,18 +172,23 @@ fn serve(
     socket.set_mark(UPSTREAM_MARK)?;
     socket.connect(&original_destination.into())?;
     let up: TcpStream = socket.into();
-    if mode == Mode::Egress {
+    if matches!(mode, Mode::Egress | Mode::Both) {
         let forwarding = guard
-            .expect("egress mode has a guard")
+            .expect("egress and both modes have a guard")
             .forward(&down, &up)
             .map_err(std::io::Error::other)?;
-        forwarding.wait().map_err(std::io::Error::other)?;
+        let stats = forwarding.wait().map_err(std::io::Error::other)?;
+        copied
+            .at_hand_over
+            .fetch_add(stats.copied_at_hand_over, Ordering::Relaxed);
         return Ok(());
     }
     let (down2, up2) = (down.try_clone()?, up.try_clone()?);
     let back = std::thread::spawn(move || copy(up2, down2));
     let sent = copy(down, up);
-    copied.fetch_add(sent + back.join().unwrap_or(0), Ordering::Relaxed);
+    copied
+        .by_loops
+        .fetch_add(sent + back.join().unwrap_or(0), Ordering::Relaxed);
     Ok(())
 }
 

@@ -5,7 +5,11 @@
 //! layout cannot drift. The flag constants are not in BTF; the test at the
 //! bottom checks them against the header text.
 
-pub(crate) use crate::skel::types::{fp_cidr_key, fp_fwd_dir, fp_live, fp_sock_key, fp_stats};
+pub(crate) use crate::skel::types::{
+    fp_cidr_key, fp_fwd_dir, fp_live, fp_proxy_pair, fp_sock_key, fp_sock_state, fp_stats,
+};
+
+use std::net::{IpAddr, SocketAddr};
 
 pub(crate) const FP_COMM_LEN: usize = 16;
 pub(crate) const FP_MATCH_PORTS: u32 = 1;
@@ -37,6 +41,32 @@ impl Plain for fp_cidr_key {}
 impl Plain for fp_sock_key {}
 impl Plain for fp_stats {}
 impl Plain for fp_fwd_dir {}
+impl Plain for fp_proxy_pair {}
+impl Plain for fp_sock_state {}
+
+/// Network-order words of an address, IPv4 as IPv4-mapped IPv6 (as the BPF
+/// side stores it).
+fn key_words(ip: IpAddr) -> [u32; 4] {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let octets = v6.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes(octets[4 * i..4 * i + 4].try_into().unwrap()))
+}
+
+impl fp_sock_key {
+    /// The key the BPF side gives the socket with these addresses.
+    pub(crate) fn of_socket(local: SocketAddr, remote: SocketAddr, netns_cookie: u64) -> Self {
+        fp_sock_key {
+            local_ip: key_words(local.ip()),
+            remote_ip: key_words(remote.ip()),
+            local_port: u32::from(local.port()),
+            remote_port: u32::from(remote.port()),
+            netns_cookie,
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -71,5 +101,10 @@ mod tests {
         assert_eq!(size_of::<fp_cidr_key>(), 4 + 16);
         assert_eq!(size_of::<fp_sock_key>(), 4 * 4 * 2 + 4 + 4 + 8);
         assert_eq!(size_of::<fp_stats>() % 8, 0);
+        assert_eq!(size_of::<fp_proxy_pair>(), 8 + 8 + 4 + 4);
+        assert_eq!(
+            size_of::<fp_sock_state>(),
+            4 + 4 + FP_COMM_LEN + size_of::<fp_sock_key>() + 8
+        );
     }
 }

@@ -27,6 +27,20 @@ pub enum RedirectMode {
     /// each pair over with [`FastpathGuard::forward`]; no cgroup is needed
     /// and the policy knobs and splice guard do not apply.
     Egress,
+    /// Both at once, for a proxy that runs in the cgroup beside its
+    /// applications (a sidecar): local pairs are accelerated as in
+    /// [`Ingress`](Self::Ingress), and pairs handed to
+    /// [`FastpathGuard::forward`] are forwarded as in
+    /// [`Egress`](Self::Egress). When the downstream socket of a forwarded
+    /// pair is itself accelerated (its client is a local application), the
+    /// application's bytes skip the proxy's downstream socket and leave
+    /// straight through the upstream socket. Needs a cgroup.
+    ///
+    /// # Minimum kernel version
+    /// 6.10, with the `bpf_cast_to_kern_ctx` and `bpf_rdonly_cast` kfuncs
+    /// (6.2) and kernel BTF: the program reads the socket-map internals that
+    /// tell whether bytes still wait on the downstream socket.
+    Both,
 }
 
 /// Entry point: `Accelerator::builder()`.
@@ -153,7 +167,7 @@ impl AcceleratorBuilder {
         require_capabilities("attaching sock_ops and sk_msg programs")?;
 
         let mut programs = Programs::load(LoadConfig {
-            redirect_flags: u64::from(libbpf_sys::BPF_F_INGRESS),
+            mode: self.mode,
             capacity: self.capacity,
             splice_guard: self.splice_guard.enabled(),
         })?;
@@ -164,8 +178,23 @@ impl AcceleratorBuilder {
             SpliceGuard::On => Some(splice_guard::attach(&skel.progs.fp_splice_guard)?),
             SpliceGuard::Off => None,
         };
-        let msg_link = sys::attach_sockmap_link(&skel.progs.fp_sk_msg, skel.maps.sock_map.as_fd())
+        let mut links = Vec::new();
+        if self.mode == RedirectMode::Both {
+            links.push(attach_verdict(&programs)?);
+        }
+        let (msg_prog, msg_call) = match self.mode {
+            RedirectMode::Both => (
+                &skel.progs.fp_sk_msg_both,
+                "bpf(BPF_LINK_DETACH) of fp_sk_msg_both from sock_map",
+            ),
+            _ => (
+                &skel.progs.fp_sk_msg,
+                "bpf(BPF_LINK_DETACH) of fp_sk_msg from sock_map",
+            ),
+        };
+        let msg_link = sys::attach_sockmap_link(msg_prog, skel.maps.sock_map.as_fd())
             .map_err(|source| classify_attach_error(AttachStep::SockmapLink, source))?;
+        links.push((msg_link, msg_call));
         let cgroup_dir =
             File::open(cgroup.as_path()).map_err(|err| Error::io("open", cgroup.as_path(), err))?;
         let ops_link = skel
@@ -175,14 +204,14 @@ impl AcceleratorBuilder {
             .map_err(|err| {
                 classify_attach_error(AttachStep::CgroupLink, crate::error::libbpf_to_io(&err))
             })?;
-
-        let links = vec![
+        // Detached first: nothing new is selected while the rest goes.
+        links.insert(
+            0,
             (
                 ops_link,
                 "bpf(BPF_LINK_DETACH) of fp_sock_ops from the cgroup",
             ),
-            (msg_link, "bpf(BPF_LINK_DETACH) of fp_sk_msg from sock_map"),
-        ];
+        );
         FastpathGuard::new(programs, links, guard_link, Some(cgroup), self.mode)
     }
 
@@ -195,20 +224,21 @@ impl AcceleratorBuilder {
         }
         require_capabilities("attaching an sk_skb program")?;
         let programs = Programs::load(LoadConfig {
-            redirect_flags: 0,
+            mode: self.mode,
             capacity: self.capacity,
             splice_guard: false,
         })?;
-        let skel = programs.skel();
-        let verdict_link =
-            sys::attach_sockmap_link(&skel.progs.fp_fwd_verdict, skel.maps.fwd_map.as_fd())
-                .map_err(|source| classify_attach_error(AttachStep::SockmapLink, source))?;
-        let links = vec![(
-            verdict_link,
-            "bpf(BPF_LINK_DETACH) of fp_fwd_verdict from fwd_map",
-        )];
+        let links = vec![attach_verdict(&programs)?];
         FastpathGuard::new(programs, links, None, self.cgroup, self.mode)
     }
+}
+
+/// Links the forwarding verdict program to fwd_map.
+fn attach_verdict(programs: &Programs) -> Result<(libbpf_rs::Link, &'static str)> {
+    let skel = programs.skel();
+    let link = sys::attach_sockmap_link(&skel.progs.fp_fwd_verdict, skel.maps.fwd_map.as_fd())
+        .map_err(|source| classify_attach_error(AttachStep::SockmapLink, source))?;
+    Ok((link, "bpf(BPF_LINK_DETACH) of fp_fwd_verdict from fwd_map"))
 }
 
 /// Fails early, with a clear message, when capabilities are missing.

@@ -52,7 +52,7 @@ pub enum Error {
     NoCgroup,
 
     /// `forward()` was called on a guard in ingress mode.
-    #[error("forward() needs an accelerator built with `.redirect(RedirectMode::Egress)`; this one is in ingress mode")]
+    #[error("forward() needs an accelerator built with `.redirect(RedirectMode::Egress)` or `.redirect(RedirectMode::Both)`; this one is in ingress mode")]
     NotEgressMode,
 
     /// A process name for the comm policy is unusable.

@@ -1,4 +1,5 @@
-//! Egress mode: the kernel forwards between a proxy's two connections.
+//! Egress and both modes: the kernel forwards between a proxy's two
+//! connections.
 //!
 //! # Hand-over protocol
 //! 1. Accept the downstream connection and connect upstream.
@@ -14,6 +15,19 @@
 //! Bytes already queued on a socket when it is handed over are forwarded
 //! too. A FIN is passed on only after every byte received before it has
 //! entered the other socket's send queue, so nothing is cut off.
+//!
+//! # Both mode
+//! In [`RedirectMode::Both`](crate::RedirectMode::Both) the downstream
+//! socket may be accelerated itself (its client is a local application in
+//! the cgroup). Then the application's bytes were redirected into the
+//! downstream socket's queue, where no forwarding program sees them.
+//! `wait()` copies such bytes to the upstream socket, and the application's
+//! socket switches to sending straight out of the upstream socket at its
+//! first message after that queue is empty. Bytes are consumed from the
+//! downstream socket only after they were written upstream, and the switch
+//! happens only while nothing waits there, so no byte overtakes another.
+//! Bytes from upstream travel as in egress mode, through the downstream
+//! socket's send path.
 
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -22,7 +36,7 @@ use std::time::Duration;
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use nix::poll::PollFlags;
 
-use crate::abi::{fp_fwd_dir, Plain};
+use crate::abi::{fp_fwd_dir, fp_proxy_pair, fp_sock_key, fp_sock_state, Plain};
 use crate::error::{Error, Result};
 use crate::sys;
 
@@ -50,6 +64,10 @@ pub struct ForwardStats {
     pub downstream_to_upstream: u64,
     /// Bytes forwarded from upstream to downstream.
     pub upstream_to_downstream: u64,
+    /// Both mode: of `downstream_to_upstream`, the bytes `wait()` copied in
+    /// user space because they were queued on the downstream socket before
+    /// the application's socket switched to the upstream socket.
+    pub copied_at_hand_over: u64,
     /// How it ended.
     pub end: ForwardEnd,
 }
@@ -58,10 +76,12 @@ pub struct ForwardStats {
 struct Side {
     stream: TcpStream,
     cookie: u64,
-    /// Bytes in its send queue's history when it was handed over.
+    /// Bytes it had sent when it was handed over (see `Forwarding::sent`).
     sent_before: u64,
     /// Its FIN has been passed on to the other side.
     fin_passed: bool,
+    /// Bytes `wait()` copied from its receive queue to the other side.
+    copied: u64,
 }
 
 /// A pair the kernel forwards; see the [module docs](self) for the protocol.
@@ -73,6 +93,27 @@ pub struct Forwarding {
     /// [downstream, upstream]
     sides: [Side; 2],
     dirs: MapHandle,
+    /// Both mode only.
+    direct: Option<DirectMaps>,
+}
+
+/// Both mode: where the BPF side keeps what `Forwarding` needs.
+pub(crate) struct DirectMaps {
+    /// `proxy_pairs`, holding this pair under `key`.
+    pub pairs: MapHandle,
+    /// `sock_state`: per-socket counts of bytes sent around TCP.
+    pub sock_state: MapHandle,
+    key: fp_sock_key,
+}
+
+impl DirectMaps {
+    pub(crate) fn new(pairs: MapHandle, sock_state: MapHandle) -> Self {
+        DirectMaps {
+            pairs,
+            sock_state,
+            key: fp_sock_key::default(),
+        }
+    }
 }
 
 const DOWN: usize = 0;
@@ -98,6 +139,7 @@ impl Forwarding {
     pub(crate) fn start<M: MapCore>(
         fwd_map: &M,
         dirs: MapHandle,
+        direct: Option<DirectMaps>,
         down: &impl AsFd,
         up: &impl AsFd,
     ) -> Result<Self> {
@@ -106,23 +148,33 @@ impl Forwarding {
             let cookie = socket2::SockRef::from(&stream)
                 .cookie()
                 .map_err(io_err("getsockopt(SO_COOKIE)", what))?;
-            let sent_before = sys::bytes_into_send_queue(stream.as_raw_fd())
-                .map_err(io_err("getsockopt(TCP_INFO)", what))?;
             Ok(Side {
                 stream,
                 cookie,
-                sent_before,
+                sent_before: 0,
                 fin_passed: false,
+                copied: 0,
             })
         };
         let (down, up) = (
             side(down.as_fd(), "downstream socket")?,
             side(up.as_fd(), "upstream socket")?,
         );
-        let forwarding = Forwarding {
+        let direct = match direct {
+            Some(maps) => Some(DirectMaps {
+                key: downstream_key(&down.stream)?,
+                ..maps
+            }),
+            None => None,
+        };
+        let mut forwarding = Forwarding {
             sides: [down, up],
             dirs,
+            direct,
         };
+        for i in [DOWN, UP] {
+            forwarding.sides[i].sent_before = forwarding.sent(i)?;
+        }
         forwarding.insert(fwd_map)?;
         // Bytes queued before the hand-over: make the verdict see them.
         for side in &forwarding.sides {
@@ -166,6 +218,20 @@ impl Forwarding {
                     )
                     .map_err(|e| Error::bpf(REFUSED, e))?;
             }
+            // Last: the application's socket may switch to the upstream
+            // socket as soon as this entry exists.
+            if let Some(DirectMaps { pairs, key, .. }) = &self.direct {
+                let pair = fp_proxy_pair {
+                    down_cookie: self.sides[DOWN].cookie,
+                    up_cookie: self.sides[UP].cookie,
+                    ..Default::default()
+                };
+                pairs
+                    .update(key.as_bytes(), pair.as_bytes(), MapFlags::NO_EXIST)
+                    .map_err(|e| {
+                        Error::bpf("bpf(BPF_MAP_UPDATE_ELEM) on proxy_pairs (map full)", e)
+                    })?;
+            }
             Ok(())
         })();
         if result.is_err() {
@@ -177,6 +243,9 @@ impl Forwarding {
     }
 
     fn remove_dirs(&self) {
+        if let Some(DirectMaps { pairs, key, .. }) = &self.direct {
+            let _ = pairs.delete(key.as_bytes());
+        }
         for side in &self.sides {
             let _ = self.dirs.delete(&side.cookie.to_ne_bytes());
         }
@@ -200,9 +269,11 @@ impl Forwarding {
     /// An I/O error from poll or getsockopt.
     pub fn wait(mut self) -> Result<ForwardStats> {
         let end = self.run_until_end();
+        let [down, up] = &self.sides;
         let stats = ForwardStats {
-            downstream_to_upstream: self.forwarded_from(&self.sides[DOWN]),
-            upstream_to_downstream: self.forwarded_from(&self.sides[UP]),
+            downstream_to_upstream: self.forwarded_from(down) + down.copied,
+            upstream_to_downstream: self.forwarded_from(up) + up.copied,
+            copied_at_hand_over: down.copied,
             end: end?,
         };
         self.remove_dirs();
@@ -215,9 +286,24 @@ impl Forwarding {
                 return Ok(ForwardEnd::Closed);
             }
             let fds = self.sides.each_ref().map(|s| s.stream.as_raw_fd());
-            let revents = sys::poll_events(fds, RDHUP.bits(), 100)
-                .map_err(io_err("poll", "forwarded sockets"))?
-                .map(PollFlags::from_bits_retain);
+            // Both mode: POLLIN on the downstream socket means bytes were
+            // redirected into its queue: copy them on.
+            let down_events = match self.direct {
+                Some(_) => RDHUP | PollFlags::POLLIN,
+                None => RDHUP,
+            };
+            let revents = sys::poll_events(
+                [(fds[DOWN], down_events.bits()), (fds[UP], RDHUP.bits())],
+                100,
+            )
+            .map_err(io_err("poll", "forwarded sockets"))?
+            .map(PollFlags::from_bits_retain);
+            if revents[DOWN].contains(PollFlags::POLLIN)
+                && self.direct.is_some()
+                && self.copy_queued(DOWN).is_err()
+            {
+                return Ok(self.reset_by(DOWN));
+            }
             for (from, events) in revents.iter().enumerate() {
                 // SO_ERROR clears the error: read it once, on POLLERR/POLLHUP.
                 if events.intersects(PollFlags::POLLERR | PollFlags::POLLHUP)
@@ -225,9 +311,7 @@ impl Forwarding {
                         .map_err(io_err("getsockopt(SO_ERROR)", "forwarded socket"))?
                         != 0
                 {
-                    let other = &self.sides[1 - from].stream;
-                    let _ = socket2::SockRef::from(other).set_linger(Some(Duration::ZERO));
-                    return Ok(RESET_BY[from]);
+                    return Ok(self.reset_by(from));
                 }
             }
             let mut draining = false;
@@ -246,15 +330,104 @@ impl Forwarding {
     /// Shuts down the other side's sending half once every byte received on
     /// `from` before its FIN has entered the other side's send queue.
     fn try_pass_fin(&mut self, from: usize) -> Result<bool> {
-        let to = &self.sides[1 - from];
-        let target = to.sent_before + self.forwarded_from(&self.sides[from]);
-        let reached = sys::bytes_into_send_queue(to.stream.as_raw_fd())
-            .map_err(io_err("getsockopt(TCP_INFO)", "forwarded socket"))?;
-        if reached < target {
+        if self.direct.is_some() && from == DOWN {
+            // Copied by the loop first (POLLIN).
+            let queued = sys::bytes_readable(self.sides[DOWN].stream.as_raw_fd())
+                .map_err(io_err("ioctl(FIONREAD)", "downstream socket"))?;
+            if queued > 0 {
+                return Ok(false);
+            }
+        }
+        let to = 1 - from;
+        let target = self.sides[to].sent_before
+            + self.forwarded_from(&self.sides[from])
+            + self.sides[from].copied;
+        if self.sent(to)? < target {
             return Ok(false);
         }
-        let _ = to.stream.shutdown(Shutdown::Write);
+        let _ = self.sides[to].stream.shutdown(Shutdown::Write);
         self.sides[from].fin_passed = true;
         Ok(true)
     }
+
+    /// Bytes side `i` has sent: what entered its TCP send queue since it was
+    /// created (acknowledged plus queued; the SYN counts as one), plus, in
+    /// both mode, what its sk_msg program sent around TCP (a downstream
+    /// socket's bytes go straight into a local application's queue).
+    fn sent(&self, i: usize) -> Result<u64> {
+        let fd = self.sides[i].stream.as_raw_fd();
+        let queued = sys::bytes_into_send_queue(fd)
+            .map_err(io_err("getsockopt(TCP_INFO)", "forwarded socket"))?;
+        let around = match &self.direct {
+            // No entry: the socket is not accelerated.
+            Some(maps) => maps
+                .sock_state
+                .lookup(&fd.to_ne_bytes(), MapFlags::ANY)
+                .ok()
+                .flatten()
+                .and_then(|v| fp_sock_state::from_bytes(&v))
+                .map_or(0, |st| st.bytes_redirected),
+            None => 0,
+        };
+        Ok(queued + around)
+    }
+
+    /// Side `from` failed: the other side gets SO_LINGER 0, so dropping it
+    /// resets it too.
+    fn reset_by(&self, from: usize) -> ForwardEnd {
+        let other = &self.sides[1 - from].stream;
+        let _ = socket2::SockRef::from(other).set_linger(Some(Duration::ZERO));
+        RESET_BY[from]
+    }
+
+    /// Both mode: copies the bytes queued on side `from` to the other side,
+    /// consuming each chunk only after it was written (the BPF side switches
+    /// the application to the upstream socket only when this queue is
+    /// empty). An error reading means side `from` failed; write errors end
+    /// the copy, and poll() then reports the other side's failure.
+    fn copy_queued(&mut self, from: usize) -> nix::Result<()> {
+        use nix::sys::socket::{recv, MsgFlags};
+        let fd = self.sides[from].stream.as_raw_fd();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match recv(fd, &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+                Err(nix::errno::Errno::EAGAIN) => 0,
+                other => other?,
+            };
+            if n == 0 || write_fully(&self.sides[1 - from].stream, &buf[..n]).is_err() {
+                return Ok(());
+            }
+            let mut consumed = 0;
+            while consumed < n {
+                consumed += recv(fd, &mut buf[..n - consumed], MsgFlags::MSG_DONTWAIT)?;
+            }
+            self.sides[from].copied += n as u64;
+        }
+    }
+}
+
+/// The key the BPF side gives the proxy's downstream socket.
+fn downstream_key(stream: &TcpStream) -> Result<fp_sock_key> {
+    let what = "downstream socket";
+    let local = stream.local_addr().map_err(io_err("getsockname", what))?;
+    let remote = stream.peer_addr().map_err(io_err("getpeername", what))?;
+    let netns = sys::netns_cookie(stream.as_raw_fd())
+        .map_err(io_err("getsockopt(SO_NETNS_COOKIE)", what))?;
+    Ok(fp_sock_key::of_socket(local, remote, netns))
+}
+
+/// Writes all of `bytes`, waiting for room if the socket is non-blocking.
+fn write_fully(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    use nix::sys::socket::{send, MsgFlags};
+    while !bytes.is_empty() {
+        match send(stream.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(nix::errno::Errno::EAGAIN) => {
+                sys::poll_events([(stream.as_raw_fd(), PollFlags::POLLOUT.bits())], 100)?;
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }

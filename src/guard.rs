@@ -7,7 +7,7 @@ use libbpf_rs::{Link, MapHandle};
 use crate::accelerator::RedirectMode;
 use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
-use crate::forward::Forwarding;
+use crate::forward::{DirectMaps, Forwarding};
 use crate::policy::{validate_cidrs, validate_comms, validate_ports, Cidr};
 use crate::programs::Programs;
 use crate::splice_guard;
@@ -67,7 +67,7 @@ impl FastpathGuard {
         self.cgroup.as_ref()
     }
 
-    /// Egress mode: hands a proxy's pair of connections to the kernel, which
+    /// Egress and both modes: hands a proxy's pair of connections to the kernel, which
     /// from now on forwards bytes arriving on either socket out through the
     /// other. Takes any TCP stream by reference (std, tokio, socket2...);
     /// keep your streams; follow the hand-over protocol in the
@@ -80,13 +80,22 @@ impl FastpathGuard {
     /// and the sockets can still be copied in user space); I/O errors from
     /// dup or getsockopt.
     pub fn forward(&self, downstream: &impl AsFd, upstream: &impl AsFd) -> Result<Forwarding> {
-        if self.mode != RedirectMode::Egress {
+        if self.mode == RedirectMode::Ingress {
             return Err(Error::NotEgressMode);
         }
         let maps = &self.programs.skel().maps;
         let dirs = MapHandle::try_from(&maps.fwd_dirs)
             .map_err(|e| Error::bpf("dup of the fwd_dirs fd", e))?;
-        Forwarding::start(&maps.fwd_map, dirs, downstream, upstream)
+        let direct = match self.mode {
+            RedirectMode::Both => Some(DirectMaps::new(
+                MapHandle::try_from(&maps.proxy_pairs)
+                    .map_err(|e| Error::bpf("dup of the proxy_pairs fd", e))?,
+                MapHandle::try_from(&maps.sock_state)
+                    .map_err(|e| Error::bpf("dup of the sock_state fd", e))?,
+            )),
+            _ => None,
+        };
+        Forwarding::start(&maps.fwd_map, dirs, direct, downstream, upstream)
     }
 
     /// The redirect mode.

@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::accelerator::{require_capabilities, Accelerator};
+use crate::accelerator::{require_capabilities, Accelerator, RedirectMode};
 use crate::cgroup::{cgroup2_mount, Cgroup};
 use crate::error::{Error, Result};
 use crate::programs::{LoadConfig, Programs};
@@ -180,7 +180,7 @@ pub fn probe() -> ProbeReport {
 
 fn probe_splice_guard() -> Finding {
     let programs = Programs::load(LoadConfig {
-        redirect_flags: 0,
+        mode: RedirectMode::Ingress,
         capacity: 2,
         splice_guard: true,
     });

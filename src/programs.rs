@@ -7,6 +7,7 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, OpenObject};
 
 use crate::abi::{fp_live, FP_MATCH_CIDRS, FP_MATCH_COMMS, FP_MATCH_PORTS};
+use crate::accelerator::RedirectMode;
 use crate::error::{Error, Result};
 use crate::policy::{cidr_keys, comm_keys, port_keys, sync_set, Cidr, Policy};
 use crate::skel::{FastpathSkel, FastpathSkelBuilder};
@@ -15,7 +16,7 @@ use crate::stats::StatsReader;
 /// What is fixed before the programs are loaded.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct LoadConfig {
-    pub redirect_flags: u64,
+    pub mode: RedirectMode,
     pub capacity: u32,
     pub splice_guard: bool,
 }
@@ -79,20 +80,28 @@ impl Programs {
         let mut open = FastpathSkelBuilder::default()
             .open(storage)
             .map_err(|err| Error::bpf("bpf_object__open (embedded fastpath.bpf.o)", err))?;
-        let rodata = open
-            .maps
-            .rodata_data
-            .as_deref_mut()
-            .expect("fastpath.bpf.c has a .rodata section");
-        rodata.redirect_flags = config.redirect_flags;
         for map in [
             &mut open.maps.sock_map,
             &mut open.maps.fwd_map,
             &mut open.maps.fwd_dirs,
+            &mut open.maps.proxy_pairs,
         ] {
             map.set_max_entries(config.capacity)
                 .map_err(|err| Error::bpf("bpf_map__set_max_entries", err))?;
         }
+        // Load only what the mode attaches: fp_sk_msg_both reads kernel
+        // internals (kfuncs, CO-RE) that other modes need not depend on.
+        let both = config.mode == RedirectMode::Both;
+        open.progs
+            .fp_sk_msg
+            .set_autoload(config.mode == RedirectMode::Ingress);
+        open.progs.fp_sk_msg_both.set_autoload(both);
+        open.progs
+            .fp_sock_ops
+            .set_autoload(config.mode != RedirectMode::Egress);
+        open.progs
+            .fp_fwd_verdict
+            .set_autoload(config.mode != RedirectMode::Ingress);
         open.progs.fp_splice_guard.set_autoload(config.splice_guard);
         open.load().map_err(|err| {
             Error::bpf(

@@ -78,6 +78,12 @@ counters! {
     /// Egress mode: segments received with no peer to forward to (left to
     /// the proxy to read).
     fwd_unpaired,
+    /// Both mode: an application's messages sent straight out of the
+    /// upstream socket of a forwarded pair (skipping the proxy's
+    /// downstream socket).
+    fwd_direct_msgs,
+    /// Both mode: bytes of those messages.
+    fwd_direct_bytes,
 }
 
 impl Stats {

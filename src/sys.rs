@@ -109,6 +109,15 @@ pub(crate) fn set_rcvlowat(fd: std::os::fd::RawFd, bytes: i32) -> io::Result<()>
     Ok(())
 }
 
+/// The cookie of the network namespace a socket lives in
+/// (`SO_NETNS_COOKIE`, Linux 5.14), as BPF's `bpf_get_netns_cookie` sees it.
+pub(crate) fn netns_cookie(fd: std::os::fd::RawFd) -> io::Result<u64> {
+    const SO_NETNS_COOKIE: i32 = 71; // asm-generic (x86_64, arm64)
+    let mut cookie: u64 = 0;
+    getsockopt_into(fd, nix::libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut cookie)?;
+    Ok(cookie)
+}
+
 /// The pending error of a socket (SO_ERROR), 0 if none.
 pub(crate) fn socket_error(fd: std::os::fd::RawFd) -> io::Result<i32> {
     let mut err: i32 = 0;
@@ -116,14 +125,14 @@ pub(crate) fn socket_error(fd: std::os::fd::RawFd) -> io::Result<i32> {
     Ok(err)
 }
 
-/// poll(2) on sockets for `events`; returns each fd's revents bits
-/// (including POLLRDHUP, which nix's PollFlags cannot represent on output).
+/// poll(2) on sockets, each for its own `events`; returns each fd's
+/// revents bits (including POLLRDHUP, which nix's PollFlags cannot
+/// represent on output).
 pub(crate) fn poll_events<const N: usize>(
-    fds: [std::os::fd::RawFd; N],
-    events: i16,
+    fds: [(std::os::fd::RawFd, i16); N],
     timeout_ms: i32,
 ) -> io::Result<[i16; N]> {
-    let mut pollfds = fds.map(|fd| nix::libc::pollfd {
+    let mut pollfds = fds.map(|(fd, events)| nix::libc::pollfd {
         fd,
         events,
         revents: 0,

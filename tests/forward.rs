@@ -8,20 +8,10 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::thread;
 use std::time::Duration;
 
-use sockmap_fastpath::{Accelerator, Error, FastpathGuard, ForwardEnd, ForwardStats, RedirectMode};
+use sockmap_fastpath::{Accelerator, Error, FastpathGuard, ForwardEnd, RedirectMode};
 
-/// A client, the upstream server's accepted socket, and the proxy's
-/// forwarding running on a thread that keeps the proxy's streams until the
-/// pair ends.
-struct Proxied {
-    client: TcpStream,
-    server: TcpStream,
-    proxy: thread::JoinHandle<ForwardStats>,
-}
-
-/// Builds client -> proxy -> upstream. The client writes `client_first`
-/// before the proxy hands the pair over; `before_hand_over` runs on the
-/// proxy's (downstream, upstream) sockets just before `forward()`.
+/// Builds client -> proxy -> upstream through a fresh front listener (see
+/// `common::proxied_via`).
 fn proxied(
     guard: &FastpathGuard,
     upstream: &TcpListener,
@@ -29,23 +19,7 @@ fn proxied(
     before_hand_over: impl FnOnce(&mut TcpStream, &mut TcpStream),
 ) -> Proxied {
     let front = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
-    client.write_all(client_first).unwrap();
-    let (mut down, _) = front.accept().unwrap();
-    let mut up = TcpStream::connect(upstream.local_addr().unwrap()).unwrap();
-    let (server, _) = upstream.accept().unwrap();
-    before_hand_over(&mut down, &mut up);
-    let forwarding = guard.forward(&down, &up).expect("forward");
-    let proxy = thread::spawn(move || {
-        let stats = forwarding.wait().expect("wait");
-        drop((down, up));
-        stats
-    });
-    Proxied {
-        client,
-        server,
-        proxy,
-    }
+    proxied_via(guard, &front, upstream, client_first, before_hand_over)
 }
 
 fn egress_env() -> Option<(Env, FastpathGuard, TcpListener)> {
@@ -188,30 +162,8 @@ fn dropping_the_guard_mid_transfer_loses_nothing() {
     let Some((_env, guard, upstream)) = egress_env() else {
         return;
     };
-    let Proxied {
-        mut client,
-        mut server,
-        proxy,
-    } = proxied(&guard, &upstream, &[], |_, _| {});
-    const SIZE: usize = 32 << 20;
-    let data = random_bytes(SIZE, 5);
-    let writer = {
-        let data = data.clone();
-        thread::spawn(move || {
-            client.write_all(&data).unwrap();
-            client.shutdown(Shutdown::Write).unwrap();
-            client
-        })
-    };
-    let mut got = vec![0u8; SIZE / 4];
-    server.read_exact(&mut got).unwrap();
-    drop(guard); // links detached; the pair keeps its programs
-    got.extend(read_all(&mut server));
-    assert_bytes_eq(&got, &data, "bytes across the guard's drop");
-    server.shutdown(Shutdown::Write).unwrap();
-    let mut client = writer.join().unwrap();
-    assert_eq!(read_all(&mut client), b"");
-    assert_eq!(proxy.join().unwrap().end, ForwardEnd::Closed);
+    let p = proxied(&guard, &upstream, &[], |_, _| {});
+    upload_across_guard_drop(p, guard, &random_bytes(32 << 20, 5), 0);
 }
 
 #[test]

@@ -16,7 +16,7 @@ fn transparent_proxy_in_every_mode() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "run.sh failed:\n{stdout}\n{stderr}");
-    for mode in ["copy", "ingress", "egress"] {
+    for mode in ["copy", "ingress", "egress", "both"] {
         let row = stdout
             .lines()
             .find(|l| l.starts_with(&format!("| {mode} |")))

@@ -5,12 +5,12 @@
 # arrives and that the counters show the path each mode took; prints a table.
 # Root; installs iptables/curl if missing; removes everything it made.
 #
-#   examples/tproxy/run.sh                      # copy, ingress, egress; 256 MiB
+#   examples/tproxy/run.sh                      # copy, ingress, egress, both; 256 MiB
 #   MODES="egress" SIZE_MIB=64 examples/tproxy/run.sh
 #   RATES=1 examples/tproxy/run.sh              # also requests/s: wrk -> proxy -> nginx
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-MODES=${MODES:-copy ingress egress}
+MODES=${MODES:-copy ingress egress both}
 SIZE_MIB=${SIZE_MIB:-256}
 command -v iptables >/dev/null && command -v curl >/dev/null || scripts/install-deps.sh iptables curl
 RATES=${RATES:-}
@@ -65,7 +65,7 @@ stat_of() { awk -v k="$2" '$1 == k { print $2 }' "$1"; }
 
 for mode in $MODES; do
   out=$WORK/tproxy.$mode
-  # Application and proxy in one cgroup (ingress mode selects sockets there).
+  # Application and proxy in one cgroup (ingress and both modes select sockets there).
   (
     echo $BASHPID > "$CG/cgroup.procs"
     # nsenter execs the proxy, so $! is the proxy itself.
@@ -87,12 +87,16 @@ for mode in $MODES; do
   copied=$(sed -n 's/^tproxy: bytes copied in user space: //p' "$out.log")
   redirected=$(stat_of "$out.log" bytes_redirected)
   forwarded=$(stat_of "$out.log" fwd_bytes)
+  direct=$(stat_of "$out.log" fwd_direct_bytes)
+  handover=$(sed -n 's/^tproxy: bytes copied at hand-over: //p' "$out.log")
   size=$((SIZE_MIB << 20))
   case $mode in
     copy) proof="user space copied ${copied:-0} bytes"; [ "${copied:-0}" -ge "$size" ] || ok="not copied in user space" ;;
     ingress) proof="app<->proxy hop redirected ${redirected:-0} bytes"; [ "${redirected:-0}" -ge "$size" ] || ok="not redirected" ;;
     egress) proof="kernel forwarded ${forwarded:-0} bytes, user space ${copied:-0}"
       { [ "${forwarded:-0}" -ge "$size" ] && [ "${copied:-1}" = 0 ]; } || ok="not forwarded by the kernel" ;;
+    both) proof="kernel forwarded ${forwarded:-0} bytes, ${redirected:-0} redirected into the app's queue, app sent ${direct:-0} straight upstream, ${handover:-0} copied at hand-over, user space loops ${copied:-0}"
+      { [ "${forwarded:-0}" -ge "$size" ] && [ "${redirected:-0}" -ge "$size" ] && [ "${copied:-1}" = 0 ]; } || ok="not forwarded and redirected by the kernel" ;;
   esac
   [ "$ok" = ok ] || { echo "FAIL: $mode: $ok ($proof)" >&2; FAILED=1; }
   rate=-

@@ -11,7 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::thread;
 
 use sockmap_fastpath::{
-    AcceleratorBuilder, Cgroup, ChildCgroup, FastpathGuard, SpliceGuard, Stats,
+    AcceleratorBuilder, Cgroup, ChildCgroup, FastpathGuard, ForwardStats, SpliceGuard, Stats,
 };
 
 /// Tests move this process between cgroups and netns: one at a time.
@@ -320,5 +320,80 @@ pub fn assert_nothing_left(cgroup: &Cgroup, baseline: usize) {
     panic!(
         "programs still loaded: {} (baseline {baseline})",
         loaded_programs()
+    );
+}
+
+/// A client, the upstream server's accepted socket, and the proxy's
+/// forwarding running on a thread that keeps the proxy's streams until the
+/// pair ends.
+pub struct Proxied {
+    pub client: TcpStream,
+    pub server: TcpStream,
+    pub proxy: thread::JoinHandle<ForwardStats>,
+}
+
+/// Builds client -> proxy (`front`) -> upstream. The client writes
+/// `client_first` before the proxy hands the pair over; `before_hand_over`
+/// runs on the proxy's (downstream, upstream) sockets just before
+/// `forward()`.
+pub fn proxied_via(
+    guard: &FastpathGuard,
+    front: &TcpListener,
+    upstream: &TcpListener,
+    client_first: &[u8],
+    before_hand_over: impl FnOnce(&mut TcpStream, &mut TcpStream),
+) -> Proxied {
+    let mut client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+    client.write_all(client_first).unwrap();
+    let (mut down, _) = front.accept().unwrap();
+    let mut up = TcpStream::connect(upstream.local_addr().unwrap()).unwrap();
+    let (server, _) = upstream.accept().unwrap();
+    before_hand_over(&mut down, &mut up);
+    let forwarding = guard.forward(&down, &up).expect("forward");
+    let proxy = thread::spawn(move || {
+        let stats = forwarding.wait().expect("wait");
+        drop((down, up));
+        stats
+    });
+    Proxied {
+        client,
+        server,
+        proxy,
+    }
+}
+
+/// The client streams `data[already_sent..]` (it sent the rest before the
+/// hand-over) while the guard is dropped once a quarter has arrived: every
+/// byte arrives in order and the pair then closes cleanly.
+pub fn upload_across_guard_drop(
+    p: Proxied,
+    guard: FastpathGuard,
+    data: &[u8],
+    already_sent: usize,
+) {
+    let Proxied {
+        mut client,
+        mut server,
+        proxy,
+    } = p;
+    let writer = {
+        let rest = data[already_sent..].to_vec();
+        thread::spawn(move || {
+            client.write_all(&rest).unwrap();
+            client.shutdown(Shutdown::Write).unwrap();
+            client
+        })
+    };
+    let mut got = vec![0u8; data.len() / 4];
+    server.read_exact(&mut got).unwrap();
+    drop(guard); // links detached; the pair keeps its programs
+    got.extend(read_all(&mut server));
+    assert_bytes_eq(&got, data, "bytes across the guard's drop");
+    server.shutdown(Shutdown::Write).unwrap();
+    let mut client = writer.join().unwrap();
+    assert_eq!(read_all(&mut client), b"");
+    assert_eq!(
+        proxy.join().unwrap().end,
+        sockmap_fastpath::ForwardEnd::Closed
     );
 }

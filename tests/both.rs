@@ -1,0 +1,209 @@
+//! Both mode: ingress acceleration in the cgroup plus a proxy's forwarded
+//! pairs; an application's bytes to a forwarded downstream socket leave
+//! straight through the upstream socket.
+
+mod common;
+use common::*;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener};
+use std::thread;
+use std::time::Duration;
+
+use sockmap_fastpath::{FastpathGuard, ForwardEnd, RedirectMode};
+
+/// The proxy's front listener (whose port the policy selects, so the client
+/// and the downstream socket are accelerated but the proxy's upstream
+/// connection is not), the guard, and an upstream server.
+struct BothEnv {
+    guard: FastpathGuard,
+    front: TcpListener,
+    upstream: TcpListener,
+    _env: Env,
+}
+
+fn both_env() -> Option<BothEnv> {
+    let env = privileged_env()?;
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = front.local_addr().unwrap().port();
+    let guard = env.attach(|b| b.redirect(RedirectMode::Both).ports([port]));
+    Some(BothEnv {
+        guard,
+        front,
+        upstream: TcpListener::bind("127.0.0.1:0").unwrap(),
+        _env: env,
+    })
+}
+
+#[test]
+fn an_applications_bytes_go_straight_upstream_after_the_queued_ones() {
+    let Some(e) = both_env() else { return };
+    let mut request = b"CONNECT upstream\r\n\r\n".to_vec();
+    request.extend(random_bytes(64 << 10, 21));
+    let Proxied {
+        mut client,
+        mut server,
+        proxy,
+    } = proxied_via(&e.guard, &e.front, &e.upstream, &request, |down, _| {
+        // The request was redirected into the downstream socket's queue; the
+        // proxy looks at it without consuming, and answers first.
+        let mut head = [0u8; 7];
+        for _ in 0..1000 {
+            if down.peek(&mut head).unwrap() == head.len() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(&head, b"CONNECT");
+        down.write_all(b"200 OK\n").unwrap();
+    });
+    let mut got = vec![0u8; request.len()];
+    server.read_exact(&mut got).unwrap();
+    assert_bytes_eq(&got, &request, "the queued request, copied upstream");
+    let mut answer = [0u8; 7];
+    client.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"200 OK\n", "the proxy's own bytes come first");
+
+    let before = e.guard.stats().unwrap();
+    const SIZE: usize = 16 << 20;
+    exchange(
+        client,
+        server,
+        random_bytes(SIZE, 22),
+        random_bytes(SIZE, 23),
+    );
+    let stats = proxy.join().unwrap();
+    let counters = delta(&e.guard, &before);
+    assert_eq!(stats.end, ForwardEnd::Closed);
+    assert_eq!(stats.copied_at_hand_over, request.len() as u64);
+    assert_eq!(
+        (stats.downstream_to_upstream, stats.upstream_to_downstream),
+        ((request.len() + SIZE) as u64, SIZE as u64)
+    );
+    assert_eq!(
+        counters.fwd_direct_bytes, SIZE as u64,
+        "every later client byte went straight upstream: {counters}"
+    );
+    assert_eq!(
+        counters.fwd_bytes, SIZE as u64,
+        "every server byte forwarded by the kernel: {counters}"
+    );
+    assert_eq!(
+        counters.bytes_redirected, SIZE as u64,
+        "the downstream socket's sk_msg program put the server's bytes \
+         straight into the client's queue: {counters}"
+    );
+    assert_eq!(counters.bytes_passed, 0, "{counters}");
+}
+
+/// The client writes while the proxy is still copying what was queued
+/// before the hand-over: the switch waits for the queue, order holds.
+#[test]
+fn a_client_writing_during_the_hand_over_keeps_its_order() {
+    let Some(e) = both_env() else { return };
+    const SIZE: usize = 32 << 20;
+    let data = random_bytes(SIZE, 24);
+    let Proxied {
+        mut client,
+        mut server,
+        proxy,
+    } = proxied_via(&e.guard, &e.front, &e.upstream, &data[..1 << 20], |_, _| {});
+    let writer = {
+        let data = data.clone();
+        thread::spawn(move || {
+            for chunk in data[1 << 20..].chunks(100_000) {
+                client.write_all(chunk).unwrap();
+            }
+            client.shutdown(Shutdown::Write).unwrap();
+            client
+        })
+    };
+    assert_bytes_eq(&read_all(&mut server), &data, "client bytes, in order");
+    server.shutdown(Shutdown::Write).unwrap();
+    let mut client = writer.join().unwrap();
+    assert_eq!(read_all(&mut client), b"");
+    let stats = proxy.join().unwrap();
+    let counters = e.guard.stats().unwrap();
+    assert_eq!(stats.end, ForwardEnd::Closed);
+    assert!(stats.copied_at_hand_over >= 1 << 20, "{stats:?}");
+    assert_eq!(
+        stats.copied_at_hand_over + counters.fwd_direct_bytes,
+        SIZE as u64,
+        "every byte either copied at the hand-over or sent straight upstream: {counters}"
+    );
+    assert!(counters.fwd_direct_bytes > 0, "{counters}");
+}
+
+/// A client the policy does not select reaches the downstream socket by
+/// plain TCP: the pair is forwarded exactly as in egress mode.
+#[test]
+fn an_unaccelerated_client_is_forwarded_as_in_egress_mode() {
+    let Some(e) = both_env() else { return };
+    let other_front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let Proxied {
+        client,
+        server,
+        proxy,
+    } = proxied_via(&e.guard, &other_front, &e.upstream, b"hello", |_, _| {});
+    const SIZE: usize = 4 << 20;
+    let mut want = b"hello".to_vec();
+    want.extend(random_bytes(SIZE, 25));
+    let (mut client, mut server) = (client, server);
+    client.write_all(&want[5..]).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_bytes_eq(&read_all(&mut server), &want, "through the proxy");
+    server.write_all(b"bye").unwrap();
+    server.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut client), b"bye");
+    let stats = proxy.join().unwrap();
+    let counters = e.guard.stats().unwrap();
+    assert_eq!(stats.end, ForwardEnd::Closed);
+    assert_eq!(stats.copied_at_hand_over, 0);
+    assert_eq!(counters.fwd_direct_bytes, 0, "{counters}");
+    assert_eq!(counters.fwd_bytes, want.len() as u64 + 3, "{counters}");
+}
+
+#[test]
+fn a_client_reset_resets_the_upstream_side() {
+    let Some(e) = both_env() else { return };
+    let Proxied {
+        mut client,
+        mut server,
+        proxy,
+    } = proxied_via(&e.guard, &e.front, &e.upstream, b"x", |_, _| {});
+    let mut got = [0u8; 1];
+    server.read_exact(&mut got).unwrap();
+    client.write_all(b"direct").unwrap();
+    let mut got = [0u8; 6];
+    server.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"direct");
+    socket2::SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(client);
+    assert_eq!(proxy.join().unwrap().end, ForwardEnd::DownstreamReset);
+    let mut buf = [0u8; 1];
+    match server.read(&mut buf) {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("expected a reset, read {n} bytes"),
+    }
+    assert_eq!(e.guard.stats().unwrap().fwd_direct_bytes, 6);
+}
+
+/// Detaching mid-transfer: the forwarded pair keeps its path, every byte
+/// arrives in order.
+#[test]
+fn dropping_the_guard_mid_transfer_loses_nothing() {
+    let Some(e) = both_env() else { return };
+    let BothEnv {
+        guard,
+        front,
+        upstream,
+        _env,
+    } = e;
+    let data = random_bytes(32 << 20, 26);
+    let p = proxied_via(&guard, &front, &upstream, &data[..4096], |_, _| {});
+    let reader = guard.stats_reader().unwrap();
+    upload_across_guard_drop(p, guard, &data, 4096);
+    assert!(reader.read().unwrap().fwd_direct_bytes > 0);
+}
