@@ -196,10 +196,9 @@ fn copy_half(mut from: TcpStream, mut to: TcpStream) {
     let _ = to.shutdown(Shutdown::Write);
 }
 
-/// client -> proxy -> server pairs: the proxy copies in user space, or
-/// hands the pair to the kernel (egress mode).
-fn proxy_connector(forwarder: Option<Arc<FastpathGuard>>) -> Connector {
-    let front = TcpListener::bind("127.0.0.1:0").expect("bind");
+/// client -> proxy (`front`) -> server pairs: the proxy copies in user
+/// space, or hands the pair to the kernel (egress or both mode).
+fn proxy_connector(front: TcpListener, forwarder: Option<Arc<FastpathGuard>>) -> Connector {
     let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
     Connector::Custom(Box::new(move || {
         let client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
@@ -226,15 +225,38 @@ fn proxy_connector(forwarder: Option<Arc<FastpathGuard>>) -> Connector {
     }))
 }
 
-/// Proxy workloads: user-space copy vs kernel forwarding, interleaved.
-fn proxy_table(reps: usize, duration: Duration) -> Result<String, Box<dyn std::error::Error>> {
-    let guard = Arc::new(
+/// Proxy workloads, interleaved: user-space copy, kernel forwarding (egress
+/// mode), and both mode (client and proxy in a child cgroup, the
+/// client-to-proxy hop selected by port).
+fn proxy_table(
+    parent: &Cgroup,
+    reps: usize,
+    duration: Duration,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let cgroup = parent.create_child(&format!(
+        "sockmap-fastpath-bench-proxy-{}",
+        std::process::id()
+    ))?;
+    cgroup.add_process(std::process::id())?;
+    let egress = Arc::new(
         Accelerator::builder()
             .redirect(RedirectMode::Egress)
             .attach()?,
     );
-    let copy = proxy_connector(None);
-    let forward = proxy_connector(Some(guard.clone()));
+    let both_front = TcpListener::bind("127.0.0.1:0")?;
+    let both = Arc::new(
+        Accelerator::builder()
+            .cgroup(cgroup.cgroup().clone())
+            .redirect(RedirectMode::Both)
+            .ports([both_front.local_addr()?.port()])
+            .splice_guard(SpliceGuard::Off)
+            .attach()?,
+    );
+    let connectors = [
+        proxy_connector(TcpListener::bind("127.0.0.1:0")?, None),
+        proxy_connector(TcpListener::bind("127.0.0.1:0")?, Some(egress.clone())),
+        proxy_connector(both_front, Some(both.clone())),
+    ];
     let cases: [(&str, &str, f64, Run); 3] = [
         (
             "req/resp 1 KiB through the proxy",
@@ -255,31 +277,45 @@ fn proxy_table(reps: usize, duration: Duration) -> Result<String, Box<dyn std::e
             Box::new(|c, d| workloads::bulk(c, 4096, d, None)),
         ),
     ];
-    let mut out = String::from("\nProxy forwarding (egress mode), unpinned: a proxy copying in user space vs the kernel forwarding the pair.\n\n");
-    two_path_header(&mut out, "user-space copy", "kernel forwarding");
+    let mut out = String::from("\nProxy forwarding, unpinned: a proxy copying in user space vs the kernel forwarding the pair (egress mode) vs both mode (the client's bytes leave straight through the upstream socket, the server's go straight into the client's queue).\n\n");
+    paths_header(
+        &mut out,
+        &["user-space copy", "egress mode", "both mode"],
+        &["egress/copy", "both/copy"],
+    );
     for (name, unit, scale, run) in cases {
-        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let mut rates = [Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..reps {
-            a.push(run(&copy, duration).per_second * scale);
-            b.push(run(&forward, duration).per_second * scale);
+            for (i, connector) in connectors.iter().enumerate() {
+                rates[i].push(run(connector, duration).per_second * scale);
+            }
         }
-        let ratio = median(&b) / median(&a);
+        let copy = median(&rates[0]);
+        let ratios = [median(&rates[1]) / copy, median(&rates[2]) / copy];
         eprintln!(
-            "{name}: copy {:.2}, forwarded {:.2} {unit}",
-            median(&a),
-            median(&b)
+            "{name}: copy {copy:.2} {unit}; egress {:.2}x, both {:.2}x",
+            ratios[0], ratios[1]
         );
-        two_path_row(&mut out, name, unit, &a, &b, ratio);
+        paths_row(
+            &mut out,
+            name,
+            unit,
+            &rates.each_ref().map(Vec::as_slice),
+            &ratios,
+        );
     }
-    let stats = guard.stats()?;
-    if stats.fwd_bytes == 0 {
-        return Err(format!("kernel forwarding moved no bytes: {stats}").into());
+    let (egress, both) = (egress.stats()?, both.stats()?);
+    if egress.fwd_bytes == 0 || both.fwd_direct_bytes == 0 {
+        return Err(
+            format!("kernel forwarding moved no bytes: egress {egress}\nboth {both}").into(),
+        );
     }
     let _ = writeln!(
         out,
-        "\nForwarded by the kernel in this section: {} bytes in {} segments.",
-        stats.fwd_bytes, stats.fwd_segments
+        "\nIn this section: egress mode forwarded {} bytes; both mode forwarded {} bytes from the server (then redirected {} into the clients' queues) and sent {} client bytes straight upstream.",
+        egress.fwd_bytes, both.fwd_bytes, both.bytes_redirected, both.fwd_direct_bytes
     );
+    drop(connectors);
     Ok(out)
 }
 
@@ -340,7 +376,11 @@ fn reference_table(
     let programs = [("fp_sk_msg", "fp_sock_ops"), ("ref_sk_msg", "ref_sock_ops")];
     let before = programs.map(|(m, o)| (prog_stats(m), prog_stats(o)));
     let mut out = String::from("\nOur programs vs a minimal reference redirect (bpf/reference.bpf.c: IPv4 only, no netns, no policy, no ordering fallback; never use it), interleaved:\n\n");
-    two_path_header(&mut out, "sockmap-fastpath", "minimal reference");
+    paths_header(
+        &mut out,
+        &["sockmap-fastpath", "minimal reference"],
+        &["ratio"],
+    );
     for (name, unit, scale, run) in cases {
         let mut rates = [Vec::new(), Vec::new()];
         for _ in 0..reps {
@@ -351,7 +391,7 @@ fn reference_table(
             }
         }
         let ratio = median(&rates[0]) / median(&rates[1]);
-        two_path_row(&mut out, name, unit, &rates[0], &rates[1], ratio);
+        paths_row(&mut out, name, unit, &[&rates[0], &rates[1]], &[ratio]);
     }
     let after = programs.map(|(m, o)| (prog_stats(m), prog_stats(o)));
     let per = |a: (u64, u64), b: (u64, u64)| (a.0 - b.0) as f64 / (a.1 - b.1).max(1) as f64;
@@ -483,7 +523,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ops_ns = per(prog_after.1, prog_before.1);
     let mut table = markdown(&results, reps, seconds, msg_ns, ops_ns, &final_stats);
     table.push_str(&reference);
-    table.push_str(&proxy_table(reps, duration)?);
+    table.push_str(&proxy_table(&parent, reps, duration)?);
     println!("{table}");
     std::fs::create_dir_all(json_path.parent().unwrap())?;
     std::fs::write(&json_path, json(&results, reps, seconds, msg_ns, ops_ns))?;
@@ -502,21 +542,20 @@ fn spread(v: &[f64]) -> String {
 }
 
 /// Header of a markdown table comparing two paths side by side.
-fn two_path_header(out: &mut String, left: &str, right: &str) {
-    let _ = writeln!(out, "| workload | unit | {left} | {right} | ratio |");
-    let _ = writeln!(out, "|---|---|---|---|---|");
+fn paths_header(out: &mut String, paths: &[&str], ratios: &[&str]) {
+    let columns: Vec<&str> = paths.iter().chain(ratios).copied().collect();
+    let _ = writeln!(out, "| workload | unit | {} |", columns.join(" | "));
+    let _ = writeln!(out, "|---|---|{}", "---|".repeat(columns.len()));
 }
 
-/// One workload's row: median and spread of each path, and the ratio.
-fn two_path_row(out: &mut String, name: &str, unit: &str, left: &[f64], right: &[f64], ratio: f64) {
-    let _ = writeln!(
-        out,
-        "| {name} | {unit} | {} {} | {} {} | {ratio:.2}x |",
-        num(median(left)),
-        spread(left),
-        num(median(right)),
-        spread(right)
-    );
+/// One workload's row: median and spread of each path, then the ratios.
+fn paths_row(out: &mut String, name: &str, unit: &str, rates: &[&[f64]], ratios: &[f64]) {
+    let cells: Vec<String> = rates
+        .iter()
+        .map(|r| format!("{} {}", num(median(r)), spread(r)))
+        .chain(ratios.iter().map(|r| format!("{r:.2}x")))
+        .collect();
+    let _ = writeln!(out, "| {name} | {unit} | {} |", cells.join(" | "));
 }
 
 fn num(v: f64) -> String {

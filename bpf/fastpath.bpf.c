@@ -351,8 +351,8 @@ int fp_sock_ops(struct bpf_sock_ops *skops)
 /* How an sk_msg verdict ended, for the counters. */
 enum msg_outcome { MSG_PASSED, MSG_REDIRECTED, MSG_DIRECT };
 
-/* Counts a message (st: its socket's state, NULL if none) and lets it go
- * where the verdict sent it. */
+/* Counts a message (st: its socket's state, to count its bytes sent around
+ * TCP; NULL not to) and lets it go where the verdict sent it. */
 static __always_inline int count_msg(struct fp_stats *s, struct fp_sock_state *st,
 				     enum msg_outcome outcome, __u32 size)
 {
@@ -410,7 +410,8 @@ int fp_sk_msg(struct sk_msg_md *msg)
 	if (!s)
 		return SK_PASS;
 	st = live.paused ? NULL : accelerated_state(msg);
-	return count_msg(s, st, st ? redirect_to_peer(msg, st, s) : MSG_PASSED, msg->size);
+	/* No per-socket byte count here: only both mode's Forwarding reads it. */
+	return count_msg(s, NULL, st ? redirect_to_peer(msg, st, s) : MSG_PASSED, msg->size);
 }
 
 /* Both mode. Kernel internals read (read-only, CO-RE relocated) to see
