@@ -24,6 +24,10 @@
 //! - [`RedirectMode::Egress`]: a proxy hands pairs of its own connections to
 //!   [`FastpathGuard::forward`]; the kernel forwards between them (see the
 //!   [`forward`] module for the hand-over protocol).
+//! - [`RedirectMode::Both`]: both at once, for a sidecar proxy in the same
+//!   cgroup as its applications: an application's bytes to a forwarded
+//!   downstream socket leave straight through the upstream socket, and the
+//!   upstream's bytes go straight into the application's receive queue.
 //! - [`probe`] tells what the running kernel can do, by trying it.
 //!
 //! See the crate README for what is accelerated, the guarantees, the

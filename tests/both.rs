@@ -207,3 +207,48 @@ fn dropping_the_guard_mid_transfer_loses_nothing() {
     upload_across_guard_drop(p, guard, &data, 4096);
     assert!(reader.read().unwrap().fwd_direct_bytes > 0);
 }
+
+/// What a non-blocking application sees when the upstream stops draining:
+/// the direct path pushes into the upstream socket's send buffer, so the
+/// application's send() eventually fails with EAGAIN (back-pressure), and
+/// its own socket still polls writable (its send buffer is empty).
+#[test]
+fn a_full_upstream_pushes_back_on_a_non_blocking_application() {
+    let Some(e) = both_env() else { return };
+    let Proxied {
+        mut client,
+        server,
+        proxy,
+    } = proxied_via(&e.guard, &e.front, &e.upstream, &[], |_, _| {});
+    client.set_nonblocking(true).unwrap();
+    let chunk = vec![7u8; 64 << 10];
+    let mut queued = 0usize;
+    let mut eagain = false;
+    while queued < 256 << 20 {
+        match client.write(&chunk) {
+            Ok(n) => queued += n,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                eagain = true;
+                break;
+            }
+            Err(err) => panic!("send failed: {err}"),
+        }
+    }
+    let counters = e.guard.stats().unwrap();
+    let pollout = nix::poll::poll(
+        &mut [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&client),
+            nix::poll::PollFlags::POLLOUT,
+        )],
+        0u16,
+    )
+    .unwrap();
+    eprintln!("queued {queued} bytes, EAGAIN {eagain}, POLLOUT ready {pollout}: {counters}");
+    assert!(counters.fwd_direct_bytes > 0, "{counters}");
+    assert!(eagain, "no back-pressure after {queued} bytes");
+    // A kernel difference (plain TCP would not poll writable here): an event
+    // loop that waits for POLLOUT retries at once. README, Known limits.
+    assert_eq!(pollout, 1, "POLLOUT while send() says EAGAIN");
+    drop((client, server));
+    let _ = proxy.join();
+}
