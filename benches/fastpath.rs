@@ -326,9 +326,6 @@ fn reference_table(
     reps: usize,
     duration: Duration,
 ) -> Result<String, Box<dyn std::error::Error>> {
-    use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-    use std::os::fd::{AsFd, AsRawFd};
-
     let here = Cgroup::current()?;
     let ours_cg = parent.create_child(&format!(
         "sockmap-fastpath-bench-ours-{}",
@@ -342,15 +339,8 @@ fn reference_table(
         .cgroup(ours_cg.cgroup().clone())
         .splice_guard(SpliceGuard::Off)
         .attach()?;
-    let mut storage = std::mem::MaybeUninit::uninit();
-    let skel = reference::ReferenceSkelBuilder::default()
-        .open(&mut storage)?
-        .load()?;
-    skel.progs
-        .ref_sk_msg
-        .attach_sockmap(skel.maps.ref_map.as_fd().as_raw_fd())?;
-    let dir = std::fs::File::open(ref_cg.as_path())?;
-    let _ops_link = skel.progs.ref_sock_ops.attach_cgroup(dir.as_raw_fd())?;
+    let _reference = attach_reference(ref_cg.cgroup(), Batching::None)?;
+    let mut batched_cgroups = Vec::new();
 
     // Sockets belong to the cgroup their creator is in: make each side's
     // listener, and run its clients, inside its cgroup.
@@ -408,9 +398,115 @@ fn reference_table(
     if stats.bytes_redirected == 0 {
         return Err(format!("our side redirected nothing: {stats}").into());
     }
+
+    // The batching experiments: fewer verdicts (apply_bytes), or fewer,
+    // larger redirects (cork), for small writes.
+    let mut batched = Vec::new();
+    for (i, variant) in [Batching::ApplyBytes, Batching::Cork]
+        .into_iter()
+        .enumerate()
+    {
+        let cg = parent.create_child(&format!(
+            "sockmap-fastpath-bench-batch{i}-{}",
+            std::process::id()
+        ))?;
+        batched.push(attach_reference(cg.cgroup(), variant)?);
+        in_cgroup(cg.cgroup(), &mut || {
+            connectors.push(Connector::tcp("127.0.0.1:0"))
+        })?;
+        batched_cgroups.push(cg);
+    }
+    in_cgroup(&here, &mut || {
+        connectors.push(Connector::tcp("127.0.0.1:0"))
+    })?;
+    let _ = writeln!(
+        out,
+        "\nBatching experiments on the reference program: bpf_msg_apply_bytes({BATCH}) (one verdict per {kib} KiB instead of per message) and bpf_msg_cork_bytes({BATCH}) (small writes redirected in {kib} KiB batches). Cork is NOT usable: a request smaller than the cork waits forever, and bytes still corked at close are dropped (its received totals are short by up to {kib} KiB per connection).\n",
+        kib = BATCH >> 10
+    );
+    paths_header(
+        &mut out,
+        &[
+            "plain TCP",
+            "sockmap-fastpath",
+            "reference + apply_bytes",
+            "reference + cork",
+        ],
+        &["fastpath/plain", "apply/plain", "cork/plain"],
+    );
+    // (cgroup, connector) per column: plain, ours, apply_bytes, cork.
+    let columns = [
+        (here.clone(), 4),
+        (ours_cg.cgroup().clone(), 0),
+        (batched_cgroups[0].cgroup().clone(), 2),
+        (batched_cgroups[1].cgroup().clone(), 3),
+    ];
+    for size in [64usize, 1024, 4096] {
+        let mut rates: [Vec<f64>; 4] = Default::default();
+        for _ in 0..reps {
+            for (i, (cg, conn)) in columns.iter().enumerate() {
+                let conn = &connectors[*conn];
+                in_cgroup(cg, &mut || {
+                    rates[i].push(workloads::bulk(conn, size, duration, PINNED).per_second * 1e-9)
+                })?;
+            }
+        }
+        let plain = median(&rates[0]);
+        let ratios = [1, 2, 3].map(|i| median(&rates[i]) / plain);
+        let name = format!("bulk {size} B writes, one CPU");
+        paths_row(
+            &mut out,
+            &name,
+            "Gbit/s",
+            &rates.each_ref().map(Vec::as_slice),
+            &ratios,
+        );
+    }
     drop(connectors);
     drop(ours);
     Ok(out)
+}
+
+/// Batch size of the batching experiments.
+const BATCH: u32 = 64 << 10;
+
+/// Which batching the reference program does (bench experiments only).
+#[derive(Clone, Copy)]
+enum Batching {
+    None,
+    ApplyBytes,
+    Cork,
+}
+
+/// The reference program loaded and attached to `cgroup` (its sk_msg
+/// program with the legacy attach: it goes when the map does). Its object
+/// storage is leaked: the benchmark loads it twice.
+fn attach_reference(
+    cgroup: &Cgroup,
+    batching: Batching,
+) -> Result<(reference::ReferenceSkel<'static>, libbpf_rs::Link), Box<dyn std::error::Error>> {
+    use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+    use std::os::fd::{AsFd, AsRawFd};
+
+    let storage = Box::leak(Box::new(std::mem::MaybeUninit::uninit()));
+    let mut open = reference::ReferenceSkelBuilder::default().open(storage)?;
+    let rodata = open
+        .maps
+        .rodata_data
+        .as_deref_mut()
+        .expect("reference.bpf.c has .rodata");
+    match batching {
+        Batching::None => {}
+        Batching::ApplyBytes => rodata.apply_bytes = BATCH,
+        Batching::Cork => rodata.cork_bytes = BATCH,
+    }
+    let skel = open.load()?;
+    skel.progs
+        .ref_sk_msg
+        .attach_sockmap(skel.maps.ref_map.as_fd().as_raw_fd())?;
+    let dir = std::fs::File::open(cgroup.as_path())?;
+    let link = skel.progs.ref_sock_ops.attach_cgroup(dir.as_raw_fd())?;
+    Ok((skel, link))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
