@@ -120,6 +120,16 @@ struct {
 	__uint(max_entries, 256);
 } policy_comms SEC(".maps");
 
+/* Namespace groups (src/netns.rs): netns cookie -> the id of the address
+ * space it shares with other namespaces, used in keys instead of the
+ * cookie. Written before attach. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);
+	__type(value, __u64);
+	__uint(max_entries, 256); /* MAX_GROUPED_NAMESPACES in src/netns.rs */
+} netns_spaces SEC(".maps");
+
 /* Egress mode: a proxy's forwarded sockets, by socket cookie. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
@@ -236,6 +246,15 @@ static __always_inline int make_key(const struct endpoint_fields *f,
 	return 0;
 }
 
+/* What keys use in place of the netns cookie: the namespace group's
+ * shared id, or the cookie itself. */
+static __always_inline __u64 address_space(__u64 netns_cookie)
+{
+	__u64 *space = bpf_map_lookup_elem(&netns_spaces, &netns_cookie);
+
+	return space ? *space : netns_cookie;
+}
+
 /* Called in the connect() or listen() syscall, where the current task is the
  * socket's owner. Accepted sockets inherit the listener's record
  * (BPF_F_CLONE), so both ends of a connection know their owner. */
@@ -300,7 +319,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops)
 	sk = skops->sk;
 	if (!sk || live.paused)
 		return;
-	netns_cookie = bpf_get_netns_cookie(skops);
+	netns_cookie = address_space(bpf_get_netns_cookie(skops));
 	if (make_key(&f, netns_cookie, 0, &key))
 		return;
 	st = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);

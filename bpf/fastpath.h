@@ -16,7 +16,8 @@
 /* One TCP endpoint, seen from the socket that owns it. IPv4 addresses are
  * stored as IPv4-mapped IPv6 (::ffff:a.b.c.d) so that an IPv4 client of a
  * dual-stack listener finds its peer. The netns cookie keeps identical
- * 4-tuples in different network namespaces apart. */
+ * 4-tuples in different network namespaces apart (for namespaces in one
+ * namespace group it is the group's shared id, see src/netns.rs). */
 struct fp_sock_key {
 	__u32 local_ip[4];  /* network byte order */
 	__u32 remote_ip[4]; /* network byte order */

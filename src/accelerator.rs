@@ -2,10 +2,12 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
+use std::path::PathBuf;
 
 use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
 use crate::guard::FastpathGuard;
+use crate::netns;
 use crate::policy::{Cidr, Policy};
 use crate::programs::{LoadConfig, Programs};
 use crate::splice_guard::{self, SpliceGuard};
@@ -68,6 +70,7 @@ pub struct AcceleratorBuilder {
     mode: RedirectMode,
     capacity: u32,
     splice_guard: SpliceGuard,
+    namespace_groups: netns::Groups,
 }
 
 impl Default for AcceleratorBuilder {
@@ -78,6 +81,7 @@ impl Default for AcceleratorBuilder {
             mode: RedirectMode::default(),
             capacity: Self::DEFAULT_CAPACITY,
             splice_guard: SpliceGuard::default(),
+            namespace_groups: Vec::new(),
         }
     }
 }
@@ -128,6 +132,25 @@ impl AcceleratorBuilder {
         self
     }
 
+    /// Declares that these network namespaces (files such as
+    /// `/run/netns/NAME` or `/proc/PID/ns/net`) form one IP network with no
+    /// overlapping addresses and no NAT between them, e.g. containers joined
+    /// by veth or a bridge: connections between them are then accelerated
+    /// too (their processes must still be in the cgroup). Each call adds one
+    /// group; a namespace may be in one group only. See the
+    /// [`netns`](crate::netns) module for what this promises.
+    ///
+    /// `attach()` enters each namespace briefly to learn its cookie, which
+    /// needs CAP_SYS_ADMIN. Not used in egress mode.
+    pub fn namespace_group<P: Into<PathBuf>>(
+        mut self,
+        namespaces: impl IntoIterator<Item = P>,
+    ) -> Self {
+        self.namespace_groups
+            .push(namespaces.into_iter().map(Into::into).collect());
+        self
+    }
+
     /// Whether to install the splice guard (default [`SpliceGuard::On`]).
     pub fn splice_guard(mut self, guard: SpliceGuard) -> Self {
         self.splice_guard = guard;
@@ -146,7 +169,7 @@ impl AcceleratorBuilder {
     /// # Errors
     /// Invalid input ([`Error::NoCgroup`], [`Error::InvalidPort`],
     /// [`Error::InvalidComm`], [`Error::ZeroCapacity`],
-    /// [`Error::PolicyTooLarge`]); [`Error::MissingCapability`];
+    /// [`Error::PolicyTooLarge`], [`Error::NamespaceGroup`]); [`Error::MissingCapability`];
     /// [`Error::KernelFeature`] when the kernel lacks sockmap links or (with
     /// the splice guard on) an active BPF LSM; or
     /// [`Error::Bpf`] naming the failing call.
@@ -165,6 +188,7 @@ impl AcceleratorBuilder {
             });
         }
         require_capabilities("attaching sock_ops and sk_msg programs")?;
+        let spaces = netns::spaces(&self.namespace_groups)?;
 
         let mut programs = Programs::load(LoadConfig {
             mode: self.mode,
@@ -172,6 +196,7 @@ impl AcceleratorBuilder {
             splice_guard: self.splice_guard.enabled(),
         })?;
         programs.set_policy(&self.policy)?;
+        programs.set_netns_spaces(&spaces)?;
 
         let skel = programs.skel();
         let guard_link = match self.splice_guard {

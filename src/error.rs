@@ -108,6 +108,15 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// A namespace group (`AcceleratorBuilder::namespace_group`) is unusable.
+    #[error("namespace group member {path}: {reason}")]
+    NamespaceGroup {
+        /// The namespace file concerned.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+
     /// A BPF operation failed for another reason.
     #[error("{call} failed: {source}")]
     Bpf {

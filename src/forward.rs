@@ -103,14 +103,17 @@ pub(crate) struct DirectMaps {
     pub pairs: MapHandle,
     /// `sock_state`: per-socket counts of bytes sent around TCP.
     pub sock_state: MapHandle,
+    /// `netns_spaces`: what keys use in place of a namespace's cookie.
+    pub netns_spaces: MapHandle,
     key: fp_sock_key,
 }
 
 impl DirectMaps {
-    pub(crate) fn new(pairs: MapHandle, sock_state: MapHandle) -> Self {
+    pub(crate) fn new(pairs: MapHandle, sock_state: MapHandle, netns_spaces: MapHandle) -> Self {
         DirectMaps {
             pairs,
             sock_state,
+            netns_spaces,
             key: fp_sock_key::default(),
         }
     }
@@ -162,7 +165,7 @@ impl Forwarding {
         );
         let direct = match direct {
             Some(maps) => Some(DirectMaps {
-                key: downstream_key(&down.stream)?,
+                key: downstream_key(&down.stream, &maps.netns_spaces)?,
                 ..maps
             }),
             None => None,
@@ -407,13 +410,20 @@ impl Forwarding {
 }
 
 /// The key the BPF side gives the proxy's downstream socket.
-fn downstream_key(stream: &TcpStream) -> Result<fp_sock_key> {
+fn downstream_key(stream: &TcpStream, netns_spaces: &MapHandle) -> Result<fp_sock_key> {
     let what = "downstream socket";
     let local = stream.local_addr().map_err(io_err("getsockname", what))?;
     let remote = stream.peer_addr().map_err(io_err("getpeername", what))?;
-    let netns = sys::netns_cookie(stream.as_raw_fd())
+    let cookie = sys::netns_cookie(stream.as_raw_fd())
         .map_err(io_err("getsockopt(SO_NETNS_COOKIE)", what))?;
-    Ok(fp_sock_key::of_socket(local, remote, netns))
+    // As the BPF side does: a grouped namespace's shared id, else the cookie.
+    let space = netns_spaces
+        .lookup(&cookie.to_ne_bytes(), MapFlags::ANY)
+        .ok()
+        .flatten()
+        .and_then(|v| v.try_into().ok().map(u64::from_ne_bytes))
+        .unwrap_or(cookie);
+    Ok(fp_sock_key::of_socket(local, remote, space))
 }
 
 /// Writes all of `bytes`, waiting for room if the socket is non-blocking.

@@ -92,6 +92,8 @@ impl FastpathGuard {
                     .map_err(|e| Error::bpf("dup of the proxy_pairs fd", e))?,
                 MapHandle::try_from(&maps.sock_state)
                     .map_err(|e| Error::bpf("dup of the sock_state fd", e))?,
+                MapHandle::try_from(&maps.netns_spaces)
+                    .map_err(|e| Error::bpf("dup of the netns_spaces fd", e))?,
             )),
             _ => None,
         };

@@ -41,6 +41,7 @@ mod cgroup;
 mod error;
 pub mod forward;
 mod guard;
+pub mod netns;
 pub mod policy;
 mod probe;
 mod programs;

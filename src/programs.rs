@@ -4,7 +4,7 @@ use std::mem::{ManuallyDrop, MaybeUninit};
 use std::ptr::NonNull;
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{MapCore, OpenObject};
+use libbpf_rs::{MapCore, MapFlags, OpenObject};
 
 use crate::abi::{fp_live, FP_MATCH_CIDRS, FP_MATCH_COMMS, FP_MATCH_PORTS};
 use crate::accelerator::RedirectMode;
@@ -144,6 +144,18 @@ impl Programs {
         self.set_ports(&policy.ports)?;
         self.set_cidrs(&policy.cidrs)?;
         self.set_comms(&policy.comms)
+    }
+
+    /// Writes `(netns cookie, address space id)` pairs (see `netns`).
+    pub fn set_netns_spaces(&mut self, spaces: &[(u64, u64)]) -> Result<()> {
+        for (cookie, space) in spaces {
+            self.skel
+                .maps
+                .netns_spaces
+                .update(&cookie.to_ne_bytes(), &space.to_ne_bytes(), MapFlags::ANY)
+                .map_err(|err| Error::bpf("bpf(BPF_MAP_UPDATE_ELEM) on netns_spaces", err))?;
+        }
+        Ok(())
     }
 
     pub fn set_ports(&mut self, ports: &[u16]) -> Result<()> {

@@ -184,57 +184,7 @@ fn forwards_to_an_upstream_in_another_namespace_behind_veth() {
         return;
     };
     let (app, remote) = (NetNs::new(), NetNs::new());
-    let (veth_app, veth_remote) = (unique_name("va"), unique_name("vr"));
-    let (veth_app, veth_remote) = (
-        &veth_app[veth_app.len() - 12..],
-        &veth_remote[veth_remote.len() - 12..],
-    );
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            veth_app,
-            "netns",
-            &app.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            veth_remote,
-            "netns",
-            &remote.name,
-        ],
-    );
-    run(
-        "ip",
-        &[
-            "-n",
-            &app.name,
-            "addr",
-            "add",
-            "10.200.0.1/24",
-            "dev",
-            veth_app,
-        ],
-    );
-    run("ip", &["-n", &app.name, "link", "set", veth_app, "up"]);
-    run(
-        "ip",
-        &[
-            "-n",
-            &remote.name,
-            "addr",
-            "add",
-            "10.200.0.2/24",
-            "dev",
-            veth_remote,
-        ],
-    );
-    run(
-        "ip",
-        &["-n", &remote.name, "link", "set", veth_remote, "up"],
-    );
+    app.veth_to(&remote, "10.200.0.1/24", "10.200.0.2/24");
 
     let upstream = remote.run(|| TcpListener::bind("10.200.0.2:8080").unwrap());
     let (client, down, up) = app.run(|| {

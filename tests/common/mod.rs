@@ -141,6 +141,41 @@ impl NetNs {
         ns
     }
 
+    /// Its namespace file, `/run/netns/NAME`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Joins this namespace to `other` with a veth pair, addresses
+    /// `here`/`there` (CIDR notation, e.g. "10.200.0.1/24"). The pair goes
+    /// when either namespace is deleted.
+    pub fn veth_to(&self, other: &NetNs, here: &str, there: &str) {
+        let a = unique_name("v");
+        let a = a[a.len().saturating_sub(12)..].to_string();
+        let b = format!("{}p", &a[1..]);
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &a,
+                "netns",
+                &self.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &b,
+                "netns",
+                &other.name,
+            ],
+        );
+        for (ns, dev, addr) in [(self, &a, here), (other, &b, there)] {
+            run("ip", &["-n", &ns.name, "addr", "add", addr, "dev", dev]);
+            run("ip", &["-n", &ns.name, "link", "set", dev, "up"]);
+        }
+    }
+
     /// Runs `f` on a thread that has entered this namespace; sockets it
     /// creates live there.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -396,4 +431,25 @@ pub fn upload_across_guard_drop(
         proxy.join().unwrap().end,
         sockmap_fastpath::ForwardEnd::Closed
     );
+}
+
+/// Sends `size` bytes each way between a pair made after `before` was read
+/// and asserts that both sockets were inserted and every byte took the
+/// shortcut.
+pub fn exchange_all_redirected(
+    guard: &FastpathGuard,
+    before: &Stats,
+    client: TcpStream,
+    server: TcpStream,
+    size: usize,
+) {
+    exchange(client, server, random_bytes(size, 1), random_bytes(size, 2));
+    let d = delta(guard, before);
+    assert_eq!(d.sockets_inserted, 2, "{d}");
+    assert_eq!(
+        d.bytes_redirected,
+        2 * size as u64,
+        "every byte redirected: {d}"
+    );
+    assert_eq!(d.bytes_passed, 0, "{d}");
 }
