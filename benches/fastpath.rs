@@ -13,6 +13,9 @@ mod signals;
 #[path = "../examples/support/workloads.rs"]
 mod workloads;
 
+#[path = "../examples/support/netns.rs"]
+mod netns;
+
 /// The minimal reference redirect (bpf/reference.bpf.c), benchmark only.
 #[allow(
     clippy::all,
@@ -319,6 +322,96 @@ fn proxy_table(
     Ok(out)
 }
 
+/// Container to container: two namespaces, each joined by veth to a bridge
+/// in a third (the "host"), as container runtimes do. Plain TCP vs TCP
+/// accelerated through a namespace group, interleaved, in `cgroup`.
+fn container_table(
+    cgroup: &Cgroup,
+    reps: usize,
+    duration: Duration,
+) -> Result<String, Box<dyn std::error::Error>> {
+    use netns::{ip, run_in, NetNs};
+    use std::net::SocketAddr;
+
+    let tag = std::process::id();
+    let (a, b, host) = (
+        NetNs::new(format!("fp-bench-a-{tag}")),
+        NetNs::new(format!("fp-bench-b-{tag}")),
+        NetNs::new(format!("fp-bench-host-{tag}")),
+    );
+    ip(&["-n", &host.name, "link", "add", "br0", "type", "bridge"]);
+    ip(&["-n", &host.name, "link", "set", "br0", "up"]);
+    for (ns, addr) in [(&a, "10.202.0.1/24"), (&b, "10.202.0.2/24")] {
+        let (_, port) = ns.veth_to(&host, Some(addr), None);
+        ip(&["-n", &host.name, "link", "set", &port, "master", "br0"]);
+    }
+    const ACCELERATED_PORT: u16 = 7000;
+    let guard = Accelerator::builder()
+        .cgroup(cgroup.clone())
+        .ports([ACCELERATED_PORT])
+        .namespace_group([a.path(), b.path()])
+        .splice_guard(SpliceGuard::Off)
+        .attach()?;
+    // Server in b, client connecting from a.
+    let connector = |port: u16| {
+        let addr: SocketAddr = ([10, 202, 0, 2], port).into();
+        let listener = b.run(move || TcpListener::bind(addr).expect("bind in b"));
+        let a_path = a.path();
+        Connector::Custom(Box::new(move || {
+            let client = run_in(a_path.clone(), move || {
+                TcpStream::connect(addr).expect("connect from a")
+            });
+            (client, listener.accept().expect("accept in b").0)
+        }))
+    };
+    let connectors = [connector(ACCELERATED_PORT + 1), connector(ACCELERATED_PORT)];
+    let cases: [(&str, &str, f64, Run); 4] = [
+        ("req/resp 1 KiB, one CPU", "trips/s", 1.0, rr(1024, PINNED)),
+        (
+            "bulk 1 KiB writes, one CPU",
+            "Gbit/s",
+            1e-9,
+            Box::new(|c, d| workloads::bulk(c, 1024, d, PINNED)),
+        ),
+        (
+            "bulk 4 KiB writes, one CPU",
+            "Gbit/s",
+            1e-9,
+            Box::new(|c, d| workloads::bulk(c, 4096, d, PINNED)),
+        ),
+        (
+            "bulk 64 KiB writes, one CPU",
+            "Gbit/s",
+            1e-9,
+            Box::new(|c, d| workloads::bulk(c, 65536, d, PINNED)),
+        ),
+    ];
+    let mut out = String::from("\nContainer to container: two network namespaces, each joined by veth to a bridge in a third, plain TCP vs accelerated (`namespace_group`), interleaved:\n\n");
+    paths_header(&mut out, &["plain TCP", "accelerated"], &["accel/plain"]);
+    for (name, unit, scale, run) in cases {
+        let mut rates = [Vec::new(), Vec::new()];
+        for _ in 0..reps {
+            for (i, connector) in connectors.iter().enumerate() {
+                rates[i].push(run(connector, duration).per_second * scale);
+            }
+        }
+        let ratio = median(&rates[1]) / median(&rates[0]);
+        eprintln!("container {name}: {ratio:.2}x plain");
+        paths_row(&mut out, name, unit, &[&rates[0], &rates[1]], &[ratio]);
+    }
+    let stats = guard.stats()?;
+    if stats.bytes_redirected == 0 {
+        return Err(format!("nothing redirected between the namespaces: {stats}").into());
+    }
+    let _ = writeln!(
+        out,
+        "\nRedirected between the namespaces in this section: {} bytes.",
+        stats.bytes_redirected
+    );
+    drop(connectors);
+    Ok(out)
+}
+
 /// Our programs vs the minimal reference redirect, each attached to its own
 /// child cgroup, interleaved: what the safety checks cost.
 fn reference_table(
@@ -603,6 +696,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let prog_after = (prog_stats("fp_sk_msg"), prog_stats("fp_sock_ops"));
     let reference = reference_table(&parent, reps, duration)?;
+    let containers = container_table(cgroup.cgroup(), reps, duration)?;
     drop(stats_switch);
     let final_stats = guard.stats()?;
     let fallback_stats = fallback_guard.stats()?;
@@ -618,6 +712,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let msg_ns = per(prog_after.0, prog_before.0);
     let ops_ns = per(prog_after.1, prog_before.1);
     let mut table = markdown(&results, reps, seconds, msg_ns, ops_ns, &final_stats);
+    table.push_str(&containers);
     table.push_str(&reference);
     table.push_str(&proxy_table(&parent, reps, duration)?);
     println!("{table}");

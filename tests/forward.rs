@@ -183,8 +183,8 @@ fn forwards_to_an_upstream_in_another_namespace_behind_veth() {
     let Some((_env, guard, _)) = egress_env() else {
         return;
     };
-    let (app, remote) = (NetNs::new(), NetNs::new());
-    app.veth_to(&remote, "10.200.0.1/24", "10.200.0.2/24");
+    let (app, remote) = (new_netns(), new_netns());
+    veth_between(&app, &remote, "10.200.0.1/24", "10.200.0.2/24");
 
     let upstream = remote.run(|| TcpListener::bind("10.200.0.2:8080").unwrap());
     let (client, down, up) = app.run(|| {

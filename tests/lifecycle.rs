@@ -33,7 +33,7 @@ fn fixed_tuple_pair() -> (TcpStream, TcpStream) {
 fn identical_tuples_in_two_netns_never_meet() {
     let Some(env) = privileged_env() else { return };
     let guard = env.attach(|b| b);
-    let (ns1, ns2) = (NetNs::new(), NetNs::new());
+    let (ns1, ns2) = (new_netns(), new_netns());
     // Both connections exist at once, with the same addresses and ports.
     let (c1, s1) = ns1.run(fixed_tuple_pair);
     let (c2, s2) = ns2.run(fixed_tuple_pair);

@@ -34,8 +34,8 @@ fn pair_across(
 }
 
 fn joined() -> (NetNs, NetNs) {
-    let (a, b) = (NetNs::new(), NetNs::new());
-    a.veth_to(&b, "10.201.0.1/24", "10.201.0.2/24");
+    let (a, b) = (new_netns(), new_netns());
+    veth_between(&a, &b, "10.201.0.1/24", "10.201.0.2/24");
     (a, b)
 }
 

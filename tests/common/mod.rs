@@ -127,83 +127,18 @@ impl Env {
     }
 }
 
-/// A network namespace made with `ip netns add`, deleted on drop.
-pub struct NetNs {
-    pub name: String,
+#[path = "../../examples/support/netns.rs"]
+mod netns;
+pub use netns::NetNs;
+
+/// A fresh namespace with a unique name.
+pub fn new_netns() -> NetNs {
+    NetNs::new(unique_name("ns"))
 }
 
-impl NetNs {
-    pub fn new() -> Self {
-        let name = unique_name("ns");
-        run("ip", &["netns", "add", &name]);
-        let ns = NetNs { name };
-        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Its namespace file, `/run/netns/NAME`.
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
-    }
-
-    /// Joins this namespace to `other` with a veth pair, addresses
-    /// `here`/`there` (CIDR notation, e.g. "10.200.0.1/24"). The pair goes
-    /// when either namespace is deleted.
-    pub fn veth_to(&self, other: &NetNs, here: &str, there: &str) {
-        let a = unique_name("v");
-        let a = a[a.len().saturating_sub(12)..].to_string();
-        let b = format!("{}p", &a[1..]);
-        run(
-            "ip",
-            &[
-                "link",
-                "add",
-                &a,
-                "netns",
-                &self.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &b,
-                "netns",
-                &other.name,
-            ],
-        );
-        for (ns, dev, addr) in [(self, &a, here), (other, &b, there)] {
-            run("ip", &["-n", &ns.name, "addr", "add", addr, "dev", dev]);
-            run("ip", &["-n", &ns.name, "link", "set", dev, "up"]);
-        }
-    }
-
-    /// Runs `f` on a thread that has entered this namespace; sockets it
-    /// creates live there.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("open netns");
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-        .join()
-        .expect("netns thread")
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-pub fn run(cmd: &str, args: &[&str]) {
-    let status = Command::new(cmd)
-        .args(args)
-        .status()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(status.success(), "{cmd} {args:?} failed: {status}");
+/// Joins two namespaces with a veth pair, addresses `here` and `there`.
+pub fn veth_between(a: &NetNs, b: &NetNs, here: &str, there: &str) {
+    a.veth_to(b, Some(here), Some(there));
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), different per seed.
