@@ -66,6 +66,10 @@ fn rr(size: usize, cpu: Option<usize>) -> Run {
     Box::new(move |c, d| workloads::request_response(c, size, d, cpu))
 }
 
+fn bulk(size: usize, cpu: Option<usize>) -> Run {
+    Box::new(move |c, d| workloads::bulk(c, size, d, cpu))
+}
+
 fn cases(quick: bool) -> Vec<Case> {
     let mut cases = Vec::new();
     let sizes: &[(usize, &str)] = if quick {
@@ -111,7 +115,7 @@ fn cases(quick: bool) -> Vec<Case> {
             scale: 1e-9,
             latency: false,
             fallback: size <= 4096,
-            run: Box::new(move |c, d| workloads::bulk(c, size, d, PINNED)),
+            run: bulk(size, PINNED),
         });
     }
     cases.push(Case {
@@ -271,13 +275,13 @@ fn proxy_table(
             "bulk 64 KiB writes through the proxy",
             "Gbit/s",
             1e-9,
-            Box::new(|c, d| workloads::bulk(c, 65536, d, None)),
+            bulk(65536, None),
         ),
         (
             "bulk 4 KiB writes through the proxy",
             "Gbit/s",
             1e-9,
-            Box::new(|c, d| workloads::bulk(c, 4096, d, None)),
+            bulk(4096, None),
         ),
     ];
     let mut out = String::from("\nProxy forwarding, unpinned: a proxy copying in user space vs the kernel forwarding the pair (egress mode) vs both mode (the client's bytes leave straight through the upstream socket, the server's go straight into the client's queue).\n\n");
@@ -371,19 +375,19 @@ fn container_table(
             "bulk 1 KiB writes, one CPU",
             "Gbit/s",
             1e-9,
-            Box::new(|c, d| workloads::bulk(c, 1024, d, PINNED)),
+            bulk(1024, PINNED),
         ),
         (
             "bulk 4 KiB writes, one CPU",
             "Gbit/s",
             1e-9,
-            Box::new(|c, d| workloads::bulk(c, 4096, d, PINNED)),
+            bulk(4096, PINNED),
         ),
         (
             "bulk 64 KiB writes, one CPU",
             "Gbit/s",
             1e-9,
-            Box::new(|c, d| workloads::bulk(c, 65536, d, PINNED)),
+            bulk(65536, PINNED),
         ),
     ];
     let mut out = String::from("\nContainer to container: two network namespaces, each joined by veth to a bridge in a third, plain TCP vs accelerated (`namespace_group`), interleaved:\n\n");
@@ -453,7 +457,7 @@ fn reference_table(
             "bulk 64 KiB writes, one CPU",
             "Gbit/s",
             1e-9,
-            Box::new(|c, d| workloads::bulk(c, 65536, d, PINNED)),
+            bulk(65536, PINNED),
         ),
     ];
     let programs = [("fp_sk_msg", "fp_sock_ops"), ("ref_sk_msg", "ref_sock_ops")];
