@@ -279,7 +279,21 @@ fn a_socket_already_forwarded_or_a_full_map_is_refused_and_left_usable() {
 /// nothing reordered.
 #[test]
 fn proxy_killed_mid_transfer_delivers_an_exact_prefix() {
-    let Some(_env) = privileged_env() else { return };
+    proxy_killed_mid_transfer(RedirectMode::Egress);
+}
+
+/// Both mode: the client's bytes go straight out of the dead proxy's
+/// upstream socket; the server still holds an exact prefix.
+#[test]
+fn both_mode_proxy_killed_mid_transfer_delivers_an_exact_prefix() {
+    proxy_killed_mid_transfer(RedirectMode::Both);
+}
+
+/// A client streams 64 MiB through a proxy in a child process, which is
+/// SIGKILLed once 4 MiB have arrived (and, in both mode, once some bytes
+/// went straight upstream).
+fn proxy_killed_mid_transfer(mode: RedirectMode) {
+    let Some(env) = privileged_env() else { return };
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
     let front_port = {
         let probe = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -289,12 +303,19 @@ fn proxy_killed_mid_transfer_delivers_an_exact_prefix() {
         .args([
             "--ignored",
             "--exact",
-            "child_egress_proxy",
+            "child_proxy",
             "--nocapture",
             "--test-threads=1",
         ])
         .env("FP_FRONT_PORT", front_port.to_string())
         .env("FP_UPSTREAM", upstream.local_addr().unwrap().to_string())
+        .env(
+            "FP_BOTH_CGROUP",
+            match mode {
+                RedirectMode::Both => env.cgroup.path(),
+                _ => Default::default(),
+            },
+        )
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -309,14 +330,29 @@ fn proxy_killed_mid_transfer_delivers_an_exact_prefix() {
 
     const SIZE: usize = 64 << 20;
     let data = random_bytes(SIZE, 11);
+    // A first byte through, so that in both mode the downstream queue is
+    // empty and the client switches to the direct path.
+    client.write_all(&data[..1]).unwrap();
+    let mut got = vec![0u8; 1];
+    server.read_exact(&mut got).unwrap();
     let writer = {
         let data = data.clone();
         thread::spawn(move || {
-            let _ = client.write_all(&data); // fails once the proxy is gone
+            let _ = client.write_all(&data[1..]); // fails once the proxy is gone
         })
     };
-    let mut got = vec![0u8; 4 << 20];
-    server.read_exact(&mut got).unwrap();
+    got.resize(4 << 20, 0);
+    server.read_exact(&mut got[1..]).unwrap();
+    if mode == RedirectMode::Both {
+        // The child prints its direct-path byte count every few ms.
+        assert!(
+            lines
+                .by_ref()
+                .take(2000) // about 10 s
+                .any(|l| l.unwrap().strip_prefix("DIRECT ").is_some_and(|n| n != "0")),
+            "the client's bytes never went straight upstream"
+        );
+    }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let mut buf = vec![0u8; 1 << 20];
@@ -334,26 +370,38 @@ fn proxy_killed_mid_transfer_delivers_an_exact_prefix() {
     assert_bytes_eq(&got, &data[..got.len()], "an exact prefix");
 }
 
-/// Run by `proxy_killed_mid_transfer_delivers_an_exact_prefix`: a proxy
-/// forwarding one connection in egress mode until it is killed.
+/// Run by `proxy_killed_mid_transfer`: a proxy forwarding one connection
+/// (in both mode if FP_BOTH_CGROUP names the test's cgroup, else in egress
+/// mode) until it is killed.
 #[test]
-#[ignore = "run as a child process by proxy_killed_mid_transfer_delivers_an_exact_prefix"]
-fn child_egress_proxy() {
+#[ignore = "run as a child process by proxy_killed_mid_transfer"]
+fn child_proxy() {
     let port: u16 = std::env::var("FP_FRONT_PORT")
         .expect("run by the parent test")
         .parse()
         .unwrap();
     let upstream = std::env::var("FP_UPSTREAM").unwrap();
-    let guard = Accelerator::builder()
-        .redirect(RedirectMode::Egress)
-        .attach()
-        .unwrap();
+    let both_cgroup = std::env::var("FP_BOTH_CGROUP").unwrap_or_default();
+    let builder = match both_cgroup.as_str() {
+        "" => Accelerator::builder().redirect(RedirectMode::Egress),
+        path => Accelerator::builder()
+            .redirect(RedirectMode::Both)
+            .cgroup(sockmap_fastpath::Cgroup::path(path).unwrap())
+            .ports([port])
+            .splice_guard(sockmap_fastpath::SpliceGuard::Off),
+    };
+    let guard = builder.attach().unwrap();
     let front = TcpListener::bind(("127.0.0.1", port)).unwrap();
     println!("\nLISTENING");
     let (down, _) = front.accept().unwrap();
     let up = TcpStream::connect(upstream).unwrap();
     let forwarding = guard.forward(&down, &up).unwrap();
     println!("\nFORWARDING");
+    let reader = guard.stats_reader().unwrap();
+    thread::spawn(move || loop {
+        println!("DIRECT {}", reader.read().unwrap().fwd_direct_bytes);
+        thread::sleep(Duration::from_millis(5));
+    });
     let _ = forwarding.wait();
 }
 
