@@ -319,8 +319,8 @@ fn proxy_table(
     }
     let _ = writeln!(
         out,
-        "\nIn this section: egress mode forwarded {} bytes; both mode forwarded {} bytes from the server (then redirected {} into the clients' queues) and sent {} client bytes straight upstream.",
-        egress.fwd_bytes, both.fwd_bytes, both.bytes_redirected, both.fwd_direct_bytes
+        "\nIn this section: egress mode forwarded {} bytes; both mode forwarded {} bytes from the server, sent {} client bytes straight upstream, and redirected {} bytes (server bytes into the clients' queues, client bytes into the proxy's downstream queue while the upstream had no room, copied upstream by wait()).",
+        egress.fwd_bytes, both.fwd_bytes, both.fwd_direct_bytes, both.bytes_redirected
     );
     drop(connectors);
     Ok(out)

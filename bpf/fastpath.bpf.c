@@ -433,12 +433,14 @@ int fp_sk_msg(struct sk_msg_md *msg)
 	return count_msg(s, NULL, st ? redirect_to_peer(msg, st, s) : MSG_PASSED, msg->size);
 }
 
-/* Both mode. Kernel internals read (read-only, CO-RE relocated) to see
- * whether a forwarded downstream socket still holds bytes redirected to it
- * earlier: the redirect target the kernel recorded for this message, and
- * that socket's psock (sk_user_data, tagged in its low bits). */
+/* Both mode. Kernel internals read (read-only, CO-RE relocated): the
+ * redirect target the kernel recorded for this message, that socket's psock
+ * (sk_user_data, tagged in its low bits) for the length of its receive
+ * queue, and its send buffer use. */
 struct sock {
 	void *sk_user_data;
+	int sk_sndbuf;
+	int sk_wmem_queued;
 } __attribute__((preserve_access_index));
 struct sk_msg {
 	struct sock *sk_redir;
@@ -452,27 +454,46 @@ struct sk_psock {
 extern void *bpf_cast_to_kern_ctx(void *ctx) __ksym;
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
 
+/* The socket this message was just redirected to. */
+static __always_inline struct sock *redirect_target(struct sk_msg_md *msg)
+{
+	struct sk_msg *kmsg = bpf_cast_to_kern_ctx(msg);
+
+	return kmsg->sk_redir;
+}
+
 /* Bytes waiting in the receive queue of the socket this message was just
  * redirected to (with BPF_F_INGRESS). */
 static __always_inline __u32 redirect_target_queued(struct sk_msg_md *msg)
 {
-	struct sk_msg *kmsg = bpf_cast_to_kern_ctx(msg);
 	struct sk_psock *psock;
 	unsigned long data;
 
-	data = (unsigned long)kmsg->sk_redir->sk_user_data & ~SK_USER_DATA_PTRMASK;
+	data = (unsigned long)redirect_target(msg)->sk_user_data & ~SK_USER_DATA_PTRMASK;
 	if (!data)
 		return 1; /* no psock: treat as busy, stay on the queue path */
 	psock = bpf_rdonly_cast((void *)data, bpf_core_type_id_kernel(struct sk_psock));
 	return psock->msg_tot_len;
 }
 
-/* Both mode: like fp_sk_msg, except that once the peer is a proxy's
- * forwarded downstream socket, the message leaves straight through the
- * paired upstream socket. The switch happens only when the downstream
- * socket's queue is empty: Forwarding (src/forward.rs) copies bytes queued
- * there before the switch to the upstream socket and consumes them only
- * after they are written, so nothing queued earlier can be overtaken. */
+/* Whether the socket this message was just redirected to (without
+ * BPF_F_INGRESS) takes `size` more bytes without waiting for room, with
+ * a margin for per-buffer overhead. A sender waiting there could hang: if
+ * the proxy dies meanwhile, the orphaned socket never wakes it. */
+static __always_inline int redirect_target_has_room(struct sk_msg_md *msg, __u32 size)
+{
+	struct sock *sk = redirect_target(msg);
+
+	return (__s64)sk->sk_wmem_queued + 2 * (__s64)size <= (__s64)sk->sk_sndbuf;
+}
+
+/* Both mode: like fp_sk_msg, except that a message to a proxy's forwarded
+ * downstream socket leaves straight through the paired upstream socket when
+ * (1) nothing waits in the downstream socket's queue: Forwarding
+ * (src/forward.rs) copies queued bytes upstream and consumes them only
+ * after they are written, so an empty queue means nothing sent earlier can
+ * be overtaken; and (2) the upstream socket has room, so the sender never
+ * waits on a socket it does not own. Otherwise it joins the queue. */
 SEC("sk_msg")
 int fp_sk_msg_both(struct sk_msg_md *msg)
 {
@@ -494,18 +515,15 @@ int fp_sk_msg_both(struct sk_msg_md *msg)
 	 * forwarded pair keeps its path; everything else goes plain. */
 	if (live.paused && !pair)
 		return count_msg(s, NULL, MSG_PASSED, size);
-	if (!pair || !pair->direct) {
-		outcome = redirect_to_peer(msg, st, s);
-		if (!pair || outcome != MSG_REDIRECTED || redirect_target_queued(msg))
-			return count_msg(s, st, outcome, size);
-		pair->direct = 1;
-	}
+	outcome = redirect_to_peer(msg, st, s);
+	if (!pair || outcome != MSG_REDIRECTED || redirect_target_queued(msg))
+		return count_msg(s, st, outcome, size);
 	dir = bpf_map_lookup_elem(&fwd_dirs, &pair->down_cookie);
-	if (!dir || bpf_msg_redirect_hash(msg, &fwd_map, &pair->up_cookie, 0) != SK_PASS) {
-		/* The upstream socket is gone: its pair is ending. */
-		st->flags |= FP_FELL_BACK;
-		return count_msg(s, NULL, MSG_PASSED, size);
-	}
+	/* A failed redirect leaves the message redirected to the peer. */
+	if (!dir || bpf_msg_redirect_hash(msg, &fwd_map, &pair->up_cookie, 0) != SK_PASS)
+		return count_msg(s, st, MSG_REDIRECTED, size);
+	if (!redirect_target_has_room(msg, size))
+		return count_msg(s, st, redirect_to_peer(msg, st, s), size);
 	/* Counted as forwarded from the downstream side: Forwarding::wait
 	 * passes the application's FIN on only after these reached the
 	 * upstream send queue. */

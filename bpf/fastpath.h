@@ -54,16 +54,12 @@ struct fp_fwd_dir {
 };
 
 /* Both mode: a forwarded pair whose downstream socket's local peer (an
- * application in the same cgroup) sends straight out of the upstream
+ * application in the same cgroup) may send straight out of the upstream
  * socket. Keyed by the downstream socket's fp_sock_key, which is what the
  * application's socket holds as its peer key. */
 struct fp_proxy_pair {
 	__u64 down_cookie; /* the proxy's downstream socket */
 	__u64 up_cookie;   /* the proxy's upstream socket, in fwd_map */
-	__u32 direct;      /* set by the program once the downstream receive
-			    * queue was empty: from then on the application's
-			    * bytes go straight to the upstream socket */
-	__u32 pad;
 };
 
 /* Per-socket state in socket-local storage. */

@@ -21,11 +21,12 @@
 //! socket may be accelerated itself (its client is a local application in
 //! the cgroup). Then the application's bytes were redirected into the
 //! downstream socket's queue, where no forwarding program sees them.
-//! `wait()` copies such bytes to the upstream socket, and the application's
-//! socket switches to sending straight out of the upstream socket at its
-//! first message after that queue is empty. Bytes are consumed from the
-//! downstream socket only after they were written upstream, and the switch
-//! happens only while nothing waits there, so no byte overtakes another.
+//! `wait()` copies such bytes to the upstream socket. Each later message of
+//! the application leaves straight through the upstream socket if nothing
+//! waits in the downstream queue and the upstream socket has room (so the
+//! application never waits on the proxy's socket); otherwise it joins the
+//! queue. Bytes are consumed from the downstream socket only after they
+//! were written upstream, so no byte overtakes another.
 //! Bytes from upstream travel as in egress mode, through the downstream
 //! socket's send path.
 
@@ -227,7 +228,6 @@ impl Forwarding {
                 let pair = fp_proxy_pair {
                     down_cookie: self.sides[DOWN].cookie,
                     up_cookie: self.sides[UP].cookie,
-                    ..Default::default()
                 };
                 pairs
                     .update(key.as_bytes(), pair.as_bytes(), MapFlags::NO_EXIST)

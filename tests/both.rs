@@ -75,23 +75,27 @@ fn an_applications_bytes_go_straight_upstream_after_the_queued_ones() {
     let stats = proxy.join().unwrap();
     let counters = delta(&e.guard, &before);
     assert_eq!(stats.end, ForwardEnd::Closed);
-    assert_eq!(stats.copied_at_hand_over, request.len() as u64);
+    assert!(stats.copied_at_hand_over >= request.len() as u64);
     assert_eq!(
         (stats.downstream_to_upstream, stats.upstream_to_downstream),
         ((request.len() + SIZE) as u64, SIZE as u64)
     );
+    assert!(counters.fwd_direct_bytes > 0, "{counters}");
     assert_eq!(
-        counters.fwd_direct_bytes, SIZE as u64,
-        "every later client byte went straight upstream: {counters}"
+        stats.copied_at_hand_over + counters.fwd_direct_bytes,
+        (request.len() + SIZE) as u64,
+        "every client byte either copied or sent straight upstream: {counters}"
     );
     assert_eq!(
         counters.fwd_bytes, SIZE as u64,
         "every server byte forwarded by the kernel: {counters}"
     );
     assert_eq!(
-        counters.bytes_redirected, SIZE as u64,
+        counters.bytes_redirected,
+        SIZE as u64 + stats.copied_at_hand_over - request.len() as u64,
         "the downstream socket's sk_msg program put the server's bytes \
-         straight into the client's queue: {counters}"
+         straight into the client's queue; the client's other bytes were \
+         redirected into the downstream queue: {counters}"
     );
     assert_eq!(counters.bytes_passed, 0, "{counters}");
 }
@@ -173,10 +177,15 @@ fn a_client_reset_resets_the_upstream_side() {
     } = proxied_via(&e.guard, &e.front, &e.upstream, b"x", |_, _| {});
     let mut got = [0u8; 1];
     server.read_exact(&mut got).unwrap();
-    client.write_all(b"direct").unwrap();
-    let mut got = [0u8; 6];
-    server.read_exact(&mut got).unwrap();
-    assert_eq!(&got, b"direct");
+    // One byte at a time until one goes straight upstream (the proxy
+    // consumes a copied byte just after the server can read it).
+    let mut sent = 1;
+    while e.guard.stats().unwrap().fwd_direct_bytes == 0 && sent < 1000 {
+        client.write_all(b"d").unwrap();
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"d");
+        sent += 1;
+    }
     socket2::SockRef::from(&client)
         .set_linger(Some(Duration::ZERO))
         .unwrap();
@@ -187,7 +196,8 @@ fn a_client_reset_resets_the_upstream_side() {
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
         Ok(n) => panic!("expected a reset, read {n} bytes"),
     }
-    assert_eq!(e.guard.stats().unwrap().fwd_direct_bytes, 6);
+    let counters = e.guard.stats().unwrap();
+    assert!(counters.fwd_direct_bytes >= 1, "{counters}");
 }
 
 /// Detaching mid-transfer: the forwarded pair keeps its path, every byte
@@ -208,47 +218,46 @@ fn dropping_the_guard_mid_transfer_loses_nothing() {
     assert!(reader.read().unwrap().fwd_direct_bytes > 0);
 }
 
-/// What a non-blocking application sees when the upstream stops draining:
-/// the direct path pushes into the upstream socket's send buffer, so the
-/// application's send() eventually fails with EAGAIN (back-pressure), and
-/// its own socket still polls writable (its send buffer is empty).
+/// The upstream stops draining: the application is never made to wait on
+/// the proxy's upstream socket (where it could hang if the proxy died);
+/// its bytes wait in the downstream queue instead, and all arrive, in
+/// order, once the server reads again.
 #[test]
-fn a_full_upstream_pushes_back_on_a_non_blocking_application() {
+fn a_full_upstream_never_blocks_the_application() {
     let Some(e) = both_env() else { return };
     let Proxied {
         mut client,
-        server,
+        mut server,
         proxy,
     } = proxied_via(&e.guard, &e.front, &e.upstream, &[], |_, _| {});
     client.set_nonblocking(true).unwrap();
-    let chunk = vec![7u8; 64 << 10];
-    let mut queued = 0usize;
-    let mut eagain = false;
-    while queued < 256 << 20 {
-        match client.write(&chunk) {
-            Ok(n) => queued += n,
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                eagain = true;
-                break;
+    const SIZE: usize = 64 << 20;
+    let data = random_bytes(SIZE, 27);
+    let mut sent = 0;
+    for chunk in data.chunks(64 << 10) {
+        match client.write(chunk) {
+            Ok(n) => {
+                assert_eq!(n, chunk.len(), "short write after {sent} bytes");
+                sent += n;
             }
-            Err(err) => panic!("send failed: {err}"),
+            Err(err) => panic!("send failed after {sent} bytes: {err}"),
         }
     }
     let counters = e.guard.stats().unwrap();
-    let pollout = nix::poll::poll(
-        &mut [nix::poll::PollFd::new(
-            std::os::fd::AsFd::as_fd(&client),
-            nix::poll::PollFlags::POLLOUT,
-        )],
-        0u16,
-    )
-    .unwrap();
-    eprintln!("queued {queued} bytes, EAGAIN {eagain}, POLLOUT ready {pollout}: {counters}");
     assert!(counters.fwd_direct_bytes > 0, "{counters}");
-    assert!(eagain, "no back-pressure after {queued} bytes");
-    // A kernel difference (plain TCP would not poll writable here): an event
-    // loop that waits for POLLOUT retries at once. README, Known limits.
-    assert_eq!(pollout, 1, "POLLOUT while send() says EAGAIN");
-    drop((client, server));
-    let _ = proxy.join();
+    assert!(
+        counters.fwd_direct_bytes < SIZE as u64,
+        "the upstream filled up, so some bytes queued: {counters}"
+    );
+    client.set_nonblocking(false).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_bytes_eq(&read_all(&mut server), &data, "every byte, in order");
+    server.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut client), b"");
+    let stats = proxy.join().unwrap();
+    assert_eq!(stats.end, ForwardEnd::Closed);
+    assert_eq!(
+        stats.copied_at_hand_over + e.guard.stats().unwrap().fwd_direct_bytes,
+        SIZE as u64
+    );
 }
