@@ -273,7 +273,9 @@ pub fn attached_to(cgroup: &Cgroup) -> String {
         .join("\n")
 }
 
-/// Program teardown after the last fd closes is asynchronous (RCU).
+/// Program teardown after the last fd closes is asynchronous (RCU), also
+/// for programs an earlier test left to its sockets: the count may fall
+/// below `baseline`, never stay above it.
 pub fn assert_nothing_left(cgroup: &Cgroup, baseline: usize) {
     assert_eq!(
         attached_to(cgroup),
@@ -282,7 +284,7 @@ pub fn assert_nothing_left(cgroup: &Cgroup, baseline: usize) {
         cgroup.as_path().display()
     );
     for _ in 0..300 {
-        if loaded_programs() == baseline {
+        if loaded_programs() <= baseline {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
