@@ -66,6 +66,10 @@ pub struct ProbeReport {
     pub splice_reads_redirected: Finding,
     /// FIONREAD counts redirected bytes.
     pub fionread_counts_redirected: Finding,
+    /// The both-mode sk_msg program loads (it needs the
+    /// `bpf_cast_to_kern_ctx`/`bpf_rdonly_cast` kfuncs and CO-RE reads of
+    /// socket-map internals); see [`RedirectMode::Both`].
+    pub both_mode: Finding,
     /// How long the probe took.
     pub duration: Duration,
 }
@@ -89,7 +93,7 @@ impl fmt::Display for ProbeReport {
             "sockmap-fastpath probe of Linux {} ({:.0?}):",
             self.kernel_release, self.duration
         )?;
-        let rows: [(&str, &Finding); 9] = [
+        let rows: [(&str, &Finding); 10] = [
             ("privileges", &self.privileges),
             ("kernel BTF", &self.btf),
             ("cgroup v2", &self.cgroup2),
@@ -99,6 +103,7 @@ impl fmt::Display for ProbeReport {
             ("splice guard (BPF LSM)", &self.splice_guard),
             ("splice reads redirected", &self.splice_reads_redirected),
             ("FIONREAD counts them", &self.fionread_counts_redirected),
+            ("both mode program", &self.both_mode),
         ];
         for (name, finding) in rows {
             let (mark, text) = match finding {
@@ -145,10 +150,12 @@ pub fn probe() -> ProbeReport {
         splice_guard: Finding::NotTested(String::new()),
         splice_reads_redirected: Finding::NotTested(String::new()),
         fionread_counts_redirected: Finding::NotTested(String::new()),
+        both_mode: Finding::NotTested(String::new()),
         duration: Duration::ZERO,
     };
     if report.privileges.is_yes() && report.cgroup2.is_yes() {
         report.splice_guard = probe_splice_guard();
+        report.both_mode = probe_both_mode();
         if let Err(err) = probe_traffic(&mut report) {
             let unset = Finding::NotTested(format!("setup failed: {err}"));
             for finding in [
@@ -168,6 +175,7 @@ pub fn probe() -> ProbeReport {
             &mut report.sockmap_link,
             &mut report.redirect,
             &mut report.splice_guard,
+            &mut report.both_mode,
             &mut report.splice_reads_redirected,
             &mut report.fionread_counts_redirected,
         ] {
@@ -188,6 +196,17 @@ fn probe_splice_guard() -> Finding {
         programs.and_then(|p| splice_guard::attach(&p.skel().progs.fp_splice_guard).map(drop)),
         |()| "lsm/file_permission loads and attaches".into(),
     )
+}
+
+fn probe_both_mode() -> Finding {
+    let programs = Programs::load(LoadConfig {
+        mode: RedirectMode::Both,
+        capacity: 2,
+        splice_guard: false,
+    });
+    Finding::from_result(programs, |_| {
+        "fp_sk_msg_both loads (kfuncs, CO-RE reads of sk_msg and sk_psock)".into()
+    })
 }
 
 fn probe_traffic(report: &mut ProbeReport) -> Result<()> {

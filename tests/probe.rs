@@ -19,6 +19,7 @@ fn probe_reports_this_kernel_and_leaves_nothing_behind() {
         ("sockmap_link", &report.sockmap_link),
         ("redirect", &report.redirect),
         ("fionread", &report.fionread_counts_redirected),
+        ("both_mode", &report.both_mode),
     ] {
         assert!(finding.is_yes(), "{name}: {finding:?}");
     }
