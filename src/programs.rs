@@ -37,18 +37,29 @@ unsafe impl Sync for Programs {}
 impl Programs {
     /// Opens, configures and loads the programs into the kernel.
     pub fn load(config: LoadConfig) -> Result<Self> {
+        let loads_without = |change: fn(&mut LoadConfig)| {
+            let mut reduced = config;
+            change(&mut reduced);
+            Self::load_once(reduced).is_ok()
+        };
         match Self::load_once(config) {
+            // Everything but the splice guard loads: the kernel refuses LSM
+            // programs (no BPF LSM, lockdown, or missing BTF).
             Err(Error::Bpf { source, .. })
-                if config.splice_guard
-                    && Self::load_once(LoadConfig {
-                        splice_guard: false,
-                        ..config
-                    })
-                    .is_ok() =>
+                if config.splice_guard && loads_without(|c| c.splice_guard = false) =>
             {
-                // Everything but the splice guard loads: the kernel refuses
-                // LSM programs (no BPF LSM, lockdown, or missing BTF).
                 Err(crate::splice_guard::unsupported(source))
+            }
+            // Ingress mode loads but both mode does not: the kfuncs or the
+            // kernel internals fp_sk_msg_both reads are missing.
+            Err(Error::Bpf { source, .. })
+                if config.mode == RedirectMode::Both
+                    && loads_without(|c| {
+                        c.mode = RedirectMode::Ingress;
+                        c.splice_guard = false;
+                    }) =>
+            {
+                Err(both_mode_unsupported(source))
             }
             other => other,
         }
@@ -215,6 +226,17 @@ impl Programs {
     }
 }
 
+/// The error for a kernel that cannot run `RedirectMode::Both`.
+fn both_mode_unsupported(source: std::io::Error) -> Error {
+    Error::KernelFeature {
+        feature: "what RedirectMode::Both's program needs (the bpf_cast_to_kern_ctx and \
+                  bpf_rdonly_cast kfuncs, kernel BTF with struct sk_msg and struct sk_psock); \
+                  use RedirectMode::Egress, or Ingress plus a copying proxy",
+        min_kernel: "6.2",
+        source,
+    }
+}
+
 /// Stores to memory the kernel reads concurrently (the mmapped .bss): a
 /// volatile write keeps the compiler from eliding or reordering it.
 fn store_shared(slot: &mut u32, value: u32) {
@@ -229,6 +251,17 @@ impl Drop for Programs {
         unsafe {
             ManuallyDrop::drop(&mut self.skel);
             drop(Box::from_raw(self.object.as_ptr()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn both_mode_refusal_names_the_feature_and_the_alternatives() {
+        let text = super::both_mode_unsupported(std::io::Error::from_raw_os_error(22)).to_string();
+        for needle in ["bpf_rdonly_cast", "RedirectMode::Egress", "6.2"] {
+            assert!(text.contains(needle), "{needle}: {text}");
         }
     }
 }
