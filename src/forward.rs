@@ -101,11 +101,11 @@ pub struct Forwarding {
 /// Both mode: where the BPF side keeps what `Forwarding` needs.
 pub(crate) struct DirectMaps {
     /// `proxy_pairs`, holding this pair under `key`.
-    pub pairs: MapHandle,
+    pairs: MapHandle,
     /// `sock_state`: per-socket counts of bytes sent around TCP.
-    pub sock_state: MapHandle,
+    sock_state: MapHandle,
     /// `netns_spaces`: what keys use in place of a namespace's cookie.
-    pub netns_spaces: MapHandle,
+    netns_spaces: MapHandle,
     key: fp_sock_key,
 }
 
@@ -284,28 +284,34 @@ impl Forwarding {
     }
 
     fn run_until_end(&mut self) -> Result<ForwardEnd> {
+        let mut upstream_full = false;
         loop {
             if self.sides.iter().all(|s| s.fin_passed) {
                 return Ok(ForwardEnd::Closed);
             }
             let fds = self.sides.each_ref().map(|s| s.stream.as_raw_fd());
-            // Both mode: POLLIN on the downstream socket means bytes were
-            // redirected into its queue: copy them on.
-            let down_events = match self.direct {
-                Some(_) => RDHUP | PollFlags::POLLIN,
-                None => RDHUP,
-            };
+            // Both mode: bytes redirected into the downstream queue are
+            // copied upstream: wait for them (POLLIN), or, while the
+            // upstream socket is full, for room there (POLLOUT).
+            let (mut down_events, mut up_events) = (RDHUP, RDHUP);
+            if self.direct.is_some() {
+                match upstream_full {
+                    false => down_events |= PollFlags::POLLIN,
+                    true => up_events |= PollFlags::POLLOUT,
+                }
+            }
             let revents = sys::poll_events(
-                [(fds[DOWN], down_events.bits()), (fds[UP], RDHUP.bits())],
+                [(fds[DOWN], down_events.bits()), (fds[UP], up_events.bits())],
                 100,
             )
             .map_err(io_err("poll", "forwarded sockets"))?
             .map(PollFlags::from_bits_retain);
-            if revents[DOWN].contains(PollFlags::POLLIN)
-                && self.direct.is_some()
-                && self.copy_queued(DOWN).is_err()
+            if revents[DOWN].contains(PollFlags::POLLIN) || revents[UP].contains(PollFlags::POLLOUT)
             {
-                return Ok(self.reset_by(DOWN));
+                match self.copy_queued(DOWN) {
+                    Ok(full) => upstream_full = full,
+                    Err(_) => return Ok(self.reset_by(DOWN)),
+                }
             }
             for (from, events) in revents.iter().enumerate() {
                 // SO_ERROR clears the error: read it once, on POLLERR/POLLHUP.
@@ -383,28 +389,41 @@ impl Forwarding {
         RESET_BY[from]
     }
 
-    /// Both mode: copies the bytes queued on side `from` to the other side,
-    /// consuming each chunk only after it was written (the BPF side switches
-    /// the application to the upstream socket only when this queue is
-    /// empty). An error reading means side `from` failed; write errors end
-    /// the copy, and poll() then reports the other side's failure.
-    fn copy_queued(&mut self, from: usize) -> nix::Result<()> {
-        use nix::sys::socket::{recv, MsgFlags};
+    /// Both mode: copies the bytes queued on side `from` to the other side
+    /// without blocking, consuming each chunk only after it was written (the
+    /// BPF side sends straight upstream only while this queue is empty).
+    /// Returns whether bytes are left because the other side had no room.
+    /// An error reading means side `from` failed; on a write error it
+    /// stops, and poll() then reports the other side's failure.
+    fn copy_queued(&mut self, from: usize) -> nix::Result<bool> {
+        use nix::errno::Errno;
+        use nix::sys::socket::{recv, send, MsgFlags};
         let fd = self.sides[from].stream.as_raw_fd();
+        let to = self.sides[1 - from].stream.as_raw_fd();
         let mut buf = vec![0u8; 64 << 10];
         loop {
             let n = match recv(fd, &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
-                Err(nix::errno::Errno::EAGAIN) => 0,
+                Err(Errno::EAGAIN) => 0,
                 other => other?,
             };
-            if n == 0 || write_fully(&self.sides[1 - from].stream, &buf[..n]).is_err() {
-                return Ok(());
+            if n == 0 {
+                return Ok(false);
             }
+            let written = match send(
+                to,
+                &buf[..n],
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(written) => written,
+                Err(Errno::EAGAIN) => return Ok(true),
+                Err(Errno::EINTR) => continue,
+                Err(_) => return Ok(false),
+            };
             let mut consumed = 0;
-            while consumed < n {
-                consumed += recv(fd, &mut buf[..n - consumed], MsgFlags::MSG_DONTWAIT)?;
+            while consumed < written {
+                consumed += recv(fd, &mut buf[..written - consumed], MsgFlags::MSG_DONTWAIT)?;
             }
-            self.sides[from].copied += n as u64;
+            self.sides[from].copied += written as u64;
         }
     }
 }
@@ -424,20 +443,4 @@ fn downstream_key(stream: &TcpStream, netns_spaces: &MapHandle) -> Result<fp_soc
         .and_then(|v| v.try_into().ok().map(u64::from_ne_bytes))
         .unwrap_or(cookie);
     Ok(fp_sock_key::of_socket(local, remote, space))
-}
-
-/// Writes all of `bytes`, waiting for room if the socket is non-blocking.
-fn write_fully(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
-    use nix::sys::socket::{send, MsgFlags};
-    while !bytes.is_empty() {
-        match send(stream.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(nix::errno::Errno::EAGAIN) => {
-                sys::poll_events([(stream.as_raw_fd(), PollFlags::POLLOUT.bits())], 100)?;
-            }
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
 }

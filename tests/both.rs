@@ -218,24 +218,17 @@ fn dropping_the_guard_mid_transfer_loses_nothing() {
     assert!(reader.read().unwrap().fwd_direct_bytes > 0);
 }
 
-/// The upstream stops draining: the application is never made to wait on
-/// the proxy's upstream socket (where it could hang if the proxy died);
-/// its bytes wait in the downstream queue instead, and all arrive, in
-/// order, once the server reads again.
-#[test]
-fn a_full_upstream_never_blocks_the_application() {
-    let Some(e) = both_env() else { return };
-    let Proxied {
-        mut client,
-        mut server,
-        proxy,
-    } = proxied_via(&e.guard, &e.front, &e.upstream, &[], |_, _| {});
-    client.set_nonblocking(true).unwrap();
+/// A client, its proxied pair, and `SIZE` bytes it wrote without blocking
+/// while the server did not read (so the upstream socket filled up and
+/// the rest waits in the downstream queue).
+fn client_filled_the_upstream(e: &BothEnv) -> (Proxied, Vec<u8>) {
     const SIZE: usize = 64 << 20;
+    let p = proxied_via(&e.guard, &e.front, &e.upstream, &[], |_, _| {});
+    p.client.set_nonblocking(true).unwrap();
     let data = random_bytes(SIZE, 27);
     let mut sent = 0;
     for chunk in data.chunks(64 << 10) {
-        match client.write(chunk) {
+        match (&p.client).write(chunk) {
             Ok(n) => {
                 assert_eq!(n, chunk.len(), "short write after {sent} bytes");
                 sent += n;
@@ -243,13 +236,31 @@ fn a_full_upstream_never_blocks_the_application() {
             Err(err) => panic!("send failed after {sent} bytes: {err}"),
         }
     }
+    p.client.set_nonblocking(false).unwrap();
     let counters = e.guard.stats().unwrap();
     assert!(counters.fwd_direct_bytes > 0, "{counters}");
     assert!(
         counters.fwd_direct_bytes < SIZE as u64,
         "the upstream filled up, so some bytes queued: {counters}"
     );
-    client.set_nonblocking(false).unwrap();
+    (p, data)
+}
+
+/// The upstream stops draining: the application is never made to wait on
+/// the proxy's upstream socket (where it could hang if the proxy died);
+/// its bytes wait in the downstream queue instead, and all arrive, in
+/// order, once the server reads again.
+#[test]
+fn a_full_upstream_never_blocks_the_application() {
+    let Some(e) = both_env() else { return };
+    let (
+        Proxied {
+            mut client,
+            mut server,
+            proxy,
+        },
+        data,
+    ) = client_filled_the_upstream(&e);
     client.shutdown(Shutdown::Write).unwrap();
     assert_bytes_eq(&read_all(&mut server), &data, "every byte, in order");
     server.shutdown(Shutdown::Write).unwrap();
@@ -258,6 +269,37 @@ fn a_full_upstream_never_blocks_the_application() {
     assert_eq!(stats.end, ForwardEnd::Closed);
     assert_eq!(
         stats.copied_at_hand_over + e.guard.stats().unwrap().fwd_direct_bytes,
-        SIZE as u64
+        data.len() as u64
     );
+}
+
+/// While the proxy waits for room upstream, a client reset still ends the
+/// pair at once (the copy never blocks the proxy's wait()).
+#[test]
+fn a_client_reset_while_the_upstream_is_full_ends_the_pair() {
+    let Some(e) = both_env() else { return };
+    let (
+        Proxied {
+            client,
+            mut server,
+            proxy,
+        },
+        _,
+    ) = client_filled_the_upstream(&e);
+    socket2::SockRef::from(&client)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(client);
+    assert_eq!(proxy.join().unwrap().end, ForwardEnd::DownstreamReset);
+    let mut sink = vec![0u8; 1 << 20];
+    loop {
+        match server.read(&mut sink) {
+            Ok(0) => panic!("the server saw a clean end, not a reset"),
+            Ok(_) => {}
+            Err(err) => {
+                assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+                break;
+            }
+        }
+    }
 }
