@@ -287,6 +287,7 @@ fn proxy_table(
     let mut out = String::from("\nProxy forwarding, unpinned: a proxy copying in user space vs the kernel forwarding the pair (egress mode) vs both mode (the client's bytes leave straight through the upstream socket, the server's go straight into the client's queue).\n\n");
     paths_header(
         &mut out,
+        "proxy",
         &["user-space copy", "egress mode", "both mode"],
         &["egress/copy", "both/copy"],
     );
@@ -391,7 +392,12 @@ fn container_table(
         ),
     ];
     let mut out = String::from("\nContainer to container: two network namespaces, each joined by veth to a bridge in a third, plain TCP vs accelerated (`namespace_group`), interleaved:\n\n");
-    paths_header(&mut out, &["plain TCP", "accelerated"], &["accel/plain"]);
+    paths_header(
+        &mut out,
+        "containers",
+        &["plain TCP", "accelerated"],
+        &["accel/plain"],
+    );
     for (name, unit, scale, run) in cases {
         let mut rates = [Vec::new(), Vec::new()];
         for _ in 0..reps {
@@ -465,6 +471,7 @@ fn reference_table(
     let mut out = String::from("\nOur programs vs a minimal reference redirect (bpf/reference.bpf.c: IPv4 only, no netns, no policy, no ordering fallback; never use it), interleaved:\n\n");
     paths_header(
         &mut out,
+        "reference",
         &["sockmap-fastpath", "minimal reference"],
         &["ratio"],
     );
@@ -523,6 +530,7 @@ fn reference_table(
     );
     paths_header(
         &mut out,
+        "batching",
         &[
             "plain TCP",
             "sockmap-fastpath",
@@ -737,10 +745,18 @@ fn spread(v: &[f64]) -> String {
 }
 
 /// Header of a markdown table comparing two paths side by side.
-fn paths_header(out: &mut String, paths: &[&str], ratios: &[&str]) {
+/// The extra sections' rows as JSON objects, for the JSON output (the
+/// section's name and its path names come from the last `paths_header`).
+static SECTION_JSON: std::sync::Mutex<(String, Vec<String>, Vec<String>)> =
+    std::sync::Mutex::new((String::new(), Vec::new(), Vec::new()));
+
+fn paths_header(out: &mut String, section: &str, paths: &[&str], ratios: &[&str]) {
     let columns: Vec<&str> = paths.iter().chain(ratios).copied().collect();
     let _ = writeln!(out, "| workload | unit | {} |", columns.join(" | "));
     let _ = writeln!(out, "|---|---|{}", "---|".repeat(columns.len()));
+    let mut json = SECTION_JSON.lock().unwrap();
+    json.0 = section.to_owned();
+    json.1 = paths.iter().map(|p| p.to_string()).collect();
 }
 
 /// One workload's row: median and spread of each path, then the ratios.
@@ -751,6 +767,30 @@ fn paths_row(out: &mut String, name: &str, unit: &str, rates: &[&[f64]], ratios:
         .chain(ratios.iter().map(|r| format!("{r:.2}x")))
         .collect();
     let _ = writeln!(out, "| {name} | {unit} | {} |", cells.join(" | "));
+    let mut json = SECTION_JSON.lock().unwrap();
+    let paths: Vec<String> = json
+        .1
+        .iter()
+        .zip(rates)
+        .map(|(path, r)| format!("\"{path}\":{}", json_rates(r)))
+        .collect();
+    let row = format!(
+        "{{\"section\":\"{}\",\"name\":\"{name}\",\"unit\":\"{unit}\",{}}}",
+        json.0,
+        paths.join(",")
+    );
+    json.2.push(row);
+}
+
+/// `[r1,r2,...]` with three decimals.
+fn json_rates(v: &[f64]) -> String {
+    format!(
+        "[{}]",
+        v.iter()
+            .map(|x| format!("{x:.3}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    )
 }
 
 fn num(v: f64) -> String {
@@ -845,15 +885,7 @@ fn markdown(
 fn json(results: &[Measured], reps: usize, seconds: f64, msg_ns: f64, ops_ns: f64) -> String {
     let mut out = format!("{{\"reps\":{reps},\"seconds\":{seconds},\"fp_sk_msg_ns_per_msg\":{msg_ns:.1},\"fp_sock_ops_ns_per_call\":{ops_ns:.1},\"workloads\":[");
     for (i, m) in results.iter().enumerate() {
-        let rates = |v: &[f64]| {
-            format!(
-                "[{}]",
-                v.iter()
-                    .map(|x| format!("{x:.3}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            )
-        };
+        let rates = json_rates;
         let lat = |l: &[u64]| {
             format!(
                 "[{}]",
@@ -870,6 +902,7 @@ fn json(results: &[Measured], reps: usize, seconds: f64, msg_ns: f64, ops_ns: f6
             lat(&m.latencies[0]), lat(&m.latencies[1]), lat(&m.latencies[2]), m.redirected_share
         );
     }
-    out.push_str("]}\n");
+    let sections = SECTION_JSON.lock().unwrap().2.join(",");
+    let _ = writeln!(out, "],\"sections\":[{sections}]}}");
     out
 }
