@@ -492,8 +492,12 @@ static __always_inline int redirect_target_has_room(struct sk_msg_md *msg, __u32
  * (1) nothing waits in the downstream socket's queue: Forwarding
  * (src/forward.rs) copies queued bytes upstream and consumes them only
  * after they are written, so an empty queue means nothing sent earlier can
- * be overtaken; and (2) the upstream socket has room, so the sender never
- * waits on a socket it does not own. Otherwise it joins the queue. */
+ * be overtaken; (2) the upstream socket has room, so the sender never
+ * waits on a socket it does not own; and (3) the upstream socket is not
+ * accelerated itself: its other bytes (copied by Forwarding) go through
+ * its own sk_msg program into its local peer's queue, and a direct send
+ * would take the TCP path and be read after them. Otherwise it joins the
+ * queue. */
 SEC("sk_msg")
 int fp_sk_msg_both(struct sk_msg_md *msg)
 {
@@ -516,7 +520,8 @@ int fp_sk_msg_both(struct sk_msg_md *msg)
 	if (live.paused && !pair)
 		return count_msg(s, NULL, MSG_PASSED, size);
 	outcome = redirect_to_peer(msg, st, s);
-	if (!pair || outcome != MSG_REDIRECTED || redirect_target_queued(msg))
+	if (!pair || pair->upstream_accelerated || outcome != MSG_REDIRECTED ||
+	    redirect_target_queued(msg))
 		return count_msg(s, st, outcome, size);
 	dir = bpf_map_lookup_elem(&fwd_dirs, &pair->down_cookie);
 	/* A failed redirect leaves the message redirected to the peer. */

@@ -28,7 +28,10 @@
 //! queue. Bytes are consumed from the downstream socket only after they
 //! were written upstream, so no byte overtakes another.
 //! Bytes from upstream travel as in egress mode, through the downstream
-//! socket's send path.
+//! socket's send path. If the upstream socket is accelerated too (its
+//! server is local and selected), the server's bytes land in its queue and
+//! `wait()` copies them to the downstream socket likewise; such a pair
+//! never sends straight upstream.
 
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -95,29 +98,28 @@ pub struct Forwarding {
     sides: [Side; 2],
     dirs: MapHandle,
     /// Both mode only.
-    direct: Option<DirectMaps>,
+    direct: Option<Direct>,
 }
 
-/// Both mode: where the BPF side keeps what `Forwarding` needs.
+/// Both mode: the maps where the BPF side keeps what `Forwarding` needs.
 pub(crate) struct DirectMaps {
-    /// `proxy_pairs`, holding this pair under `key`.
-    pairs: MapHandle,
+    /// `proxy_pairs`: forwarded pairs by the downstream socket's key.
+    pub pairs: MapHandle,
     /// `sock_state`: per-socket counts of bytes sent around TCP.
-    sock_state: MapHandle,
+    pub sock_state: MapHandle,
     /// `netns_spaces`: what keys use in place of a namespace's cookie.
-    netns_spaces: MapHandle,
-    key: fp_sock_key,
+    pub netns_spaces: MapHandle,
+    /// `sock_map`: the accelerated sockets, by key.
+    pub sock_map: MapHandle,
 }
 
-impl DirectMaps {
-    pub(crate) fn new(pairs: MapHandle, sock_state: MapHandle, netns_spaces: MapHandle) -> Self {
-        DirectMaps {
-            pairs,
-            sock_state,
-            netns_spaces,
-            key: fp_sock_key::default(),
-        }
-    }
+/// Both mode: this pair's entry in `proxy_pairs`.
+struct Direct {
+    maps: DirectMaps,
+    /// The downstream socket's key.
+    key: fp_sock_key,
+    /// The upstream socket is accelerated itself (see `fp_proxy_pair`).
+    upstream_accelerated: bool,
 }
 
 const DOWN: usize = 0;
@@ -165,10 +167,18 @@ impl Forwarding {
             side(up.as_fd(), "upstream socket")?,
         );
         let direct = match direct {
-            Some(maps) => Some(DirectMaps {
-                key: downstream_key(&down.stream, &maps.netns_spaces)?,
-                ..maps
-            }),
+            Some(maps) => {
+                let up_key = socket_key(&up.stream, &maps.netns_spaces)?;
+                let upstream_accelerated = matches!(
+                    maps.sock_map.lookup(up_key.as_bytes(), MapFlags::ANY),
+                    Ok(Some(_))
+                );
+                Some(Direct {
+                    key: socket_key(&down.stream, &maps.netns_spaces)?,
+                    upstream_accelerated,
+                    maps,
+                })
+            }
             None => None,
         };
         let mut forwarding = Forwarding {
@@ -224,13 +234,17 @@ impl Forwarding {
             }
             // Last: the application's socket may switch to the upstream
             // socket as soon as this entry exists.
-            if let Some(DirectMaps { pairs, key, .. }) = &self.direct {
+            if let Some(direct) = &self.direct {
                 let pair = fp_proxy_pair {
                     down_cookie: self.sides[DOWN].cookie,
                     up_cookie: self.sides[UP].cookie,
+                    upstream_accelerated: u32::from(direct.upstream_accelerated),
+                    ..Default::default()
                 };
-                pairs
-                    .update(key.as_bytes(), pair.as_bytes(), MapFlags::NO_EXIST)
+                direct
+                    .maps
+                    .pairs
+                    .update(direct.key.as_bytes(), pair.as_bytes(), MapFlags::NO_EXIST)
                     .map_err(|e| {
                         Error::bpf("bpf(BPF_MAP_UPDATE_ELEM) on proxy_pairs (map full)", e)
                     })?;
@@ -246,8 +260,8 @@ impl Forwarding {
     }
 
     fn remove_dirs(&self) {
-        if let Some(DirectMaps { pairs, key, .. }) = &self.direct {
-            let _ = pairs.delete(key.as_bytes());
+        if let Some(direct) = &self.direct {
+            let _ = direct.maps.pairs.delete(direct.key.as_bytes());
         }
         for side in &self.sides {
             let _ = self.dirs.delete(&side.cookie.to_ne_bytes());
@@ -284,33 +298,36 @@ impl Forwarding {
     }
 
     fn run_until_end(&mut self) -> Result<ForwardEnd> {
-        let mut upstream_full = false;
+        // Both mode: bytes redirected into either socket's queue (around
+        // the forwarding program) are copied to the other socket; while the
+        // other socket is full, wait for room there instead.
+        let mut blocked = [false; 2];
         loop {
             if self.sides.iter().all(|s| s.fin_passed) {
                 return Ok(ForwardEnd::Closed);
             }
             let fds = self.sides.each_ref().map(|s| s.stream.as_raw_fd());
-            // Both mode: bytes redirected into the downstream queue are
-            // copied upstream: wait for them (POLLIN), or, while the
-            // upstream socket is full, for room there (POLLOUT).
-            let (mut down_events, mut up_events) = (RDHUP, RDHUP);
-            if self.direct.is_some() {
-                match upstream_full {
-                    false => down_events |= PollFlags::POLLIN,
-                    true => up_events |= PollFlags::POLLOUT,
+            let events = [DOWN, UP].map(|i| {
+                let mut events = RDHUP;
+                if self.direct.is_some() && !blocked[i] {
+                    events |= PollFlags::POLLIN;
                 }
-            }
-            let revents = sys::poll_events(
-                [(fds[DOWN], down_events.bits()), (fds[UP], up_events.bits())],
-                100,
-            )
-            .map_err(io_err("poll", "forwarded sockets"))?
-            .map(PollFlags::from_bits_retain);
-            if revents[DOWN].contains(PollFlags::POLLIN) || revents[UP].contains(PollFlags::POLLOUT)
-            {
-                match self.copy_queued(DOWN) {
-                    Ok(full) => upstream_full = full,
-                    Err(_) => return Ok(self.reset_by(DOWN)),
+                if blocked[1 - i] {
+                    events |= PollFlags::POLLOUT;
+                }
+                (fds[i], events.bits())
+            });
+            let revents = sys::poll_events(events, 100)
+                .map_err(io_err("poll", "forwarded sockets"))?
+                .map(PollFlags::from_bits_retain);
+            for from in [DOWN, UP] {
+                if revents[from].contains(PollFlags::POLLIN)
+                    || revents[1 - from].contains(PollFlags::POLLOUT)
+                {
+                    match self.copy_queued(from) {
+                        Ok(full) => blocked[from] = full,
+                        Err(_) => return Ok(self.reset_by(from)),
+                    }
                 }
             }
             for (from, events) in revents.iter().enumerate() {
@@ -339,10 +356,10 @@ impl Forwarding {
     /// Shuts down the other side's sending half once every byte received on
     /// `from` before its FIN has entered the other side's send queue.
     fn try_pass_fin(&mut self, from: usize) -> Result<bool> {
-        if self.direct.is_some() && from == DOWN {
+        if self.direct.is_some() {
             // Copied by the loop first (POLLIN).
-            let queued = sys::bytes_readable(self.sides[DOWN].stream.as_raw_fd())
-                .map_err(io_err("ioctl(FIONREAD)", "downstream socket"))?;
+            let queued = sys::bytes_readable(self.sides[from].stream.as_raw_fd())
+                .map_err(io_err("ioctl(FIONREAD)", "forwarded socket"))?;
             if queued > 0 {
                 return Ok(false);
             }
@@ -369,7 +386,8 @@ impl Forwarding {
             .map_err(io_err("getsockopt(TCP_INFO)", "forwarded socket"))?;
         let around = match &self.direct {
             // No entry: the socket is not accelerated.
-            Some(maps) => maps
+            Some(direct) => direct
+                .maps
                 .sock_state
                 .lookup(&fd.to_ne_bytes(), MapFlags::ANY)
                 .ok()
@@ -428,9 +446,9 @@ impl Forwarding {
     }
 }
 
-/// The key the BPF side gives the proxy's downstream socket.
-fn downstream_key(stream: &TcpStream, netns_spaces: &MapHandle) -> Result<fp_sock_key> {
-    let what = "downstream socket";
+/// The key the BPF side gives a socket.
+fn socket_key(stream: &TcpStream, netns_spaces: &MapHandle) -> Result<fp_sock_key> {
+    let what = "forwarded socket";
     let local = stream.local_addr().map_err(io_err("getsockname", what))?;
     let remote = stream.peer_addr().map_err(io_err("getpeername", what))?;
     let cookie = sys::netns_cookie(stream.as_raw_fd())

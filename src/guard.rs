@@ -87,14 +87,17 @@ impl FastpathGuard {
         let dirs = MapHandle::try_from(&maps.fwd_dirs)
             .map_err(|e| Error::bpf("dup of the fwd_dirs fd", e))?;
         let direct = match self.mode {
-            RedirectMode::Both => Some(DirectMaps::new(
-                MapHandle::try_from(&maps.proxy_pairs)
-                    .map_err(|e| Error::bpf("dup of the proxy_pairs fd", e))?,
-                MapHandle::try_from(&maps.sock_state)
-                    .map_err(|e| Error::bpf("dup of the sock_state fd", e))?,
-                MapHandle::try_from(&maps.netns_spaces)
-                    .map_err(|e| Error::bpf("dup of the netns_spaces fd", e))?,
-            )),
+            RedirectMode::Both => {
+                let dup = |map: &libbpf_rs::Map<'_>, call| {
+                    MapHandle::try_from(map).map_err(|e| Error::bpf(call, e))
+                };
+                Some(DirectMaps {
+                    pairs: dup(&maps.proxy_pairs, "dup of the proxy_pairs fd")?,
+                    sock_state: dup(&maps.sock_state, "dup of the sock_state fd")?,
+                    netns_spaces: dup(&maps.netns_spaces, "dup of the netns_spaces fd")?,
+                    sock_map: dup(&maps.sock_map, "dup of the sock_map fd")?,
+                })
+            }
             _ => None,
         };
         Forwarding::start(&maps.fwd_map, dirs, direct, downstream, upstream)

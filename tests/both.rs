@@ -303,3 +303,52 @@ fn a_client_reset_while_the_upstream_is_full_ends_the_pair() {
         }
     }
 }
+
+/// A sidecar whose upstream is local too (a service in the same cgroup and
+/// namespace, selected by the policy): the server's bytes are redirected
+/// into the proxy's upstream socket's queue, around the forwarding
+/// program; wait() copies them on. Every byte arrives, in order (a first
+/// version sent the client's bytes straight out of the upstream socket
+/// here and the server read them out of order).
+#[test]
+fn a_local_upstream_in_the_policy_is_forwarded_too() {
+    let Some(env) = privileged_env() else { return };
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ports = [&front, &upstream].map(|l| l.local_addr().unwrap().port());
+    let guard = env.attach(|b| b.redirect(RedirectMode::Both).ports(ports));
+    let p = proxied_via(&guard, &front, &upstream, b"hello", |_, _| {});
+    const SIZE: usize = 8 << 20;
+    let mut to_server = b"hello".to_vec();
+    to_server.extend(random_bytes(SIZE, 28));
+    let to_client = random_bytes(SIZE, 29);
+    let (mut client, mut server) = (p.client, p.server);
+    let writer = {
+        let rest = to_server[5..].to_vec();
+        let mut server = server.try_clone().unwrap();
+        let to_client = to_client.clone();
+        std::thread::spawn(move || {
+            server.write_all(&to_client).unwrap();
+            server.shutdown(Shutdown::Write).unwrap();
+            rest
+        })
+    };
+    let rest = writer.join().unwrap();
+    client.write_all(&rest).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_bytes_eq(&read_all(&mut server), &to_server, "client to server");
+    assert_bytes_eq(&read_all(&mut client), &to_client, "server to client");
+    let stats = p.proxy.join().unwrap();
+    assert_eq!(stats.end, ForwardEnd::Closed);
+    assert_eq!(
+        (stats.downstream_to_upstream, stats.upstream_to_downstream),
+        (to_server.len() as u64, SIZE as u64)
+    );
+    let counters = guard.stats().unwrap();
+    assert_eq!(counters.sockets_inserted, 4, "{counters}");
+    assert_eq!(counters.bytes_passed, 0, "{counters}");
+    // An accelerated upstream socket: no direct sends (they would take the
+    // TCP path and be read after bytes copied through its sk_msg program).
+    assert_eq!(counters.fwd_direct_bytes, 0, "{counters}");
+    assert_eq!(stats.copied_at_hand_over, to_server.len() as u64);
+}
