@@ -60,8 +60,9 @@ struct fp_fwd_dir {
 struct fp_proxy_pair {
 	__u64 down_cookie; /* the proxy's downstream socket */
 	__u64 up_cookie;   /* the proxy's upstream socket, in fwd_map */
-	/* The upstream socket is accelerated itself (its server is local):
-	 * its bytes must all take its own sk_msg path, so no direct sends. */
+	/* The upstream socket's server is a local socket in sock_map, so the
+	 * upstream socket's own sends are redirected into that server's queue:
+	 * its bytes must all take that path, so no direct sends. */
 	__u32 upstream_accelerated;
 	__u32 pad;
 };

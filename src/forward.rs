@@ -118,7 +118,8 @@ struct Direct {
     maps: DirectMaps,
     /// The downstream socket's key.
     key: fp_sock_key,
-    /// The upstream socket is accelerated itself (see `fp_proxy_pair`).
+    /// The upstream socket's server is a local socket in the map, so the
+    /// upstream socket's own sends are redirected (see `fp_proxy_pair`).
     upstream_accelerated: bool,
 }
 
@@ -168,13 +169,15 @@ impl Forwarding {
         );
         let direct = match direct {
             Some(maps) => {
-                let up_key = socket_key(&up.stream, &maps.netns_spaces)?;
+                // The upstream socket's sends go into its server's queue if
+                // that server is a local socket in the map.
+                let server_key = socket_key(&up.stream, &maps.netns_spaces, Whose::Peer)?;
                 let upstream_accelerated = matches!(
-                    maps.sock_map.lookup(up_key.as_bytes(), MapFlags::ANY),
+                    maps.sock_map.lookup(server_key.as_bytes(), MapFlags::ANY),
                     Ok(Some(_))
                 );
                 Some(Direct {
-                    key: socket_key(&down.stream, &maps.netns_spaces)?,
+                    key: socket_key(&down.stream, &maps.netns_spaces, Whose::Own)?,
                     upstream_accelerated,
                     maps,
                 })
@@ -446,8 +449,8 @@ impl Forwarding {
     }
 }
 
-/// The key the BPF side gives a socket.
-fn socket_key(stream: &TcpStream, netns_spaces: &MapHandle) -> Result<fp_sock_key> {
+/// The key the BPF side gives a socket (`Own`) or its local peer (`Peer`).
+fn socket_key(stream: &TcpStream, netns_spaces: &MapHandle, whose: Whose) -> Result<fp_sock_key> {
     let what = "forwarded socket";
     let local = stream.local_addr().map_err(io_err("getsockname", what))?;
     let remote = stream.peer_addr().map_err(io_err("getpeername", what))?;
@@ -460,5 +463,14 @@ fn socket_key(stream: &TcpStream, netns_spaces: &MapHandle) -> Result<fp_sock_ke
         .flatten()
         .and_then(|v| v.try_into().ok().map(u64::from_ne_bytes))
         .unwrap_or(cookie);
-    Ok(fp_sock_key::of_socket(local, remote, space))
+    Ok(match whose {
+        Whose::Own => fp_sock_key::of_socket(local, remote, space),
+        Whose::Peer => fp_sock_key::of_socket(remote, local, space),
+    })
+}
+
+#[derive(Clone, Copy)]
+enum Whose {
+    Own,
+    Peer,
 }
