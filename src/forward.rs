@@ -91,7 +91,8 @@ struct Side {
 /// A pair the kernel forwards; see the [module docs](self) for the protocol.
 /// Call [`wait`](Self::wait): dropping it unwaited leaves forwarding running
 /// until the sockets close, but nothing then passes half-closes on, and its
-/// entries stay in the `fwd_dirs` map until the guard's maps are freed.
+/// entries stay in the `fwd_dirs` (and, in both mode, `proxy_pairs`) maps
+/// until the guard's maps are freed.
 #[must_use = "call wait() to pass half-closes on and learn when the pair ends"]
 pub struct Forwarding {
     /// [downstream, upstream]
