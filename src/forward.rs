@@ -92,7 +92,8 @@ struct Side {
 /// Call [`wait`](Self::wait): dropping it unwaited leaves forwarding running
 /// until the sockets close, but nothing then passes half-closes on, and its
 /// entries stay in the `fwd_dirs` (and, in both mode, `proxy_pairs`) maps
-/// until the guard's maps are freed.
+/// until the guard's maps are freed. In both mode `wait()` is also what
+/// copies bytes queued on the sockets: unwaited, they stay queued.
 #[must_use = "call wait() to pass half-closes on and learn when the pair ends"]
 pub struct Forwarding {
     /// [downstream, upstream]
