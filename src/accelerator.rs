@@ -36,7 +36,11 @@ pub enum RedirectMode {
     /// [`Egress`](Self::Egress). When the downstream socket of a forwarded
     /// pair is itself accelerated (its client is a local application), the
     /// application's bytes skip the proxy's downstream socket and leave
-    /// straight through the upstream socket. Needs a cgroup.
+    /// straight through the upstream socket whenever nothing waits on the
+    /// downstream socket and the upstream socket has room; the rest is
+    /// copied by [`Forwarding::wait`](crate::Forwarding::wait), in order.
+    /// The upstream's bytes go straight into the application's queue.
+    /// Needs a cgroup.
     ///
     /// # Minimum kernel version
     /// 6.10, with the `bpf_cast_to_kern_ctx` and `bpf_rdonly_cast` kfuncs

@@ -69,8 +69,8 @@ pub struct ForwardStats {
     /// Bytes forwarded from upstream to downstream.
     pub upstream_to_downstream: u64,
     /// Both mode: of `downstream_to_upstream`, the bytes `wait()` copied in
-    /// user space because they were queued on the downstream socket before
-    /// the application's socket switched to the upstream socket.
+    /// user space because they were queued on the downstream socket (sent
+    /// before the hand-over, or while the upstream socket had no room).
     pub copied_at_hand_over: u64,
     /// How it ended.
     pub end: ForwardEnd,
@@ -307,6 +307,7 @@ impl Forwarding {
         // the forwarding program) are copied to the other socket; while the
         // other socket is full, wait for room there instead.
         let mut blocked = [false; 2];
+        let mut buf = vec![0u8; 64 << 10];
         loop {
             if self.sides.iter().all(|s| s.fin_passed) {
                 return Ok(ForwardEnd::Closed);
@@ -329,7 +330,7 @@ impl Forwarding {
                 if revents[from].contains(PollFlags::POLLIN)
                     || revents[1 - from].contains(PollFlags::POLLOUT)
                 {
-                    match self.copy_queued(from) {
+                    match self.copy_queued(from, &mut buf) {
                         Ok(full) => blocked[from] = full,
                         Err(_) => return Ok(self.reset_by(from)),
                     }
@@ -389,8 +390,8 @@ impl Forwarding {
         let fd = self.sides[i].stream.as_raw_fd();
         let queued = sys::bytes_into_send_queue(fd)
             .map_err(io_err("getsockopt(TCP_INFO)", "forwarded socket"))?;
+        // No socket-storage entry: the socket is not accelerated.
         let around = match &self.direct {
-            // No entry: the socket is not accelerated.
             Some(direct) => direct
                 .maps
                 .sock_state
@@ -418,14 +419,13 @@ impl Forwarding {
     /// Returns whether bytes are left because the other side had no room.
     /// An error reading means side `from` failed; on a write error it
     /// stops, and poll() then reports the other side's failure.
-    fn copy_queued(&mut self, from: usize) -> nix::Result<bool> {
+    fn copy_queued(&mut self, from: usize, buf: &mut [u8]) -> nix::Result<bool> {
         use nix::errno::Errno;
         use nix::sys::socket::{recv, send, MsgFlags};
         let fd = self.sides[from].stream.as_raw_fd();
         let to = self.sides[1 - from].stream.as_raw_fd();
-        let mut buf = vec![0u8; 64 << 10];
         loop {
-            let n = match recv(fd, &mut buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+            let n = match recv(fd, buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
                 Err(Errno::EAGAIN) => 0,
                 other => other?,
             };

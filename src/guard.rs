@@ -84,20 +84,17 @@ impl FastpathGuard {
             return Err(Error::NotEgressMode);
         }
         let maps = &self.programs.skel().maps;
-        let dirs = MapHandle::try_from(&maps.fwd_dirs)
-            .map_err(|e| Error::bpf("dup of the fwd_dirs fd", e))?;
+        let dup = |map: &libbpf_rs::Map<'_>, call| {
+            MapHandle::try_from(map).map_err(|e| Error::bpf(call, e))
+        };
+        let dirs = dup(&maps.fwd_dirs, "dup of the fwd_dirs fd")?;
         let direct = match self.mode {
-            RedirectMode::Both => {
-                let dup = |map: &libbpf_rs::Map<'_>, call| {
-                    MapHandle::try_from(map).map_err(|e| Error::bpf(call, e))
-                };
-                Some(DirectMaps {
-                    pairs: dup(&maps.proxy_pairs, "dup of the proxy_pairs fd")?,
-                    sock_state: dup(&maps.sock_state, "dup of the sock_state fd")?,
-                    netns_spaces: dup(&maps.netns_spaces, "dup of the netns_spaces fd")?,
-                    sock_map: dup(&maps.sock_map, "dup of the sock_map fd")?,
-                })
-            }
+            RedirectMode::Both => Some(DirectMaps {
+                pairs: dup(&maps.proxy_pairs, "dup of the proxy_pairs fd")?,
+                sock_state: dup(&maps.sock_state, "dup of the sock_state fd")?,
+                netns_spaces: dup(&maps.netns_spaces, "dup of the netns_spaces fd")?,
+                sock_map: dup(&maps.sock_map, "dup of the sock_map fd")?,
+            }),
             _ => None,
         };
         Forwarding::start(&maps.fwd_map, dirs, direct, downstream, upstream)

@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 
 use sockmap_fastpath::Error;
@@ -96,9 +96,6 @@ fn identical_four_tuples_in_two_groups_never_meet() {
     let counters = delta(&guard, &before);
     assert_eq!(counters.sockets_inserted, 4, "{counters}");
     assert_eq!(counters.bytes_redirected, 2 << 20, "{counters}");
-    let mut rest = Vec::new();
-    s1.read_to_end(&mut rest).unwrap();
-    assert!(rest.is_empty());
 }
 
 #[test]
