@@ -25,8 +25,13 @@
  *  - once a socket has sent one chunk as plain TCP it never redirects again:
  *    the receiver reads its redirect queue before its TCP queue, so a later
  *    redirected chunk would overtake the plain one;
- *  - nothing here deletes from sock_map (that loses unread bytes); entries
- *    leave when sockets close. Detaching sets live.paused instead.
+ *  - only the two sockets of one connection, both in the map, redirect to
+ *    each other (the `pairs` handshake below). A map member that receives
+ *    plain TCP misreports FIONREAD on some kernels, so a socket whose peer
+ *    does not join leaves the map, which is safe only because nothing was
+ *    ever redirected into it. Paired sockets are never deleted (that would
+ *    lose unread bytes); they leave when they close. Detaching sets
+ *    live.paused: nothing new is inserted, existing pairs stay paired.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -152,6 +157,15 @@ struct {
 	__type(value, struct fp_proxy_pair);
 	__uint(max_entries, 65536); /* resized before load */
 } proxy_pairs SEC(".maps");
+
+/* One entry per connecting socket while its pairing is undecided or
+ * unseen by it: enum fp_pair_state, keyed by that socket's own key. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct fp_sock_key);
+	__type(value, __u64); /* 64-bit: BPF's compare-and-swap of any CPU version */
+	__uint(max_entries, 65536); /* resized before load */
+} pairs SEC(".maps");
 
 /* Processes caught splicing from an accelerated socket: tgid -> times. */
 struct {
@@ -304,7 +318,95 @@ static __always_inline int policy_selects(const struct fp_sock_key *key,
 	return 1;
 }
 
-static __always_inline void on_established(struct bpf_sock_ops *skops)
+/* Whether an established socket may join the shortcut (counting why not). */
+static __always_inline int may_insert(struct bpf_sock_ops *skops,
+				      const struct fp_sock_key *key,
+				      const struct fp_sock_state *st,
+				      __u32 bytes_received, __u32 data_segs_out)
+{
+	if (!policy_selects(key, st)) {
+		COUNT(policy_skipped, 1);
+		return 0;
+	}
+	if ((st->flags & FP_OWNER_KNOWN) &&
+	    bpf_map_lookup_elem(&splice_excluded, &st->owner_tgid)) {
+		COUNT(splice_excluded, 1);
+		return 0;
+	}
+	/* Bytes that already moved as plain TCP (e.g. TCP Fast Open data in the
+	 * SYN) could be overtaken by redirected ones: keep such sockets plain. */
+	if (bytes_received || data_segs_out) {
+		COUNT(late_skipped, 1);
+		return 0;
+	}
+	return 1;
+}
+
+/* Removes a socket that never paired from the map. Safe: only its peer
+ * could have redirected into it, and its peer never joined. */
+static __always_inline void remove_unpaired(struct fp_sock_key *key)
+{
+	if (!bpf_map_delete_elem(&sock_map, key))
+		COUNT(unpaired_removed, 1);
+}
+
+/* Connecting side (established first): joins the map and waits for its
+ * peer's decision, watching its own outgoing segments until it knows. */
+static __always_inline void connect_side_established(struct bpf_sock_ops *skops,
+						     struct fp_sock_key *key,
+						     struct fp_sock_state *st)
+{
+	__u64 pending = FP_PAIR_PENDING;
+
+	if (bpf_sock_hash_update(skops, &sock_map, key, BPF_NOEXIST)) {
+		COUNT(insert_failed, 1);
+		return;
+	}
+	if (bpf_map_update_elem(&pairs, key, &pending, BPF_ANY)) {
+		bpf_map_delete_elem(&sock_map, key);
+		COUNT(insert_failed, 1);
+		return;
+	}
+	st->flags |= FP_ACCELERATED | FP_WAITING;
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG |
+					 BPF_SOCK_OPS_STATE_CB_FLAG);
+	COUNT(sockets_inserted, 1);
+}
+
+/* Accepting side (established second, when its peer, if local and
+ * selected, is already waiting in the map): joins only together with it. */
+static __always_inline void accept_side_established(struct bpf_sock_ops *skops,
+						    struct fp_sock_key *key,
+						    struct fp_sock_state *st,
+						    int selected)
+{
+	__u64 *peer_pair = bpf_map_lookup_elem(&pairs, &st->peer);
+
+	if (!peer_pair) {
+		if (selected)
+			COUNT(unpaired_skipped, 1);
+		return;
+	}
+	if (!selected || bpf_sock_hash_update(skops, &sock_map, key, BPF_NOEXIST)) {
+		if (selected)
+			COUNT(insert_failed, 1);
+		__sync_val_compare_and_swap(peer_pair, FP_PAIR_PENDING, FP_PAIR_PLAIN);
+		remove_unpaired(&st->peer);
+		return;
+	}
+	if (__sync_val_compare_and_swap(peer_pair, FP_PAIR_PENDING, FP_PAIR_PAIRED) !=
+	    FP_PAIR_PENDING) {
+		/* The peer already sent plain bytes: neither side redirected. */
+		bpf_map_delete_elem(&sock_map, key);
+		remove_unpaired(&st->peer);
+		COUNT(unpaired_skipped, 1);
+		return;
+	}
+	st->flags |= FP_ACCELERATED | FP_PAIRED;
+	COUNT(sockets_inserted, 1);
+}
+
+static __always_inline void on_established(struct bpf_sock_ops *skops, int passive)
 {
 	struct endpoint_fields f;
 	struct fp_sock_key key = {};
@@ -312,6 +414,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops)
 	struct bpf_sock *sk;
 	__u64 netns_cookie;
 	__u32 bytes_received, data_segs_out;
+	int selected;
 
 	READ_ENDPOINT_FIELDS(skops, &f);
 	bytes_received = skops->bytes_received;
@@ -327,28 +430,75 @@ static __always_inline void on_established(struct bpf_sock_ops *skops)
 		COUNT(insert_failed, 1);
 		return;
 	}
-	if (!policy_selects(&key, st)) {
-		COUNT(policy_skipped, 1);
-		return;
-	}
-	if ((st->flags & FP_OWNER_KNOWN) &&
-	    bpf_map_lookup_elem(&splice_excluded, &st->owner_tgid)) {
-		COUNT(splice_excluded, 1);
-		return;
-	}
-	/* Bytes that already moved as plain TCP (e.g. TCP Fast Open data in the
-	 * SYN) could be overtaken by redirected ones: keep such sockets plain. */
-	if (bytes_received || data_segs_out) {
-		COUNT(late_skipped, 1);
-		return;
-	}
 	make_key(&f, netns_cookie, 1, &st->peer);
-	if (bpf_sock_hash_update(skops, &sock_map, &key, BPF_NOEXIST)) {
-		COUNT(insert_failed, 1);
+	selected = may_insert(skops, &key, st, bytes_received, data_segs_out);
+	if (passive)
+		accept_side_established(skops, &key, st, selected);
+	else if (selected)
+		connect_side_established(skops, &key, st);
+}
+
+/* The connecting side learns its pair's decision: on its first outgoing
+ * segment after the peer decided, or once it has received bytes (its peer
+ * sends only after its own establishment, so it has decided by then).
+ * A refused socket leaves the map before its plain bytes can be misread. */
+static __always_inline void on_connect_side_segment(struct bpf_sock_ops *skops)
+{
+	struct endpoint_fields f;
+	struct fp_sock_key key = {};
+	struct fp_sock_state *st;
+	__u64 *pair, state;
+	__u32 bytes_received = skops->bytes_received;
+	__u32 payload = skops->skb_len;
+
+	READ_ENDPOINT_FIELDS(skops, &f);
+	if (!skops->sk)
 		return;
+	/* Another guard's socket (nested cgroups run both guards' programs):
+	 * not ours to settle. */
+	st = bpf_sk_storage_get(&sock_state, skops->sk, 0, 0);
+	if (!st || !(st->flags & FP_WAITING))
+		return;
+	if (make_key(&f, address_space(bpf_get_netns_cookie(skops)), 0, &key))
+		goto done;
+	pair = bpf_map_lookup_elem(&pairs, &key);
+	state = pair ? *pair : FP_PAIR_PLAIN;
+	if (state == FP_PAIR_PENDING) {
+		if (!bytes_received && !payload)
+			return; /* e.g. the handshake's last ACK: keep waiting */
+		state = __sync_val_compare_and_swap(pair, FP_PAIR_PENDING, FP_PAIR_PLAIN);
+		if (state == FP_PAIR_PENDING)
+			state = FP_PAIR_PLAIN;
 	}
-	st->flags |= FP_ACCELERATED;
-	COUNT(sockets_inserted, 1);
+	st->flags &= ~FP_WAITING;
+	if (state == FP_PAIR_PAIRED) {
+		st->flags |= FP_PAIRED;
+		/* Plain bytes a send() queued before the insertion: later
+		 * redirected ones would overtake them. */
+		if (payload) {
+			st->flags |= FP_FELL_BACK;
+			COUNT(late_plain, 1);
+		}
+	} else {
+		st->flags &= ~FP_ACCELERATED;
+		remove_unpaired(&key);
+	}
+	bpf_map_delete_elem(&pairs, &key);
+done:
+	bpf_sock_ops_cb_flags_set(skops, 0);
+}
+
+/* A connecting socket closed before learning its pair's decision. */
+static __always_inline void on_state_change(struct bpf_sock_ops *skops)
+{
+	struct endpoint_fields f;
+	struct fp_sock_key key = {};
+
+	if (skops->args[1] != BPF_TCP_CLOSE)
+		return;
+	READ_ENDPOINT_FIELDS(skops, &f);
+	if (!make_key(&f, address_space(bpf_get_netns_cookie(skops)), 0, &key))
+		bpf_map_delete_elem(&pairs, &key);
 }
 
 SEC("sockops")
@@ -360,8 +510,16 @@ int fp_sock_ops(struct bpf_sock_ops *skops)
 		record_owner(skops);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		on_established(skops, 0);
+		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		on_established(skops);
+		on_established(skops, 1);
+		break;
+	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
+		on_connect_side_segment(skops);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		on_state_change(skops);
 		break;
 	}
 	return 1;
@@ -393,8 +551,42 @@ static __always_inline int count_msg(struct fp_stats *s, struct fp_sock_state *s
 	return SK_PASS;
 }
 
-/* The accelerated socket's state, or NULL if its messages go plain. */
-static __always_inline struct fp_sock_state *accelerated_state(struct sk_msg_md *msg)
+/* The socket's own key, from the peer key it keeps. */
+static __always_inline void own_key(const struct fp_sock_state *st, struct fp_sock_key *key)
+{
+	__builtin_memcpy(key->local_ip, st->peer.remote_ip, sizeof(key->local_ip));
+	__builtin_memcpy(key->remote_ip, st->peer.local_ip, sizeof(key->remote_ip));
+	key->local_port = st->peer.remote_port;
+	key->remote_port = st->peer.local_port;
+	key->netns_cookie = st->peer.netns_cookie;
+}
+
+/* A connecting socket about to send while its pair is undecided: the
+ * decision is taken now, PLAIN unless the peer has already joined. */
+static __always_inline int settle_pair(struct fp_sock_state *st, struct fp_stats *s)
+{
+	struct fp_sock_key key = {};
+	__u64 *pair, state;
+
+	own_key(st, &key);
+	pair = bpf_map_lookup_elem(&pairs, &key);
+	state = pair ? __sync_val_compare_and_swap(pair, FP_PAIR_PENDING, FP_PAIR_PLAIN)
+		     : FP_PAIR_PLAIN;
+	if (state == FP_PAIR_PAIRED) {
+		st->flags |= FP_PAIRED;
+		return 1;
+	}
+	/* Plain from now on; the socket leaves the map at its next
+	 * outgoing segment (fp_sock_ops). */
+	st->flags |= FP_FELL_BACK;
+	s->peer_missing += 1;
+	return 0;
+}
+
+/* The socket's state if its messages may be redirected, or NULL if they
+ * go plain. */
+static __always_inline struct fp_sock_state *paired_state(struct sk_msg_md *msg,
+							  struct fp_stats *s)
 {
 	struct fp_sock_state *st;
 
@@ -403,7 +595,11 @@ static __always_inline struct fp_sock_state *accelerated_state(struct sk_msg_md 
 	st = bpf_sk_storage_get(&sock_state, msg->sk, 0, 0);
 	if (!st || (st->flags & FP_FELL_BACK))
 		return NULL;
-	return st;
+	if (st->flags & FP_PAIRED)
+		return st;
+	if ((st->flags & FP_WAITING) && settle_pair(st, s))
+		return st;
+	return NULL;
 }
 
 /* Redirects the message into its local peer's receive queue. On a miss the
@@ -428,7 +624,7 @@ int fp_sk_msg(struct sk_msg_md *msg)
 
 	if (!s)
 		return SK_PASS;
-	st = live.paused ? NULL : accelerated_state(msg);
+	st = paired_state(msg, s);
 	/* No per-socket byte count here: only both mode's Forwarding reads it. */
 	return count_msg(s, NULL, st ? redirect_to_peer(msg, st, s) : MSG_PASSED, msg->size);
 }
@@ -510,15 +706,10 @@ int fp_sk_msg_both(struct sk_msg_md *msg)
 
 	if (!s)
 		return SK_PASS;
-	st = accelerated_state(msg);
+	st = paired_state(msg, s);
 	if (!st)
 		return count_msg(s, NULL, MSG_PASSED, size);
 	pair = bpf_map_lookup_elem(&proxy_pairs, &st->peer);
-	/* Paused (detached): new plain bytes would reach a forwarded peer's
-	 * forwarding program before the bytes queued on it are copied, so a
-	 * forwarded pair keeps its path; everything else goes plain. */
-	if (live.paused && !pair)
-		return count_msg(s, NULL, MSG_PASSED, size);
 	outcome = redirect_to_peer(msg, st, s);
 	if (!pair || pair->upstream_accelerated || outcome != MSG_REDIRECTED ||
 	    redirect_target_queued(msg))

@@ -44,6 +44,10 @@ struct fp_stats {
 	__u64 fwd_unpaired;     /* received with no peer to forward to */
 	__u64 fwd_direct_msgs;  /* both mode: an application's messages sent */
 	__u64 fwd_direct_bytes; /* straight out of a forwarded upstream socket */
+	__u64 unpaired_skipped; /* accepted sockets kept out: peer not on the shortcut */
+	__u64 unpaired_removed; /* sockets taken out of the map: peer never paired */
+	__u64 late_plain;       /* plain bytes queued before insertion left a paired
+				 * socket: it sends plain from then on */
 };
 
 /* Egress mode: one direction of a forwarded pair, keyed by the socket
@@ -72,6 +76,20 @@ enum fp_sock_flags {
 	FP_OWNER_KNOWN = 1, /* owner_tgid/owner_comm were recorded */
 	FP_ACCELERATED = 2, /* the socket is in the socket map */
 	FP_FELL_BACK   = 4, /* a message went plain: never redirect again */
+	FP_PAIRED      = 8, /* its peer is in the map too: redirect */
+	FP_WAITING     = 16, /* connecting side, inserted, peer undecided */
+};
+
+/* Whether a connection takes the shortcut, decided once per connection in
+ * the `pairs` map (keyed by the connecting side's key): the connecting
+ * side is inserted first and waits; the accepting side, established
+ * second, either joins (PENDING -> PAIRED) or refuses (-> PLAIN); a
+ * connecting side that must send before that goes plain (-> PLAIN). The
+ * compare-and-swap makes the two sides agree. */
+enum fp_pair_state {
+	FP_PAIR_PENDING = 1,
+	FP_PAIR_PAIRED  = 2,
+	FP_PAIR_PLAIN   = 3,
 };
 
 struct fp_sock_state {

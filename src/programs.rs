@@ -96,6 +96,7 @@ impl Programs {
             &mut open.maps.fwd_map,
             &mut open.maps.fwd_dirs,
             &mut open.maps.proxy_pairs,
+            &mut open.maps.pairs,
         ] {
             map.set_max_entries(config.capacity)
                 .map_err(|err| Error::bpf("bpf_map__set_max_entries", err))?;

@@ -84,6 +84,19 @@ counters! {
     fwd_direct_msgs,
     /// Both mode: bytes of those messages.
     fwd_direct_bytes,
+    /// Accepted sockets kept out of the map because their peer is not on
+    /// the shortcut (a remote client, one outside the policy or the
+    /// cgroup, one that already sent plain bytes).
+    unpaired_skipped,
+    /// Connecting sockets taken out of the map because their peer did not
+    /// join (remote, outside the policy or the cgroup, refused): from then
+    /// on they are plain TCP sockets in every respect. Nothing was ever
+    /// redirected into them, so nothing is lost.
+    unpaired_removed,
+    /// Paired sockets that turned out to have plain bytes queued from a
+    /// send() made while connecting: they send plain from then on, so
+    /// nothing overtakes those bytes.
+    late_plain,
 }
 
 impl Stats {

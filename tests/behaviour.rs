@@ -62,30 +62,6 @@ fn readable_within(s: &impl AsFd, ms: u16) -> bool {
     poll(&mut fds, PollTimeout::from(ms)).unwrap() == 1
 }
 
-fn set_rcvlowat(s: &TcpStream, bytes: nix::libc::c_int) {
-    // SAFETY: SO_RCVLOWAT takes an int, passed by a valid pointer and size.
-    let rc = unsafe {
-        nix::libc::setsockopt(
-            s.as_raw_fd(),
-            nix::libc::SOL_SOCKET,
-            nix::libc::SO_RCVLOWAT,
-            (&bytes as *const nix::libc::c_int).cast(),
-            size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_RCVLOWAT");
-}
-
-fn fionread(s: &TcpStream) -> i32 {
-    let mut n: nix::libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through the valid pointer.
-    assert_eq!(
-        unsafe { nix::libc::ioctl(s.as_raw_fd(), nix::libc::FIONREAD, &mut n) },
-        0
-    );
-    n
-}
-
 #[test]
 fn peek_and_fionread() {
     same_as_plain(|addr| {

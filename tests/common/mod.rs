@@ -98,6 +98,19 @@ impl TestCgroup {
     pub fn path(&self) -> PathBuf {
         self.cgroup().as_path().to_owned()
     }
+
+    /// Runs `make` with this process back in its original cgroup, so the
+    /// sockets it creates are outside the accelerator's scope.
+    pub fn outside<T>(&self, make: impl FnOnce() -> T) -> T {
+        self.original
+            .add_process(std::process::id())
+            .expect("leave the test cgroup");
+        let made = make();
+        self.cgroup()
+            .add_process(std::process::id())
+            .expect("re-enter the test cgroup");
+        made
+    }
 }
 
 impl Drop for TestCgroup {
@@ -389,4 +402,29 @@ pub fn exchange_all_redirected(
         "every byte redirected: {d}"
     );
     assert_eq!(d.bytes_passed, 0, "{d}");
+}
+
+/// Bytes the kernel says are waiting to be read (`ioctl(FIONREAD)`).
+pub fn fionread(s: &TcpStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut n: nix::libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the valid pointer.
+    let rc = unsafe { nix::libc::ioctl(s.as_raw_fd(), nix::libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0, "FIONREAD");
+    n
+}
+
+pub fn set_rcvlowat(s: &TcpStream, bytes: nix::libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: SO_RCVLOWAT takes an int, passed by a valid pointer and size.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            s.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_RCVLOWAT,
+            (&bytes as *const nix::libc::c_int).cast(),
+            size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVLOWAT");
 }

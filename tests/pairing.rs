@@ -1,0 +1,389 @@
+//! Pairing states: only the two sockets of one connection, both on the
+//! shortcut, stay in the socket map. A socket whose peer does not join
+//! (outside the cgroup, outside the policy, refused, in another network
+//! namespace, or too late after a plain send) must behave exactly like
+//! plain TCP: on some kernels (6.18.44 here) FIONREAD on a map member
+//! counts only redirected bytes and reads 0 while plain bytes wait.
+//!
+//! Every mixed setup runs the same observations as a plain pair, over IPv4
+//! and IPv6, and the counters must show which sockets joined and left.
+
+mod common;
+use common::*;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd};
+use std::thread;
+use std::time::Duration;
+
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use sockmap_fastpath::{Cidr, FastpathGuard};
+
+const ADDRS: [&str; 2] = ["127.0.0.1:0", "[::1]:0"];
+const SMALL_WRITES: usize = 300;
+
+/// What the receiving socket of a connection observes, in every way a
+/// program may look at it.
+#[derive(Debug, PartialEq, Eq)]
+struct Observed {
+    /// Wake-ups after which FIONREAD said 0 although a recv() then got
+    /// bytes (the kernel quirk this file guards against).
+    fionread_zero_with_bytes: usize,
+    bytes_via_epoll: usize,
+    splice_moved_plain_bytes: bool,
+    readable_below_rcvlowat: bool,
+    half_close_then_eof: bool,
+    reset_seen: String,
+}
+
+/// Sends many small writes from `tx` while `rx` waits with edge-triggered
+/// epoll and reads FIONREAD at every wake-up.
+fn fionread_at_every_wakeup(tx: &TcpStream, rx: &TcpStream) -> (usize, usize) {
+    tx.set_nodelay(true).unwrap();
+    rx.set_nonblocking(true).unwrap();
+    let epoll = Epoll::new(EpollCreateFlags::empty()).unwrap();
+    epoll
+        .add(
+            rx,
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, 0),
+        )
+        .unwrap();
+    let writer = {
+        let mut tx = tx.try_clone().unwrap();
+        thread::spawn(move || {
+            for i in 0..SMALL_WRITES {
+                tx.write_all(&[i as u8; 100]).unwrap();
+                thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let (mut zero_with_bytes, mut got) = (0, 0);
+    let mut buf = vec![0u8; 64 << 10];
+    while got < SMALL_WRITES * 100 {
+        let mut events = [EpollEvent::empty()];
+        let n = epoll
+            .wait(&mut events, EpollTimeout::from(2000u16))
+            .unwrap();
+        assert_eq!(n, 1, "no wake-up within 2 s with {got} bytes read");
+        let announced = fionread(rx);
+        let mut read_now = 0;
+        loop {
+            match (&*rx).read(&mut buf) {
+                Ok(0) => panic!("unexpected EOF"),
+                Ok(k) => read_now += k,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        if announced == 0 && read_now > 0 {
+            zero_with_bytes += 1;
+        }
+        got += read_now;
+    }
+    writer.join().unwrap();
+    rx.set_nonblocking(false).unwrap();
+    (zero_with_bytes, got)
+}
+
+/// splice(2) from the socket into a pipe moves bytes that arrived as plain
+/// TCP (it does not on a map member, whose queue splice cannot see).
+fn splice_moves(tx: &mut TcpStream, rx: &TcpStream) -> bool {
+    tx.write_all(&[7u8; 1000]).unwrap();
+    thread::sleep(Duration::from_millis(20));
+    let (pipe_r, pipe_w) = nix::unistd::pipe().unwrap();
+    let moved = nix::fcntl::splice(
+        rx.as_fd(),
+        None,
+        pipe_w.as_fd(),
+        None,
+        1000,
+        nix::fcntl::SpliceFFlags::SPLICE_F_NONBLOCK,
+    );
+    let mut out = [0u8; 1000];
+    let read = moved.map(|n| nix::unistd::read(&pipe_r, &mut out[..n]).unwrap());
+    matches!(read, Ok(1000)) && out == [7u8; 1000]
+}
+
+fn readable_within(s: &TcpStream, ms: u16) -> bool {
+    let mut fds = [nix::poll::PollFd::new(
+        s.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)).unwrap() == 1
+}
+
+fn observe(mut tx: TcpStream, mut rx: TcpStream) -> Observed {
+    let (fionread_zero_with_bytes, bytes_via_epoll) = fionread_at_every_wakeup(&tx, &rx);
+    let splice_moved_plain_bytes = splice_moves(&mut tx, &rx);
+    set_rcvlowat(&rx, 1000);
+    tx.write_all(&[1u8; 500]).unwrap();
+    thread::sleep(Duration::from_millis(20));
+    let readable_below_rcvlowat = readable_within(&rx, 50);
+    set_rcvlowat(&rx, 1);
+    let mut half = [0u8; 500];
+    rx.read_exact(&mut half).unwrap();
+    tx.write_all(b"last").unwrap();
+    tx.shutdown(Shutdown::Write).unwrap();
+    let half_close_then_eof = read_all(&mut rx) == b"last";
+    // The other way, then an abortive close.
+    rx.write_all(b"reply").unwrap();
+    let mut reply = [0u8; 5];
+    tx.read_exact(&mut reply).unwrap();
+    nix::sys::socket::setsockopt(
+        &rx,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .unwrap();
+    drop(rx);
+    thread::sleep(Duration::from_millis(20));
+    let reset_seen = match tx.read(&mut reply) {
+        Ok(n) => format!("{n} bytes"),
+        Err(e) => format!("{:?}", e.kind()),
+    };
+    Observed {
+        fionread_zero_with_bytes,
+        bytes_via_epoll,
+        splice_moved_plain_bytes,
+        readable_below_rcvlowat,
+        half_close_then_eof,
+        reset_seen,
+    }
+}
+
+/// Observes both directions of a connection: client -> server and
+/// server -> client (on a second connection made the same way).
+fn observe_both_ways(make: &dyn Fn() -> (TcpStream, TcpStream)) -> (Observed, Observed) {
+    let (c, s) = make();
+    let up = observe(c, s);
+    let (c, s) = make();
+    let down = observe(s, c);
+    (up, down)
+}
+
+/// The same observations on a pair made outside the accelerator's cgroup.
+fn plain_reference(env: &Env, addr: &str) -> (Observed, Observed) {
+    let (up, down) = observe_both_ways(&|| env.cgroup.outside(|| connected_pair(addr)));
+    assert_eq!(up.fionread_zero_with_bytes, 0, "plain TCP: {up:?}");
+    assert!(up.splice_moved_plain_bytes && down.splice_moved_plain_bytes);
+    (up, down)
+}
+
+/// Runs a mixed setup against the plain reference and checks the
+/// counters: `joined` sockets inserted, `removed` taken out again, and
+/// `skipped` accepted sockets kept out, per connection; nothing redirected
+/// and nobody left in the map.
+fn same_as_plain_and_counted(
+    env: &Env,
+    guard: &FastpathGuard,
+    addr: &str,
+    make: &dyn Fn() -> (TcpStream, TcpStream),
+    (joined, removed, skipped): (u64, u64, u64),
+) {
+    let plain = plain_reference(env, addr);
+    let before = guard.stats().unwrap();
+    let mixed = observe_both_ways(make);
+    let d = guard.stats().unwrap().since(&before);
+    assert_eq!(mixed, plain, "{addr}: differs from plain TCP; {d}");
+    assert_eq!(d.bytes_redirected, 0, "{addr}: {d}");
+    assert_eq!(
+        (d.sockets_inserted, d.unpaired_removed, d.unpaired_skipped),
+        (2 * joined, 2 * removed, 2 * skipped),
+        "{addr}: two connections; {d}"
+    );
+    assert_eq!(guard.socket_count(), 0, "{addr}: nobody left in the map");
+}
+
+/// The server is in the accelerator's cgroup, the client is not (a client
+/// outside the policy in the words: the server's peer never joins).
+#[test]
+fn server_in_scope_client_outside() {
+    let Some(env) = privileged_env() else { return };
+    let guard = env.attach(|b| b);
+    for addr in ADDRS {
+        let listener = TcpListener::bind(addr).unwrap();
+        let to = listener.local_addr().unwrap();
+        let make = || {
+            let client = env.cgroup.outside(|| TcpStream::connect(to).unwrap());
+            let (server, _) = listener.accept().unwrap();
+            (client, server)
+        };
+        same_as_plain_and_counted(&env, &guard, addr, &make, (0, 0, 1));
+    }
+}
+
+/// The client is in scope, its server outside the cgroup (a local service
+/// the policy does not cover, or a remote one): the client joins, learns
+/// its peer did not, and leaves before its plain bytes can be misread.
+#[test]
+fn client_in_scope_server_outside() {
+    let Some(env) = privileged_env() else { return };
+    let guard = env.attach(|b| b);
+    for addr in ADDRS {
+        let listener = env.cgroup.outside(|| TcpListener::bind(addr).unwrap());
+        let to = listener.local_addr().unwrap();
+        let make = || {
+            let client = TcpStream::connect(to).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            (client, server)
+        };
+        same_as_plain_and_counted(&env, &guard, addr, &make, (1, 1, 0));
+    }
+}
+
+/// Both in scope, only the client selected by the policy (its peer address
+/// is in the CIDR, the server's peer address is not): the server refuses,
+/// and takes the waiting client out of the map.
+#[test]
+fn server_not_selected_by_policy() {
+    let Some(env) = privileged_env() else { return };
+    let guard = env.attach(|b| b.cidr("127.0.0.1/32".parse::<Cidr>().unwrap()));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = listener.local_addr().unwrap();
+    let make = || {
+        let client = connect_from_source("127.0.0.2:0", to);
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    };
+    same_as_plain_and_counted(&env, &guard, "127.0.0.1:0", &make, (1, 1, 0));
+    let d = guard.stats().unwrap();
+    assert_eq!(d.policy_skipped, 2, "the two servers: {d}");
+}
+
+/// The client sends before its server is established (TCP_DEFER_ACCEPT
+/// keeps the server half-open until data arrives): the client's first
+/// message misses, goes plain, and the pair never forms.
+#[test]
+fn client_that_sent_before_its_peer_joined() {
+    let Some(env) = privileged_env() else { return };
+    let guard = env.attach(|b| b);
+    for addr in ADDRS {
+        let listener = TcpListener::bind(addr).unwrap();
+        set_defer_accept(&listener, 1);
+        let to = listener.local_addr().unwrap();
+        let before = guard.stats().unwrap();
+        let mut client = TcpStream::connect(to).unwrap();
+        client.write_all(b"first").unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let mut first = [0u8; 5];
+        server.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"first");
+        let d = guard.stats().unwrap().since(&before);
+        assert_eq!(
+            (d.sockets_inserted, d.peer_missing, d.unpaired_removed),
+            (1, 1, 1),
+            "{addr}: the client joined, missed, left: {d}"
+        );
+        assert_eq!(d.bytes_redirected, 0, "{addr}: {d}");
+        assert_eq!(guard.socket_count(), 0, "{addr}");
+        let observed = observe(client, server);
+        assert_eq!(observed.fionread_zero_with_bytes, 0, "{addr}: {observed:?}");
+        assert!(observed.splice_moved_plain_bytes, "{addr}: {observed:?}");
+    }
+}
+
+/// FACTS.md: a server keeps the fd of a socket its client reset; the
+/// client reconnects from the same port, so the new server socket has the
+/// same key as the dead one. Before per-connection pairing the new client
+/// was redirected into the dead socket and its bytes vanished.
+#[test]
+fn a_reused_four_tuple_never_reaches_the_dead_socket() {
+    let Some(env) = privileged_env() else { return };
+    let guard = env.attach(|b| b);
+    for addr in ADDRS {
+        let listener = TcpListener::bind(addr).unwrap();
+        let to = listener.local_addr().unwrap();
+        let first = socket2_client(to, None);
+        let source = first.local_addr().unwrap();
+        let (_dead_server, _) = listener.accept().unwrap(); // fd kept open
+        nix::sys::socket::setsockopt(
+            &first,
+            nix::sys::socket::sockopt::Linger,
+            &nix::libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        )
+        .unwrap();
+        drop(first); // RST
+        thread::sleep(Duration::from_millis(50));
+        let before = guard.stats().unwrap();
+        let mut again = socket2_client(to, Some(source));
+        let (mut server, _) = listener.accept().unwrap();
+        again.write_all(b"hello").unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut got = [0u8; 5];
+        server
+            .read_exact(&mut got)
+            .expect("the new server socket gets the new client's bytes");
+        assert_eq!(&got, b"hello");
+        let d = guard.stats().unwrap().since(&before);
+        assert_eq!(d.bytes_redirected, 0, "{addr}: {d}");
+        assert_eq!(
+            (d.insert_failed, d.unpaired_removed),
+            (1, 1),
+            "{addr}: the new server's key is taken; the client left: {d}"
+        );
+    }
+}
+
+fn socket2_client(to: SocketAddr, source: Option<SocketAddr>) -> TcpStream {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(to),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    if let Some(source) = source {
+        socket.set_reuse_address(true).unwrap();
+        socket.bind(&source.into()).unwrap();
+    }
+    socket.connect(&to.into()).unwrap();
+    socket.into()
+}
+
+fn connect_from_source(source: &str, to: SocketAddr) -> TcpStream {
+    socket2_client(to, Some(source.parse().unwrap()))
+}
+
+/// The paired case stays paired through everything above (the counters
+/// prove the shortcut), and FIONREAD counts the redirected bytes.
+#[test]
+fn a_paired_connection_is_observed_like_plain_tcp() {
+    let Some(env) = privileged_env() else { return };
+    let guard = env.attach(|b| b);
+    for addr in ADDRS {
+        let before = guard.stats().unwrap();
+        let (c, s) = connected_pair(addr);
+        let (zero, got) = fionread_at_every_wakeup(&c, &s);
+        let d = guard.stats().unwrap().since(&before);
+        assert_eq!((zero, got), (0, SMALL_WRITES * 100), "{addr}");
+        assert_eq!(d.sockets_inserted, 2, "{addr}: {d}");
+        assert_eq!(
+            d.bytes_redirected,
+            (SMALL_WRITES * 100) as u64,
+            "{addr}: {d}"
+        );
+        assert_eq!(d.bytes_passed, 0, "{addr}: {d}");
+    }
+}
+
+fn set_defer_accept(listener: &TcpListener, seconds: nix::libc::c_int) {
+    // SAFETY: TCP_DEFER_ACCEPT takes an int, passed by a valid pointer and size.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            listener.as_raw_fd(),
+            nix::libc::IPPROTO_TCP,
+            nix::libc::TCP_DEFER_ACCEPT,
+            (&seconds as *const nix::libc::c_int).cast(),
+            size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_DEFER_ACCEPT");
+}
