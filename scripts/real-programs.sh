@@ -7,8 +7,10 @@
 #   scripts/real-programs.sh --quick   # curl/http.server and redis only (CI)
 #
 # Writes a markdown table to stdout and target/real-programs.md. Exits
-# non-zero if any program fails, any result differs from the plain run, or
-# an accelerated run shows no redirected bytes.
+# non-zero if any program fails, any result differs from the plain run, an
+# accelerated run redirected fewer bytes than its workload moved, or a
+# mixed setup (server selected, clients outside the policy) did not stay
+# entirely plain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0
@@ -30,9 +32,16 @@ trap cleanup EXIT
 FAILED=0
 ROWS=()
 
-fail() { echo "FAIL: $*" >&2; FAILED=1; }
+# fail MESSAGE: marks the whole run and the current section failed. Never
+# call it inside $(...): a subshell's assignments are lost.
+fail() { echo "FAIL: $*" >&2; FAILED=1; SECTION_FAILED=1; }
+section() { SECTION_FAILED=0; }
+result() { [ "$SECTION_FAILED" = 0 ] && echo ok || echo FAIL; }
 version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo "?"; }
 stat_of() { tr ' ' '\n' < "$1" | sed -n "s/^$2=//p"; }
+
+# free_port: a port nothing listens on now (the kernel's choice).
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # wait_port PORT: until something listens on 127.0.0.1:PORT (10 s).
 wait_port() {
@@ -55,12 +64,13 @@ run() {
   fi
 }
 
-# check_redirected NAME: the accelerated run must show redirected bytes.
+# check_redirected NAME MIN_BYTES: the accelerated run must have redirected
+# at least the bytes its workload is known to move; sets REDIRECTED.
 check_redirected() {
-  local bytes
-  bytes=$(stat_of "$WORK/$1.accelerated.stats" bytes_redirected)
-  [ "${bytes:-0}" -gt 0 ] || fail "$1: no bytes redirected ($(cat "$WORK/$1.accelerated.stats"))"
-  echo "${bytes:-0}"
+  REDIRECTED=$(stat_of "$WORK/$1.accelerated.stats" bytes_redirected)
+  REDIRECTED=${REDIRECTED:-0}
+  [ "$REDIRECTED" -ge "$2" ] ||
+    fail "$1: $REDIRECTED bytes redirected, want at least $2 ($(cat "$WORK/$1.accelerated.stats"))"
 }
 
 row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 | $7 |"); }
@@ -71,99 +81,129 @@ mkdir -p "$WORK/www/dir"
 head -c $((64 << 20)) /dev/urandom > "$WORK/www/big.bin"
 touch "$WORK/www/dir/a.txt" "$WORK/www/dir/b.txt"
 want=$(sha256sum < "$WORK/www/big.bin" | cut -d' ' -f1)
+section
 for mode in plain accelerated; do
+  port=$(free_port)
   run http "$mode" "
-    python3 -m http.server 18080 --bind 127.0.0.1 -d '$WORK/www' >/dev/null 2>&1 & srv=\$!
-    $(declare -f wait_port); wait_port 18080
-    curl -sS -o '$WORK/dl.$mode' -w '%{speed_download}\n' http://127.0.0.1:18080/big.bin
-    curl -sS http://127.0.0.1:18080/dir/ > '$WORK/listing.$mode'
+    python3 -m http.server $port --bind 127.0.0.1 -d '$WORK/www' >/dev/null 2>&1 & srv=\$!
+    $(declare -f wait_port); wait_port $port
+    curl -sS -o '$WORK/dl.$mode' -w '%{speed_download}\n' http://127.0.0.1:$port/big.bin
+    curl -sS http://127.0.0.1:$port/dir/ > '$WORK/listing.$mode'
     kill \$srv; wait \$srv 2>/dev/null || true"
   got=$(sha256sum < "$WORK/dl.$mode" | cut -d' ' -f1)
   [ "$got" = "$want" ] || fail "http ($mode): 64 MiB download checksum differs"
 done
 cmp -s "$WORK/listing.plain" "$WORK/listing.accelerated" || fail "http: directory listings differ"
 p=$(head -1 "$WORK/http.plain.out"); a=$(head -1 "$WORK/http.accelerated.out")
-r=$(check_redirected http)
+check_redirected http $((64 << 20))
 row "curl $(version curl) / python3 http.server $(python3 -V | cut -d' ' -f2)" "64 MiB download, sha256 equal; listing equal" \
-  "$(awk -v v="$p" 'BEGIN{printf "%.0f MB/s", v/1e6}')" "$(awk -v v="$a" 'BEGIN{printf "%.0f MB/s", v/1e6}')" "$(ratio "$a" "$p")" "$r" ok
+  "$(awk -v v="$p" 'BEGIN{printf "%.0f MB/s", v/1e6}')" "$(awk -v v="$a" 'BEGIN{printf "%.0f MB/s", v/1e6}')" "$(ratio "$a" "$p")" "$REDIRECTED" "$(result)"
 
 # --- redis-benchmark and redis-cli against redis-server --------------------
 head -c $((10 << 20)) /dev/urandom | base64 -w0 > "$WORK/value"
-for mode in plain accelerated; do
-  run redis "$mode" "
-    redis-server --port 16379 --bind 127.0.0.1 --save '' --appendonly no --protected-mode no >/dev/null 2>&1 & srv=\$!
-    $(declare -f wait_port); wait_port 16379
-    redis-benchmark -p 16379 -t set,get -n 100000 -c 50 -q --csv
-    redis-benchmark -p 16379 -t set,get -n 200000 -c 50 -P 16 -q --csv | sed 's/^\"/\"P16 /'
-    redis-cli -p 16379 -x set big < '$WORK/value' >/dev/null
-    redis-cli -p 16379 --raw get big | head -c -1 > '$WORK/got.$mode'
-    redis-cli -p 16379 shutdown nosave >/dev/null 2>&1 || kill \$srv; wait \$srv 2>/dev/null || true"
-  cmp -s "$WORK/value" "$WORK/got.$mode" || fail "redis ($mode): 10 MiB value differs after round trip"
-done
-ops() { grep "^\"$2\"" "$WORK/redis.$1.out" | cut -d, -f2 | tr -d '"'; }
-r=$(check_redirected redis)
+value_bytes=$(stat -c %s "$WORK/value")
+# run_redis NAME MODE [ACCELERATE-OPTIONS...]
+run_redis() {
+  local port; port=$(free_port)
+  run "$1" "$2" "
+    redis-server --port $port --bind 127.0.0.1 --save '' --appendonly no --protected-mode no >/dev/null 2>&1 & srv=\$!
+    $(declare -f wait_port); wait_port $port
+    redis-benchmark -p $port -t set,get -n 100000 -c 50 -q --csv
+    redis-benchmark -p $port -t set,get -n 200000 -c 50 -P 16 -q --csv | sed 's/^\"/\"P16 /'
+    redis-cli -p $port -x set big < '$WORK/value' >/dev/null
+    redis-cli -p $port --raw get big | head -c -1 > '$WORK/got.$1.$2'
+    redis-cli -p $port shutdown nosave >/dev/null 2>&1 || kill \$srv; wait \$srv 2>/dev/null || true" "${@:3}"
+  cmp -s "$WORK/value" "$WORK/got.$1.$2" || fail "$1 ($2): 10 MiB value differs after round trip"
+}
+ops() { grep "^\"$3\"" "$WORK/$1.$2.out" | cut -d, -f2 | tr -d '"'; }
+section
+run_redis redis plain
+run_redis redis accelerated
+# The value goes in with SET and comes back with GET: both ways redirected.
+check_redirected redis $((2 * value_bytes))
 for test in GET SET "P16 GET"; do
-  p=$(ops plain "$test"); a=$(ops accelerated "$test")
+  p=$(ops redis plain "$test"); a=$(ops redis accelerated "$test")
   [ -n "$p" ] && [ -n "$a" ] || fail "redis-benchmark $test: no result"
-  row "redis-benchmark $(version redis-tools) $test, 50 clients" "completed; 10 MiB value intact via redis-cli" "$p ops/s" "$a ops/s" "$(ratio "$a" "$p")" "$r" ok
+  row "redis-benchmark $(version redis-tools) $test, 50 clients" "completed; 10 MiB value intact via redis-cli" "$p ops/s" "$a ops/s" "$(ratio "$a" "$p")" "$REDIRECTED" "$(result)"
+done
+
+# --- the same, only redis-server selected: its clients are outside the -----
+# policy, so no connection pairs and every socket must stay plain TCP.
+section
+run_redis redis-mixed accelerated --comm redis-server
+stats="$WORK/redis-mixed.accelerated.stats"
+[ "$(stat_of "$stats" bytes_redirected)" = 0 ] || fail "redis-mixed: bytes were redirected ($(cat "$stats"))"
+[ "$(stat_of "$stats" sockets_inserted)" = 0 ] || fail "redis-mixed: a socket joined the map ($(cat "$stats"))"
+skipped=$(stat_of "$stats" unpaired_skipped)
+[ "${skipped:-0}" -ge 100 ] || fail "redis-mixed: want every accepted socket kept out, got ${skipped:-0} ($(cat "$stats"))"
+for test in GET SET; do
+  p=$(ops redis plain "$test"); a=$(ops redis-mixed accelerated "$test")
+  [ -n "$a" ] || fail "redis-benchmark (mixed) $test: no result"
+  row "redis-benchmark $test, only redis-server selected" "completed, value intact; $skipped accepted sockets kept out (peer not selected)" "$p ops/s" "$a ops/s" "$(ratio "$a" "$p")" 0 "$(result)"
 done
 
 if [ "$QUICK" = 0 ]; then
   # --- wrk against nginx -------------------------------------------------------
   head -c 100 /dev/urandom | base64 > "$WORK/www/small.html"
   head -c $((1 << 20)) /dev/urandom > "$WORK/www/1m.bin"
+  nginx_port=$(free_port)
   cat > "$WORK/nginx.conf" <<CONF
 worker_processes 1; daemon off; pid $WORK/nginx.pid; error_log $WORK/nginx.err;
 events { worker_connections 1024; }
 http { access_log off; sendfile on; keepalive_requests 100000;
-  server { listen 127.0.0.1:18081; root $WORK/www; } }
+  server { listen 127.0.0.1:$nginx_port; root $WORK/www; } }
 CONF
+  section
   for mode in plain accelerated; do
     run nginx "$mode" "
       nginx -c '$WORK/nginx.conf' & srv=\$!
-      $(declare -f wait_port); wait_port 18081
-      wrk -t2 -c50 -d3s http://127.0.0.1:18081/small.html
-      wrk -t2 -c10 -d3s http://127.0.0.1:18081/1m.bin
+      $(declare -f wait_port); wait_port $nginx_port
+      wrk -t2 -c50 -d3s http://127.0.0.1:$nginx_port/small.html
+      wrk -t2 -c10 -d3s http://127.0.0.1:$nginx_port/1m.bin
       kill \$srv; wait \$srv 2>/dev/null || true"
     grep -q "Socket errors\|Non-2xx" "$WORK/nginx.$mode.out" && fail "wrk ($mode): socket errors or non-2xx responses"
   done
-  r=$(check_redirected nginx)
+  check_redirected nginx $((1 << 20))
   for i in 1 2; do
     p=$(grep Requests/sec "$WORK/nginx.plain.out" | sed -n "${i}p" | awk '{print $2}')
     a=$(grep Requests/sec "$WORK/nginx.accelerated.out" | sed -n "${i}p" | awk '{print $2}')
     what=$([ "$i" = 1 ] && echo "small page, 50 conns" || echo "1 MiB file, 10 conns")
-    row "wrk $(version wrk) / nginx $(version nginx-light)" "$what, keep-alive, no socket errors" "$p req/s" "$a req/s" "$(ratio "$a" "$p")" "$r" ok
+    row "wrk $(version wrk) / nginx $(version nginx-light)" "$what, keep-alive, no socket errors" "$p req/s" "$a req/s" "$(ratio "$a" "$p")" "$REDIRECTED" "$(result)"
   done
 
   # --- iperf3 ------------------------------------------------------------------
+  section
+  iperf_port=$(free_port)
   for mode in plain accelerated; do
     run iperf "$mode" "
-      iperf3 -s -p 15201 >/dev/null 2>&1 & srv=\$!
-      $(declare -f wait_port); wait_port 15201
-      iperf3 -c 127.0.0.1 -p 15201 -t 3 -J | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"end\"][\"sum_received\"][\"bits_per_second\"])'
-      iperf3 -c 127.0.0.1 -p 15201 -t 3 -P 4 -J | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"end\"][\"sum_received\"][\"bits_per_second\"])'
+      iperf3 -s -p $iperf_port >/dev/null 2>&1 & srv=\$!
+      $(declare -f wait_port); wait_port $iperf_port
+      iperf3 -c 127.0.0.1 -p $iperf_port -t 3 -J | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"end\"][\"sum_received\"][\"bits_per_second\"])'
+      iperf3 -c 127.0.0.1 -p $iperf_port -t 3 -P 4 -J | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"end\"][\"sum_received\"][\"bits_per_second\"])'
       kill \$srv; wait \$srv 2>/dev/null || true"
   done
-  r=$(check_redirected iperf)
+  check_redirected iperf $((1 << 20))
   for i in 1 2; do
     p=$(sed -n "${i}p" "$WORK/iperf.plain.out"); a=$(sed -n "${i}p" "$WORK/iperf.accelerated.out")
     row "iperf3 $(version iperf3)" "$([ "$i" = 1 ] && echo 1 stream || echo 4 streams), 3 s" \
-      "$(awk -v v="$p" 'BEGIN{printf "%.1f Gbit/s", v/1e9}')" "$(awk -v v="$a" 'BEGIN{printf "%.1f Gbit/s", v/1e9}')" "$(ratio "$a" "$p")" "$r" ok
+      "$(awk -v v="$p" 'BEGIN{printf "%.1f Gbit/s", v/1e9}')" "$(awk -v v="$a" 'BEGIN{printf "%.1f Gbit/s", v/1e9}')" "$(ratio "$a" "$p")" "$REDIRECTED" "$(result)"
   done
 
   # --- sockperf ping-pong --------------------------------------------------------
+  section
+  sockperf_port=$(free_port)
   for mode in plain accelerated; do
     run sockperf "$mode" "
-      sockperf server --tcp -i 127.0.0.1 -p 11111 >/dev/null 2>&1 & srv=\$!
-      $(declare -f wait_port); wait_port 11111
-      sockperf ping-pong --tcp -i 127.0.0.1 -p 11111 -t 3 --msg-size 64
+      sockperf server --tcp -i 127.0.0.1 -p $sockperf_port >/dev/null 2>&1 & srv=\$!
+      $(declare -f wait_port); wait_port $sockperf_port
+      sockperf ping-pong --tcp -i 127.0.0.1 -p $sockperf_port -t 3 --msg-size 64
       kill \$srv; wait \$srv 2>/dev/null || true"
   done
-  r=$(check_redirected sockperf)
+  check_redirected sockperf 64000
   lat() { grep -o "avg-latency=[0-9.]*" "$WORK/sockperf.$1.out" | head -1 | cut -d= -f2; }
   p99() { grep "99.000" "$WORK/sockperf.$1.out" | awk '{print $NF}' | head -1; }
   row "sockperf $(version sockperf) ping-pong 64 B" "avg latency (p99)" "$(lat plain) us ($(p99 plain))" "$(lat accelerated) us ($(p99 accelerated))" \
-    "$(ratio "$(lat plain)" "$(lat accelerated)") faster" "$r" ok
+    "$(ratio "$(lat plain)" "$(lat accelerated)") faster" "$REDIRECTED" "$(result)"
 fi
 
 if [ "$QUICK" = 0 ]; then
@@ -173,12 +213,14 @@ if [ "$QUICK" = 0 ]; then
   # to leave the proxy out of the policy: select the client and server by
   # name, and the proxy's connections stay on plain TCP.
   (cd scripts/goproxy && go build -o "$WORK/goproxy" .)
+  section
+  origin_port=$(free_port); proxy_port=$(free_port)
   for mode in plain accelerated; do
     run goproxy "$mode" "
-      python3 -m http.server 18082 --bind 127.0.0.1 -d '$WORK/www' >/dev/null 2>&1 & srv=\$!
-      '$WORK/goproxy' 127.0.0.1:18083 127.0.0.1:18082 & proxy=\$!
-      $(declare -f wait_port); wait_port 18082; wait_port 18083
-      curl -sS --max-time 60 -o '$WORK/goproxy-dl.$mode' -w '%{speed_download}\n' http://127.0.0.1:18083/big.bin
+      python3 -m http.server $origin_port --bind 127.0.0.1 -d '$WORK/www' >/dev/null 2>&1 & srv=\$!
+      '$WORK/goproxy' 127.0.0.1:$proxy_port 127.0.0.1:$origin_port & proxy=\$!
+      $(declare -f wait_port); wait_port $origin_port; wait_port $proxy_port
+      curl -sS --max-time 60 -o '$WORK/goproxy-dl.$mode' -w '%{speed_download}\n' http://127.0.0.1:$proxy_port/big.bin
       kill \$srv \$proxy; wait 2>/dev/null || true" --comm curl --comm python3
     got=$(sha256sum < "$WORK/goproxy-dl.$mode" | cut -d' ' -f1)
     [ "$got" = "$want" ] || fail "goproxy ($mode): 64 MiB download through the Go proxy differs"
@@ -190,7 +232,7 @@ if [ "$QUICK" = 0 ]; then
   p=$(head -1 "$WORK/goproxy.plain.out"); a=$(head -1 "$WORK/goproxy.accelerated.out")
   row "Go $(go env GOVERSION) io.Copy proxy (splice) between curl and http.server" \
     "64 MiB sha256 equal; proxy kept plain by comm policy ($skipped sockets skipped)" \
-    "$(awk -v v="$p" 'BEGIN{printf "%.0f MB/s", v/1e6}')" "$(awk -v v="$a" 'BEGIN{printf "%.0f MB/s", v/1e6}')" "$(ratio "$a" "$p")" 0 ok
+    "$(awk -v v="$p" 'BEGIN{printf "%.0f MB/s", v/1e6}')" "$(awk -v v="$a" 'BEGIN{printf "%.0f MB/s", v/1e6}')" "$(ratio "$a" "$p")" 0 "$(result)"
 fi
 
 {
