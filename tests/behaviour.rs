@@ -20,9 +20,14 @@ use nix::sys::socket::{recv, setsockopt, sockopt, MsgFlags};
 const ADDRS: [&str; 2] = ["127.0.0.1:0", "[::1]:0"];
 
 /// Runs `scenario` plainly and accelerated for each address family; checks
-/// the accelerated run really took the shortcut; returns (plain,
+/// the accelerated run really took the shortcut (every one of its
+/// `connections` paired, no byte of theirs plain); returns (plain,
 /// accelerated) observations per family.
 fn observe_both<T>(scenario: impl Fn(&str) -> T) -> Vec<(T, T)> {
+    observe_connections(1, scenario)
+}
+
+fn observe_connections<T>(connections: u64, scenario: impl Fn(&str) -> T) -> Vec<(T, T)> {
     let Some(env) = privileged_env() else {
         return Vec::new();
     };
@@ -33,14 +38,20 @@ fn observe_both<T>(scenario: impl Fn(&str) -> T) -> Vec<(T, T)> {
             let guard = env.attach(|b| b);
             let accelerated = scenario(addr);
             let stats = guard.stats().unwrap();
-            assert!(
-                stats.sockets_inserted >= 2,
-                "{addr}: scenario was not accelerated: {stats}"
+            assert_eq!(
+                (
+                    stats.sockets_inserted,
+                    stats.unpaired_removed,
+                    stats.peer_missing
+                ),
+                (2 * connections, 0, 0),
+                "{addr}: every connection paired: {stats}"
             );
             assert!(
                 stats.bytes_redirected > 0,
                 "{addr}: nothing redirected: {stats}"
             );
+            assert_eq!(stats.bytes_passed, 0, "{addr}: a byte went plain: {stats}");
             (plain, accelerated)
         })
         .collect()
@@ -48,7 +59,14 @@ fn observe_both<T>(scenario: impl Fn(&str) -> T) -> Vec<(T, T)> {
 
 /// Asserts the accelerated pair observes exactly what the plain pair does.
 fn same_as_plain<T: PartialEq + Debug>(scenario: impl Fn(&str) -> T) {
-    for (i, (plain, accelerated)) in observe_both(scenario).into_iter().enumerate() {
+    same_as_plain_over(1, scenario)
+}
+
+fn same_as_plain_over<T: PartialEq + Debug>(connections: u64, scenario: impl Fn(&str) -> T) {
+    for (i, (plain, accelerated)) in observe_connections(connections, scenario)
+        .into_iter()
+        .enumerate()
+    {
         assert_eq!(
             plain, accelerated,
             "{}: accelerated differs from plain TCP",
@@ -400,7 +418,7 @@ fn so_rcvlowat_is_ignored_by_poll_on_accelerated_sockets() {
 
 #[test]
 fn tokio_echo_with_100_concurrent_connections() {
-    same_as_plain(|addr| {
+    same_as_plain_over(100, |addr| {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -47,7 +47,7 @@ fn invalid_input_is_refused_before_touching_the_kernel() {
             err.to_string().contains(needle),
             "{err:?} should mention {needle:?}"
         );
-        assert_nothing_left(&cg, baseline);
+        assert_nothing_left(&cg, &baseline);
     }
     let err = "10.0.0.0/40".parse::<sockmap_fastpath::Cidr>().unwrap_err();
     assert!(
@@ -82,7 +82,7 @@ fn kernel_refusing_the_map_leaves_nothing_loaded() {
     let err = expect_err(env.builder().capacity(u32::MAX).attach());
     assert!(matches!(err, Error::Bpf { .. }), "{err:?}");
     assert!(err.to_string().contains("loading the BPF object"), "{err}");
-    assert_nothing_left(&cg, baseline);
+    assert_nothing_left(&cg, &baseline);
 }
 
 #[test]
@@ -100,7 +100,7 @@ fn cgroup_vanishing_before_attach_undoes_the_sockmap_link() {
             .contains(&cgroup.as_path().display().to_string()),
         "{err}"
     );
-    assert_nothing_left(&env.cgroup.cgroup(), baseline);
+    assert_nothing_left(&env.cgroup.cgroup(), &baseline);
 }
 
 #[test]
@@ -133,7 +133,7 @@ fn missing_capabilities_are_named() {
         "child output: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_nothing_left(&env.cgroup.cgroup(), baseline);
+    assert_nothing_left(&env.cgroup.cgroup(), &baseline);
 }
 
 /// Run by `missing_capabilities_are_named` as an unprivileged user.

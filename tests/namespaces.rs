@@ -128,5 +128,5 @@ fn bad_groups_are_refused_and_nothing_is_attached() {
         .attach()
         .unwrap_err();
     assert!(err.to_string().contains("/nonexistent/netns"), "{err}");
-    assert_nothing_left(&env.cgroup.cgroup(), baseline);
+    assert_nothing_left(&env.cgroup.cgroup(), &baseline);
 }

@@ -54,5 +54,5 @@ fn probe_reports_this_kernel_and_leaves_nothing_behind() {
         env.cgroup.cgroup().processes().unwrap(),
         vec![std::process::id()]
     );
-    assert_nothing_left(&env.cgroup.cgroup(), baseline);
+    assert_nothing_left(&env.cgroup.cgroup(), &baseline);
 }
