@@ -340,9 +340,16 @@ fn socket2_client(to: SocketAddr, source: Option<SocketAddr>) -> TcpStream {
         None,
     )
     .unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket.set_reuse_port(true).unwrap();
     if let Some(source) = source {
-        socket.set_reuse_address(true).unwrap();
-        socket.bind(&source.into()).unwrap();
+        // The reset socket's port is released asynchronously: retry.
+        let mut tries = 0;
+        while let Err(err) = socket.bind(&source.into()) {
+            tries += 1;
+            assert!(tries < 200, "bind {source}: {err}");
+            thread::sleep(Duration::from_millis(10));
+        }
     }
     socket.connect(&to.into()).unwrap();
     socket.into()
