@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use nix::sys::socket::{recv, setsockopt, sockopt, MsgFlags};
+use nix::sys::socket::{recv, MsgFlags};
 
 const ADDRS: [&str; 2] = ["127.0.0.1:0", "[::1]:0"];
 
@@ -228,15 +228,7 @@ fn abortive_close_is_seen_as_on_plain_tcp() {
         let (mut c, mut s) = connected_pair(addr);
         c.write_all(&[9u8; 10]).unwrap();
         assert!(readable_within(&s, 1000));
-        setsockopt(
-            &c,
-            sockopt::Linger,
-            &nix::libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            },
-        )
-        .unwrap();
+        set_linger_zero(&c);
         drop(c); // RST
         thread::sleep(Duration::from_millis(50));
         read_outcome(&mut s)

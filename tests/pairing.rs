@@ -13,7 +13,7 @@ use common::*;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::thread;
 use std::time::Duration;
 
@@ -130,15 +130,7 @@ fn observe(mut tx: TcpStream, mut rx: TcpStream) -> Observed {
     rx.write_all(b"reply").unwrap();
     let mut reply = [0u8; 5];
     tx.read_exact(&mut reply).unwrap();
-    nix::sys::socket::setsockopt(
-        &rx,
-        nix::sys::socket::sockopt::Linger,
-        &nix::libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )
-    .unwrap();
+    set_linger_zero(&rx);
     drop(rx);
     thread::sleep(Duration::from_millis(20));
     let reset_seen = match tx.read(&mut reply) {
@@ -263,7 +255,12 @@ fn client_that_sent_before_its_peer_joined() {
     let guard = env.attach(|b| b);
     for addr in ADDRS {
         let listener = TcpListener::bind(addr).unwrap();
-        set_defer_accept(&listener, 1);
+        set_int_option(
+            &listener,
+            nix::libc::IPPROTO_TCP,
+            nix::libc::TCP_DEFER_ACCEPT,
+            1,
+        );
         let to = listener.local_addr().unwrap();
         let before = guard.stats().unwrap();
         let mut client = TcpStream::connect(to).unwrap();
@@ -300,15 +297,7 @@ fn a_reused_four_tuple_never_reaches_the_dead_socket() {
         let first = socket2_client(to, None);
         let source = first.local_addr().unwrap();
         let (_dead_server, _) = listener.accept().unwrap(); // fd kept open
-        nix::sys::socket::setsockopt(
-            &first,
-            nix::sys::socket::sockopt::Linger,
-            &nix::libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            },
-        )
-        .unwrap();
+        set_linger_zero(&first);
         drop(first); // RST
         thread::sleep(Duration::from_millis(50));
         let before = guard.stats().unwrap();
@@ -379,18 +368,4 @@ fn a_paired_connection_is_observed_like_plain_tcp() {
         );
         assert_eq!(d.bytes_passed, 0, "{addr}: {d}");
     }
-}
-
-fn set_defer_accept(listener: &TcpListener, seconds: nix::libc::c_int) {
-    // SAFETY: TCP_DEFER_ACCEPT takes an int, passed by a valid pointer and size.
-    let rc = unsafe {
-        nix::libc::setsockopt(
-            listener.as_raw_fd(),
-            nix::libc::IPPROTO_TCP,
-            nix::libc::TCP_DEFER_ACCEPT,
-            (&seconds as *const nix::libc::c_int).cast(),
-            size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "TCP_DEFER_ACCEPT");
 }

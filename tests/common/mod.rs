@@ -431,17 +431,30 @@ pub fn fionread(s: &TcpStream) -> i32 {
     n
 }
 
-pub fn set_rcvlowat(s: &TcpStream, bytes: nix::libc::c_int) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: SO_RCVLOWAT takes an int, passed by a valid pointer and size.
+/// setsockopt() of an int option.
+pub fn set_int_option(s: &impl std::os::fd::AsRawFd, level: i32, name: i32, value: i32) {
+    // SAFETY: the option takes an int, passed by a valid pointer and size.
     let rc = unsafe {
         nix::libc::setsockopt(
             s.as_raw_fd(),
-            nix::libc::SOL_SOCKET,
-            nix::libc::SO_RCVLOWAT,
-            (&bytes as *const nix::libc::c_int).cast(),
-            size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+            level,
+            name,
+            (&value as *const i32).cast(),
+            size_of::<i32>() as nix::libc::socklen_t,
         )
     };
-    assert_eq!(rc, 0, "SO_RCVLOWAT");
+    assert_eq!(rc, 0, "setsockopt({level}, {name})");
+}
+
+pub fn set_rcvlowat(s: &TcpStream, bytes: i32) {
+    set_int_option(s, nix::libc::SOL_SOCKET, nix::libc::SO_RCVLOWAT, bytes);
+}
+
+/// SO_LINGER with a zero timeout: closing the socket sends a reset.
+pub fn set_linger_zero(s: &TcpStream) {
+    let linger = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &linger).expect("SO_LINGER");
 }
