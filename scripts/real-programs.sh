@@ -73,6 +73,21 @@ check_redirected() {
     fail "$1: $REDIRECTED bytes redirected, want at least $2 ($(cat "$WORK/$1.accelerated.stats"))"
 }
 
+# check_mixed NAME MIN_SKIPPED MIN_REMOVED: a mixed setup (one side of each
+# connection outside the policy) must leave nothing paired: no byte
+# redirected, every inserted socket taken out again, and at least the
+# given numbers of sockets kept out (accepted side) or taken out
+# (connecting side). Sets SKIPPED and REMOVED.
+check_mixed() {
+  local stats="$WORK/$1.accelerated.stats" inserted
+  inserted=$(stat_of "$stats" sockets_inserted)
+  SKIPPED=$(stat_of "$stats" unpaired_skipped); REMOVED=$(stat_of "$stats" unpaired_removed)
+  [ "$(stat_of "$stats" bytes_redirected)" = 0 ] || fail "$1: bytes were redirected ($(cat "$stats"))"
+  [ "${inserted:-x}" = "${REMOVED:-y}" ] || fail "$1: a socket stayed in the map ($(cat "$stats"))"
+  [ "${SKIPPED:-0}" -ge "$2" ] || fail "$1: want at least $2 accepted sockets kept out ($(cat "$stats"))"
+  [ "${REMOVED:-0}" -ge "$3" ] || fail "$1: want at least $3 connecting sockets taken out ($(cat "$stats"))"
+}
+
 row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 | $7 |"); }
 ratio() { awk -v a="$1" -v p="$2" 'BEGIN { if (p > 0) printf "%.2fx", a / p; else print "-" }'; }
 
@@ -131,15 +146,11 @@ done
 # policy, so no connection pairs and every socket must stay plain TCP.
 section
 run_redis redis-mixed accelerated --comm redis-server
-stats="$WORK/redis-mixed.accelerated.stats"
-[ "$(stat_of "$stats" bytes_redirected)" = 0 ] || fail "redis-mixed: bytes were redirected ($(cat "$stats"))"
-[ "$(stat_of "$stats" sockets_inserted)" = 0 ] || fail "redis-mixed: a socket joined the map ($(cat "$stats"))"
-skipped=$(stat_of "$stats" unpaired_skipped)
-[ "${skipped:-0}" -ge 100 ] || fail "redis-mixed: want every accepted socket kept out, got ${skipped:-0} ($(cat "$stats"))"
+check_mixed redis-mixed 100 0
 for test in GET SET; do
   p=$(ops redis plain "$test"); a=$(ops redis-mixed accelerated "$test")
   [ -n "$a" ] || fail "redis-benchmark (mixed) $test: no result"
-  row "redis-benchmark $test, only redis-server selected" "completed, value intact; $skipped accepted sockets kept out (peer not selected)" "$p ops/s" "$a ops/s" "$(ratio "$a" "$p")" 0 "$(result)"
+  row "redis-benchmark $test, only redis-server selected" "completed, value intact; $SKIPPED accepted sockets kept out (peer not selected)" "$p ops/s" "$a ops/s" "$(ratio "$a" "$p")" 0 "$(result)"
 done
 
 if [ "$QUICK" = 0 ]; then
@@ -154,21 +165,33 @@ http { access_log off; sendfile on; keepalive_requests 100000;
   server { listen 127.0.0.1:$nginx_port; root $WORK/www; } }
 CONF
   section
-  for mode in plain accelerated; do
-    run nginx "$mode" "
+  nginx_script="
       nginx -c '$WORK/nginx.conf' & srv=\$!
       $(declare -f wait_port); wait_port $nginx_port
       wrk -t2 -c50 -d3s http://127.0.0.1:$nginx_port/small.html
       wrk -t2 -c10 -d3s http://127.0.0.1:$nginx_port/1m.bin
       kill \$srv; wait \$srv 2>/dev/null || true"
-    grep -q "Socket errors\|Non-2xx" "$WORK/nginx.$mode.out" && fail "wrk ($mode): socket errors or non-2xx responses"
+  wrk_ok() { ! grep -q "Socket errors\|Non-2xx" "$WORK/$1.out" || fail "wrk ($1): socket errors or non-2xx responses"; }
+  rps() { grep Requests/sec "$WORK/$1.out" | sed -n "${2}p" | awk '{print $2}'; }
+  for mode in plain accelerated; do
+    run nginx "$mode" "$nginx_script"
+    wrk_ok "nginx.$mode"
   done
   check_redirected nginx $((1 << 20))
   for i in 1 2; do
-    p=$(grep Requests/sec "$WORK/nginx.plain.out" | sed -n "${i}p" | awk '{print $2}')
-    a=$(grep Requests/sec "$WORK/nginx.accelerated.out" | sed -n "${i}p" | awk '{print $2}')
     what=$([ "$i" = 1 ] && echo "small page, 50 conns" || echo "1 MiB file, 10 conns")
+    p=$(rps nginx.plain $i); a=$(rps nginx.accelerated $i)
     row "wrk $(version wrk) / nginx $(version nginx-light)" "$what, keep-alive, no socket errors" "$p req/s" "$a req/s" "$(ratio "$a" "$p")" "$REDIRECTED" "$(result)"
+  done
+  # Only nginx selected: wrk's connections never pair.
+  section
+  run nginx-mixed accelerated "$nginx_script" --comm nginx
+  wrk_ok nginx-mixed.accelerated
+  check_mixed nginx-mixed 60 0
+  for i in 1 2; do
+    what=$([ "$i" = 1 ] && echo "small page" || echo "1 MiB file")
+    p=$(rps nginx.plain $i); a=$(rps nginx-mixed.accelerated $i)
+    row "wrk / nginx, only nginx selected" "$what, no socket errors; $SKIPPED accepted sockets kept out" "$p req/s" "$a req/s" "$(ratio "$a" "$p")" 0 "$(result)"
   done
 
   # --- iperf3 ------------------------------------------------------------------
@@ -204,6 +227,35 @@ CONF
   p99() { grep "99.000" "$WORK/sockperf.$1.out" | awk '{print $NF}' | head -1; }
   row "sockperf $(version sockperf) ping-pong 64 B" "avg latency (p99)" "$(lat plain) us ($(p99 plain))" "$(lat accelerated) us ($(p99 accelerated))" \
     "$(ratio "$(lat plain)" "$(lat accelerated)") faster" "$REDIRECTED" "$(result)"
+fi
+
+if [ "$QUICK" = 0 ]; then
+  # --- a Go net/http server (netpoller: non-blocking sockets, edge-triggered
+  # epoll) with curl, one side selected and the other not: nothing pairs.
+  (cd scripts/gohttp && go build -o "$WORK/gohttp" .)
+  go_port=$(free_port)
+  # go_script NAME: downloads into $WORK/godl.NAME, listings into golist.NAME
+  go_script() { echo "
+      '$WORK/gohttp' 127.0.0.1:$go_port '$WORK/www' & srv=\$!
+      $(declare -f wait_port); wait_port $go_port
+      curl -sS --max-time 60 -o '$WORK/godl.$1' -w '%{speed_download}\n' http://127.0.0.1:$go_port/big.bin
+      for i in \$(seq 50); do curl -sS --max-time 10 http://127.0.0.1:$go_port/dir/; done > '$WORK/golist.$1'
+      kill \$srv; wait \$srv 2>/dev/null || true"; }
+  section
+  run gohttp plain "$(go_script gohttp)"
+  for setup in "go-server:--comm gohttp:51:0:only the Go server selected" "go-client:--comm curl:0:51:only curl selected"; do
+    IFS=: read -r name option min_skipped min_removed what <<< "$setup"
+    section
+    # shellcheck disable=SC2086 # the option is two words
+    run "$name" accelerated "$(go_script "$name")" $option
+    check_mixed "$name" "$min_skipped" "$min_removed"
+    got=$(sha256sum < "$WORK/godl.$name" | cut -d' ' -f1)
+    [ "$got" = "$want" ] || fail "$name: 64 MiB download differs"
+    cmp -s "$WORK/golist.gohttp" "$WORK/golist.$name" || fail "$name: 50 listings differ from the plain run"
+    p=$(head -1 "$WORK/gohttp.plain.out"); a=$(head -1 "$WORK/$name.accelerated.out")
+    row "Go $(go env GOVERSION) net/http server / curl, $what" "64 MiB sha256 and 50 listings equal; $SKIPPED kept out, $REMOVED taken out" \
+      "$(awk -v v="$p" 'BEGIN{printf "%.0f MB/s", v/1e6}')" "$(awk -v v="$a" 'BEGIN{printf "%.0f MB/s", v/1e6}')" "$(ratio "$a" "$p")" 0 "$(result)"
+  done
 fi
 
 if [ "$QUICK" = 0 ]; then

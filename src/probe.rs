@@ -11,6 +11,8 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
+
 use crate::accelerator::{require_capabilities, Accelerator, RedirectMode};
 use crate::cgroup::{cgroup2_mount, Cgroup};
 use crate::error::{Error, Result};
@@ -66,6 +68,14 @@ pub struct ProbeReport {
     pub splice_reads_redirected: Finding,
     /// FIONREAD counts redirected bytes.
     pub fionread_counts_redirected: Finding,
+    /// FIONREAD counts plain TCP bytes queued on a socket that is in a
+    /// socket map. It does not on kernels with the sockmap FIONREAD change
+    /// (6.18.44 here; upstream 929e30f93125, in stable 6.6.128+, 6.12.75+,
+    /// 6.18.14+): such a socket reads 0 while bytes wait. The pairing
+    /// protocol keeps every socket whose peer is not in the map out of it,
+    /// so accelerated programs never see this; the finding says why that
+    /// matters on this kernel.
+    pub fionread_counts_plain_in_map: Finding,
     /// The both-mode sk_msg program loads (it needs the
     /// `bpf_cast_to_kern_ctx`/`bpf_rdonly_cast` kfuncs and CO-RE reads of
     /// socket-map internals); see [`RedirectMode::Both`].
@@ -93,7 +103,7 @@ impl fmt::Display for ProbeReport {
             "sockmap-fastpath probe of Linux {} ({:.0?}):",
             self.kernel_release, self.duration
         )?;
-        let rows: [(&str, &Finding); 10] = [
+        let rows: [(&str, &Finding); 11] = [
             ("privileges", &self.privileges),
             ("kernel BTF", &self.btf),
             ("cgroup v2", &self.cgroup2),
@@ -103,6 +113,7 @@ impl fmt::Display for ProbeReport {
             ("splice guard (BPF LSM)", &self.splice_guard),
             ("splice reads redirected", &self.splice_reads_redirected),
             ("FIONREAD counts them", &self.fionread_counts_redirected),
+            ("FIONREAD, plain in map", &self.fionread_counts_plain_in_map),
             ("both mode program", &self.both_mode),
         ];
         for (name, finding) in rows {
@@ -150,12 +161,15 @@ pub fn probe() -> ProbeReport {
         splice_guard: Finding::NotTested(String::new()),
         splice_reads_redirected: Finding::NotTested(String::new()),
         fionread_counts_redirected: Finding::NotTested(String::new()),
+        fionread_counts_plain_in_map: Finding::NotTested(String::new()),
         both_mode: Finding::NotTested(String::new()),
         duration: Duration::ZERO,
     };
     if report.privileges.is_yes() && report.cgroup2.is_yes() {
         report.splice_guard = probe_splice_guard();
         report.both_mode = probe_both_mode();
+        report.fionread_counts_plain_in_map = probe_fionread_plain_in_map()
+            .unwrap_or_else(|err| Finding::NotTested(format!("setup failed: {err}")));
         if let Err(err) = probe_traffic(&mut report) {
             let unset = Finding::NotTested(format!("setup failed: {err}"));
             for finding in [
@@ -178,6 +192,7 @@ pub fn probe() -> ProbeReport {
             &mut report.both_mode,
             &mut report.splice_reads_redirected,
             &mut report.fionread_counts_redirected,
+            &mut report.fionread_counts_plain_in_map,
         ] {
             *finding = why.clone();
         }
@@ -206,6 +221,47 @@ fn probe_both_mode() -> Finding {
     });
     Finding::from_result(programs, |_| {
         "fp_sk_msg_both loads (kfuncs, CO-RE reads of sk_msg and sk_psock)".into()
+    })
+}
+
+/// Puts the receiving socket of a private loopback pair into a fresh
+/// one-entry socket hash (no program: the bytes stay plain TCP) and reads
+/// FIONREAD with plain bytes queued. The map and both sockets are gone
+/// when this returns.
+fn probe_fionread_plain_in_map() -> Result<Finding> {
+    const PLAIN_BYTES: usize = 1000;
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind", "127.0.0.1:0", e))?;
+    let to = listener
+        .local_addr()
+        .map_err(|e| Error::io("getsockname", "listener", e))?;
+    let mut client = TcpStream::connect(to).map_err(|e| Error::io("connect", "127.0.0.1", e))?;
+    let (mut server, _) = listener
+        .accept()
+        .map_err(|e| Error::io("accept", "127.0.0.1", e))?;
+    let opts = libbpf_sys::bpf_map_create_opts {
+        sz: std::mem::size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+        ..Default::default()
+    };
+    let map = MapHandle::create(MapType::Sockhash, Some("fp_probe"), 4, 4, 1, &opts)
+        .map_err(|err| Error::bpf("create a probe socket hash", err))?;
+    let fd = u32::try_from(server.as_raw_fd()).expect("fds are not negative");
+    map.update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+        .map_err(|err| Error::bpf("insert a socket into the probe socket hash", err))?;
+    client
+        .write_all(&[1; PLAIN_BYTES])
+        .map_err(|e| Error::io("write", "probe socket", e))?;
+    let queued = wait_for_fionread(&server, PLAIN_BYTES);
+    // Read before the map goes: the plain bytes are safe, but be tidy.
+    let mut got = [0u8; PLAIN_BYTES];
+    server
+        .read_exact(&mut got)
+        .map_err(|e| Error::io("read", "probe socket", e))?;
+    let text = format!("{queued} of {PLAIN_BYTES} plain bytes counted");
+    Ok(if queued == PLAIN_BYTES {
+        Finding::Yes(text)
+    } else {
+        Finding::No(text)
     })
 }
 

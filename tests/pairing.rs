@@ -28,50 +28,87 @@ const SMALL_WRITES: usize = 300;
 #[derive(Debug, PartialEq, Eq)]
 struct Observed {
     /// Wake-ups after which FIONREAD said 0 although a recv() then got
-    /// bytes (the kernel quirk this file guards against).
+    /// bytes (the kernel quirk this file guards against), over all three
+    /// epoll runs below.
     fionread_zero_with_bytes: usize,
-    bytes_via_epoll: usize,
+    /// Bytes read in order: paced writes, edge-triggered epoll.
+    bytes_via_epoll_et: usize,
+    /// Bytes read in order: 10,000 unpaced tiny writes, a level-triggered
+    /// reader that sleeps between wake-ups and reads 1 KiB at a time.
+    bytes_via_epoll_lt_sleepy: usize,
+    /// The same with an edge-triggered reader that drains each wake-up.
+    bytes_via_epoll_et_sleepy: usize,
+    /// What recv(MSG_PEEK) returned, then what recv() returned.
+    peeked_then_read: (Vec<u8>, Vec<u8>),
     splice_moved_plain_bytes: bool,
     readable_below_rcvlowat: bool,
     half_close_then_eof: bool,
     reset_seen: String,
 }
 
-/// Sends many small writes from `tx` while `rx` waits with edge-triggered
-/// epoll and reads FIONREAD at every wake-up.
-fn fionread_at_every_wakeup(tx: &TcpStream, rx: &TcpStream) -> (usize, usize) {
+/// How the receiver of [`epoll_reader`] waits and reads.
+#[derive(Clone, Copy)]
+enum Reader {
+    /// Edge-triggered, reads until EAGAIN at every wake-up.
+    Edge { sleep: Duration },
+    /// Level-triggered, one read of at most 1 KiB per wake-up.
+    Level { sleep: Duration },
+}
+
+/// `writes` writes of `size` bytes from `tx` (one byte value per write,
+/// pausing `pace` between writes) while `rx` waits with epoll as `reader`
+/// says, sleeping between wake-ups, and reads FIONREAD at every wake-up.
+/// A missed wake-up fails after 2 s; bytes out of order fail at once.
+/// Returns (wake-ups where FIONREAD said 0 yet bytes were read, bytes read).
+fn epoll_reader(
+    tx: &TcpStream,
+    rx: &TcpStream,
+    (writes, size, pace): (usize, usize, Duration),
+    reader: Reader,
+) -> (usize, usize) {
     tx.set_nodelay(true).unwrap();
     rx.set_nonblocking(true).unwrap();
     let epoll = Epoll::new(EpollCreateFlags::empty()).unwrap();
-    epoll
-        .add(
-            rx,
-            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, 0),
-        )
-        .unwrap();
+    let (flags, sleep, chunk) = match reader {
+        Reader::Edge { sleep } => (EpollFlags::EPOLLIN | EpollFlags::EPOLLET, sleep, 64 << 10),
+        Reader::Level { sleep } => (EpollFlags::EPOLLIN, sleep, 1 << 10),
+    };
+    epoll.add(rx, EpollEvent::new(flags, 0)).unwrap();
     let writer = {
         let mut tx = tx.try_clone().unwrap();
         thread::spawn(move || {
-            for i in 0..SMALL_WRITES {
-                tx.write_all(&[i as u8; 100]).unwrap();
-                thread::sleep(Duration::from_micros(200));
+            for i in 0..writes {
+                tx.write_all(&vec![i as u8; size]).unwrap();
+                if !pace.is_zero() {
+                    thread::sleep(pace);
+                }
             }
         })
     };
     let (mut zero_with_bytes, mut got) = (0, 0);
-    let mut buf = vec![0u8; 64 << 10];
-    while got < SMALL_WRITES * 100 {
+    let mut buf = vec![0u8; chunk];
+    while got < writes * size {
         let mut events = [EpollEvent::empty()];
         let n = epoll
             .wait(&mut events, EpollTimeout::from(2000u16))
             .unwrap();
         assert_eq!(n, 1, "no wake-up within 2 s with {got} bytes read");
+        thread::sleep(sleep);
         let announced = fionread(rx);
         let mut read_now = 0;
         loop {
             match (&*rx).read(&mut buf) {
                 Ok(0) => panic!("unexpected EOF"),
-                Ok(k) => read_now += k,
+                Ok(k) => {
+                    for (at, byte) in buf[..k].iter().enumerate() {
+                        let want = ((got + read_now + at) / size) as u8;
+                        assert_eq!(*byte, want, "byte {} out of order", got + read_now + at);
+                    }
+                    read_now += k;
+                    if matches!(reader, Reader::Level { .. }) {
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) => panic!("read: {e}"),
             }
@@ -84,6 +121,20 @@ fn fionread_at_every_wakeup(tx: &TcpStream, rx: &TcpStream) -> (usize, usize) {
     writer.join().unwrap();
     rx.set_nonblocking(false).unwrap();
     (zero_with_bytes, got)
+}
+
+const PACED: (usize, usize, Duration) = (SMALL_WRITES, 100, Duration::from_micros(200));
+const TINY_UNPACED: (usize, usize, Duration) = (10_000, 10, Duration::ZERO);
+const SLEEPY: Duration = Duration::from_micros(200);
+
+/// recv(MSG_PEEK) shows the bytes without taking them.
+fn peek_then_read(tx: &mut TcpStream, rx: &mut TcpStream) -> (Vec<u8>, Vec<u8>) {
+    tx.write_all(b"peekaboo").unwrap();
+    let mut peeked = [0u8; 8];
+    let n = rx.peek(&mut peeked).unwrap();
+    let mut read = vec![0u8; n];
+    rx.read_exact(&mut read).unwrap();
+    (peeked[..n].to_vec(), read)
 }
 
 /// splice(2) from the socket into a pipe moves bytes that arrived as plain
@@ -114,7 +165,14 @@ fn readable_within(s: &TcpStream, ms: u16) -> bool {
 }
 
 fn observe(mut tx: TcpStream, mut rx: TcpStream) -> Observed {
-    let (fionread_zero_with_bytes, bytes_via_epoll) = fionread_at_every_wakeup(&tx, &rx);
+    let no_sleep = Duration::ZERO;
+    let (zero_et, bytes_via_epoll_et) =
+        epoll_reader(&tx, &rx, PACED, Reader::Edge { sleep: no_sleep });
+    let (zero_lt, bytes_via_epoll_lt_sleepy) =
+        epoll_reader(&tx, &rx, TINY_UNPACED, Reader::Level { sleep: SLEEPY });
+    let (zero_et_sleepy, bytes_via_epoll_et_sleepy) =
+        epoll_reader(&tx, &rx, TINY_UNPACED, Reader::Edge { sleep: SLEEPY });
+    let peeked_then_read = peek_then_read(&mut tx, &mut rx);
     let splice_moved_plain_bytes = splice_moves(&mut tx, &rx);
     set_rcvlowat(&rx, 1000);
     tx.write_all(&[1u8; 500]).unwrap();
@@ -138,8 +196,11 @@ fn observe(mut tx: TcpStream, mut rx: TcpStream) -> Observed {
         Err(e) => format!("{:?}", e.kind()),
     };
     Observed {
-        fionread_zero_with_bytes,
-        bytes_via_epoll,
+        fionread_zero_with_bytes: zero_et + zero_lt + zero_et_sleepy,
+        bytes_via_epoll_et,
+        bytes_via_epoll_lt_sleepy,
+        bytes_via_epoll_et_sleepy,
+        peeked_then_read,
         splice_moved_plain_bytes,
         readable_below_rcvlowat,
         half_close_then_eof,
@@ -348,24 +409,63 @@ fn connect_from_source(source: &str, to: SocketAddr) -> TcpStream {
     socket2_client(to, Some(source.parse().unwrap()))
 }
 
-/// The paired case stays paired through everything above (the counters
-/// prove the shortcut), and FIONREAD counts the redirected bytes.
+/// The paired case stays paired through every wake-up pattern above (the
+/// counters prove the shortcut), FIONREAD counts the redirected bytes, and
+/// MSG_PEEK sees them.
 #[test]
 fn a_paired_connection_is_observed_like_plain_tcp() {
     let Some(env) = privileged_env() else { return };
     let guard = env.attach(|b| b);
     for addr in ADDRS {
         let before = guard.stats().unwrap();
-        let (c, s) = connected_pair(addr);
-        let (zero, got) = fionread_at_every_wakeup(&c, &s);
-        let d = guard.stats().unwrap().since(&before);
-        assert_eq!((zero, got), (0, SMALL_WRITES * 100), "{addr}");
-        assert_eq!(d.sockets_inserted, 2, "{addr}: {d}");
+        let (mut c, mut s) = connected_pair(addr);
+        let no_sleep = Duration::ZERO;
+        let runs = [
+            epoll_reader(&c, &s, PACED, Reader::Edge { sleep: no_sleep }),
+            epoll_reader(&c, &s, TINY_UNPACED, Reader::Level { sleep: SLEEPY }),
+            epoll_reader(&c, &s, TINY_UNPACED, Reader::Edge { sleep: SLEEPY }),
+        ];
+        let (peeked, read) = peek_then_read(&mut c, &mut s);
         assert_eq!(
-            d.bytes_redirected,
-            (SMALL_WRITES * 100) as u64,
-            "{addr}: {d}"
+            (&peeked[..], &read[..]),
+            (&b"peekaboo"[..], &b"peekaboo"[..])
         );
+        let d = guard.stats().unwrap().since(&before);
+        let sent = PACED.0 * PACED.1 + 2 * TINY_UNPACED.0 * TINY_UNPACED.1;
+        assert_eq!(
+            runs,
+            [
+                (0, PACED.0 * PACED.1),
+                (0, TINY_UNPACED.0 * TINY_UNPACED.1),
+                (0, TINY_UNPACED.0 * TINY_UNPACED.1)
+            ],
+            "{addr}: (FIONREAD zero with bytes, bytes read) per run"
+        );
+        assert_eq!(d.sockets_inserted, 2, "{addr}: {d}");
+        assert_eq!(d.bytes_redirected, (sent + 8) as u64, "{addr}: {d}");
         assert_eq!(d.bytes_passed, 0, "{addr}: {d}");
+    }
+}
+
+/// The client's peer is across a veth in another network namespace, with
+/// no namespace group: the server's key for its peer carries its own
+/// namespace, so it never pairs; the client leaves the map.
+#[test]
+fn peer_across_a_veth_in_another_namespace() {
+    let Some(env) = privileged_env() else { return };
+    let (client_ns, server_ns) = (new_netns(), new_netns());
+    let (here, there) = veth_between(&client_ns, &server_ns, "10.202.0.1/24", "10.202.0.2/24");
+    client_ns.add_addr(&here, "fd00:202::1/64");
+    server_ns.add_addr(&there, "fd00:202::2/64");
+    let guard = env.attach(|b| b);
+    for (server, plain_addr) in [("10.202.0.2:0", ADDRS[0]), ("[fd00:202::2]:0", ADDRS[1])] {
+        let listener = server_ns.run(move || TcpListener::bind(server).unwrap());
+        let to = listener.local_addr().unwrap();
+        let make = || {
+            let client = client_ns.run(move || TcpStream::connect(to).unwrap());
+            let (server, _) = listener.accept().unwrap();
+            (client, server)
+        };
+        same_as_plain_and_counted(&env, &guard, plain_addr, &make, (1, 1, 1));
     }
 }

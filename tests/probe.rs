@@ -30,6 +30,13 @@ fn probe_reports_this_kernel_and_leaves_nothing_behind() {
         "{:?}",
         report.splice_reads_redirected
     );
+    // FACTS.md: on this kernel a map member reads FIONREAD 0 while plain
+    // bytes wait (why tests/pairing.rs keeps unpaired sockets out).
+    assert!(
+        matches!(report.fionread_counts_plain_in_map, Finding::No(ref t) if t.starts_with("0 of")),
+        "{:?}",
+        report.fionread_counts_plain_in_map
+    );
     // The guard finding agrees with what attach() does by default.
     let attached = Accelerator::builder().cgroup(env.cgroup.cgroup()).attach();
     assert_eq!(

@@ -59,11 +59,21 @@ impl NetNs {
         ]);
         for (ns, dev, addr) in [(self, &a, here), (other, &b, there)] {
             if let Some(addr) = addr {
-                ip(&["-n", &ns.name, "addr", "add", addr, "dev", dev]);
+                ns.add_addr(dev, addr);
             }
             ip(&["-n", &ns.name, "link", "set", dev, "up"]);
         }
         (a, b)
+    }
+
+    /// Adds `addr` (CIDR notation) to device `dev` in this namespace. IPv6
+    /// addresses skip duplicate address detection, so they work at once.
+    pub fn add_addr(&self, dev: &str, addr: &str) {
+        let mut args = vec!["-n", &self.name, "addr", "add", addr, "dev", dev];
+        if addr.contains(':') {
+            args.push("nodad");
+        }
+        ip(&args);
     }
 
     /// Runs `f` on a thread that has entered this namespace; sockets it

@@ -163,9 +163,10 @@ pub fn new_netns() -> NetNs {
     NetNs::new(unique_name("ns"))
 }
 
-/// Joins two namespaces with a veth pair, addresses `here` and `there`.
-pub fn veth_between(a: &NetNs, b: &NetNs, here: &str, there: &str) {
-    a.veth_to(b, Some(here), Some(there));
+/// Joins two namespaces with a veth pair, addresses `here` and `there`;
+/// returns the device names.
+pub fn veth_between(a: &NetNs, b: &NetNs, here: &str, there: &str) -> (String, String) {
+    a.veth_to(b, Some(here), Some(there))
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), different per seed.
