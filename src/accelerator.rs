@@ -194,11 +194,11 @@ impl AcceleratorBuilder {
         require_capabilities("attaching sock_ops and sk_msg programs")?;
         let spaces = netns::spaces(&self.namespace_groups)?;
 
-        let mut programs = Programs::load(LoadConfig {
-            mode: self.mode,
-            capacity: self.capacity,
-            splice_guard: self.splice_guard.enabled(),
-        })?;
+        let mut programs = Programs::load(LoadConfig::new(
+            self.mode,
+            self.capacity,
+            self.splice_guard.enabled(),
+        ))?;
         programs.set_policy(&self.policy)?;
         programs.set_netns_spaces(&spaces)?;
 
@@ -252,11 +252,7 @@ impl AcceleratorBuilder {
             });
         }
         require_capabilities("attaching an sk_skb program")?;
-        let programs = Programs::load(LoadConfig {
-            mode: self.mode,
-            capacity: self.capacity,
-            splice_guard: false,
-        })?;
+        let programs = Programs::load(LoadConfig::new(self.mode, self.capacity, false))?;
         let links = vec![attach_verdict(&programs)?];
         FastpathGuard::new(programs, links, None, self.cgroup, self.mode)
     }

@@ -202,11 +202,7 @@ pub fn probe() -> ProbeReport {
 }
 
 fn probe_splice_guard() -> Finding {
-    let programs = Programs::load(LoadConfig {
-        mode: RedirectMode::Ingress,
-        capacity: 2,
-        splice_guard: true,
-    });
+    let programs = Programs::load(LoadConfig::new(RedirectMode::Ingress, 2, true));
     Finding::from_result(
         programs.and_then(|p| splice_guard::attach(&p.skel().progs.fp_splice_guard).map(drop)),
         |()| "lsm/file_permission loads and attaches".into(),
@@ -214,11 +210,7 @@ fn probe_splice_guard() -> Finding {
 }
 
 fn probe_both_mode() -> Finding {
-    let programs = Programs::load(LoadConfig {
-        mode: RedirectMode::Both,
-        capacity: 2,
-        splice_guard: false,
-    });
+    let programs = Programs::load(LoadConfig::new(RedirectMode::Both, 2, false));
     Finding::from_result(programs, |_| {
         "fp_sk_msg_both loads (kfuncs, CO-RE reads of sk_msg and sk_psock)".into()
     })

@@ -19,6 +19,19 @@ pub(crate) struct LoadConfig {
     pub mode: RedirectMode,
     pub capacity: u32,
     pub splice_guard: bool,
+    /// Load `fp_lsm_canary` (classifies a failed splice guard).
+    pub lsm_canary: bool,
+}
+
+impl LoadConfig {
+    pub fn new(mode: RedirectMode, capacity: u32, splice_guard: bool) -> Self {
+        LoadConfig {
+            mode,
+            capacity,
+            splice_guard,
+            lsm_canary: false,
+        }
+    }
 }
 
 /// Owns the skeleton together with the `OpenObject` storage it borrows.
@@ -43,8 +56,23 @@ impl Programs {
             Self::load_once(reduced).is_ok()
         };
         match Self::load_once(config) {
-            // Everything but the splice guard loads: the kernel refuses LSM
-            // programs (no BPF LSM, lockdown, or missing BTF).
+            // Everything but the splice guard loads, and so does the
+            // smallest LSM program: the guard failed to verify (our bug).
+            Err(Error::Bpf { source, .. })
+                if config.splice_guard
+                    && loads_without(|c| {
+                        c.splice_guard = false;
+                        c.lsm_canary = true;
+                    }) =>
+            {
+                Err(Error::Bpf {
+                    call: "loading fp_splice_guard (this kernel takes LSM programs, but the \
+                           verifier refused the guard: please report it)",
+                    source,
+                })
+            }
+            // Everything but the splice guard loads, and no LSM program
+            // does: the kernel refuses them (no BPF LSM, lockdown, no BTF).
             Err(Error::Bpf { source, .. })
                 if config.splice_guard && loads_without(|c| c.splice_guard = false) =>
             {
@@ -115,6 +143,7 @@ impl Programs {
             .fp_fwd_verdict
             .set_autoload(config.mode != RedirectMode::Ingress);
         open.progs.fp_splice_guard.set_autoload(config.splice_guard);
+        open.progs.fp_lsm_canary.set_autoload(config.lsm_canary);
         open.load().map_err(|err| {
             Error::bpf(
                 "loading the BPF object (bpf_object__load: creating maps, verifying the programs)",

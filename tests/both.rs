@@ -213,9 +213,15 @@ fn dropping_the_guard_mid_transfer_loses_nothing() {
     } = e;
     let data = random_bytes(32 << 20, 26);
     let p = proxied_via(&guard, &front, &upstream, &data[..4096], |_, _| {});
-    let reader = guard.stats_reader().unwrap();
-    upload_across_guard_drop(p, guard, &data, 4096);
-    assert!(reader.read().unwrap().fwd_direct_bytes > 0);
+    let (at_drop, end, sent_after) = upload_across_guard_drop(p, guard, &data, 4096);
+    // The programs still carried the bytes written after the drop: straight
+    // upstream, or into the downstream queue while earlier bytes wait there.
+    let d = end.since(&at_drop);
+    assert!(
+        d.fwd_direct_bytes + d.bytes_redirected >= sent_after,
+        "{sent_after} bytes written after the drop, not all on the kernel path: {d}"
+    );
+    assert_eq!(d.bytes_passed, 0, "{d}");
 }
 
 /// A client, its proxied pair, and `SIZE` bytes it wrote without blocking

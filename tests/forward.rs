@@ -163,7 +163,14 @@ fn dropping_the_guard_mid_transfer_loses_nothing() {
         return;
     };
     let p = proxied(&guard, &upstream, &[], |_, _| {});
-    upload_across_guard_drop(p, guard, &random_bytes(32 << 20, 5), 0);
+    let (at_drop, end, sent_after) =
+        upload_across_guard_drop(p, guard, &random_bytes(32 << 20, 5), 0);
+    // The forwarding program still carried the bytes written after the drop.
+    let d = end.since(&at_drop);
+    assert!(
+        d.fwd_bytes >= sent_after,
+        "{sent_after} after the drop: {d}"
+    );
 }
 
 #[test]

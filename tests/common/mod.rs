@@ -9,6 +9,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use sockmap_fastpath::{
     AcceleratorBuilder, Cgroup, ChildCgroup, FastpathGuard, ForwardStats, SpliceGuard, Stats,
@@ -51,10 +52,74 @@ pub fn privileged_env() -> Option<Env> {
         );
         return None;
     }
+    let cgroup = TestCgroup::enter();
+    watch(&cgroup);
     Some(Env {
-        cgroup: TestCgroup::enter(),
+        cgroup,
         _serial: serial,
     })
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        *RUNNING.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// How long one privileged test may run (`FASTPATH_TEST_DEADLINE_SECS`,
+/// default 300) before the watchdog ends the test binary: a regression that
+/// hangs (a blocking read, a join, `wait()`) fails instead of eating CI's
+/// time.
+fn test_deadline() -> Duration {
+    let secs = std::env::var("FASTPATH_TEST_DEADLINE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    Duration::from_secs(secs)
+}
+
+/// The privileged test running now: its name, start, and cgroups.
+struct Running {
+    test: String,
+    since: Instant,
+    cgroup: PathBuf,
+    original: Cgroup,
+}
+
+static RUNNING: Mutex<Option<Running>> = Mutex::new(None);
+
+fn watch(cgroup: &TestCgroup) {
+    static WATCHDOG: std::sync::Once = std::sync::Once::new();
+    *RUNNING.lock().unwrap_or_else(|p| p.into_inner()) = Some(Running {
+        test: thread::current().name().unwrap_or("?").to_owned(),
+        since: Instant::now(),
+        cgroup: cgroup.path(),
+        original: cgroup.original.clone(),
+    });
+    WATCHDOG.call_once(|| {
+        let deadline = test_deadline();
+        thread::spawn(move || loop {
+            thread::sleep(Duration::from_millis(500));
+            let running = RUNNING.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(r) = running.as_ref().filter(|r| r.since.elapsed() > deadline) else {
+                continue;
+            };
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!(
+                    "FAILED: test {} still running after {deadline:?} (hung?); ending the test \
+                     binary\n",
+                    r.test
+                )
+                .as_bytes(),
+            );
+            // Leave no cgroup behind: the process's sockets and links go
+            // with it.
+            let _ = r.original.add_process(std::process::id());
+            let _ = std::fs::remove_dir(&r.cgroup);
+            std::process::exit(124);
+        });
+    });
 }
 
 fn missing_privilege() -> Option<String> {
@@ -366,30 +431,41 @@ pub fn proxied_via(
 }
 
 /// The client streams `data[already_sent..]` (it sent the rest before the
-/// hand-over) while the guard is dropped once a quarter has arrived: every
-/// byte arrives in order and the pair then closes cleanly.
+/// hand-over), half of it before the guard is dropped (once a quarter has
+/// arrived) and half after: every byte arrives in order and the pair then
+/// closes cleanly. Returns the counters just before the drop and at the end
+/// (the programs keep counting for the sockets that hold them), and the
+/// bytes the client wrote after the drop.
 pub fn upload_across_guard_drop(
     p: Proxied,
     guard: FastpathGuard,
     data: &[u8],
     already_sent: usize,
-) {
+) -> (Stats, Stats, u64) {
     let Proxied {
         mut client,
         mut server,
         proxy,
     } = p;
+    let (dropped, after_drop) = std::sync::mpsc::channel::<()>();
+    let rest = data[already_sent..].to_vec();
+    let sent_after_drop = (rest.len() - rest.len() / 2) as u64;
     let writer = {
-        let rest = data[already_sent..].to_vec();
         thread::spawn(move || {
-            client.write_all(&rest).unwrap();
+            let (before, after) = rest.split_at(rest.len() / 2);
+            client.write_all(before).unwrap();
+            after_drop.recv().unwrap();
+            client.write_all(after).unwrap();
             client.shutdown(Shutdown::Write).unwrap();
             client
         })
     };
     let mut got = vec![0u8; data.len() / 4];
     server.read_exact(&mut got).unwrap();
+    let counters = guard.stats_reader().expect("stats reader");
+    let at_drop = counters.read().expect("stats");
     drop(guard); // links detached; the pair keeps its programs
+    dropped.send(()).unwrap();
     got.extend(read_all(&mut server));
     assert_bytes_eq(&got, data, "bytes across the guard's drop");
     server.shutdown(Shutdown::Write).unwrap();
@@ -399,6 +475,7 @@ pub fn upload_across_guard_drop(
         proxy.join().unwrap().end,
         sockmap_fastpath::ForwardEnd::Closed
     );
+    (at_drop, counters.read().expect("stats"), sent_after_drop)
 }
 
 /// Sends `size` bytes each way between a pair made after `before` was read
