@@ -269,6 +269,11 @@ static __always_inline __u64 address_space(__u64 netns_cookie)
 	return space ? *space : netns_cookie;
 }
 
+/* Set before load: 0 where sock_ops programs cannot see the current task
+ * (Linux 6.1 lacks bpf_get_current_pid_tgid there); comm policies and the
+ * splice guard's process exclusion then have no owner to match. */
+const volatile __u32 record_owners = 1;
+
 /* Called in the connect() or listen() syscall, where the current task is the
  * socket's owner. Accepted sockets inherit the listener's record
  * (BPF_F_CLONE), so both ends of a connection know their owner. */
@@ -507,7 +512,8 @@ int fp_sock_ops(struct bpf_sock_ops *skops)
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
-		record_owner(skops);
+		if (record_owners)
+			record_owner(skops);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		on_established(skops, 0);
@@ -647,8 +653,11 @@ struct sk_psock {
 
 #define SK_USER_DATA_PTRMASK 7UL
 
-extern void *bpf_cast_to_kern_ctx(void *ctx) __ksym;
-extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+/* Weak: kernels before 6.2 lack these kfuncs. Only fp_sk_msg_both calls
+ * them, and there it then fails to load (Error::KernelFeature); a strong
+ * extern would fail the whole object, every mode. */
+extern void *bpf_cast_to_kern_ctx(void *ctx) __ksym __weak;
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
 
 /* The socket this message was just redirected to. */
 static __always_inline struct sock *redirect_target(struct sk_msg_md *msg)

@@ -6,7 +6,8 @@
 #   scripts/real-programs.sh           # every pair (a few minutes)
 #   scripts/real-programs.sh --quick   # curl/http.server and redis only (CI)
 #
-# Writes a markdown table to stdout and target/real-programs.md. Exits
+# Writes a markdown table to stdout and target/real-programs.md (or
+# $REAL_PROGRAMS_OUT/real-programs.md). Exits
 # non-zero if any program fails, any result differs from the plain run, an
 # accelerated run redirected fewer bytes than its workload moved, or a
 # mixed setup (server selected, clients outside the policy) did not stay
@@ -23,7 +24,8 @@ if [ "$QUICK" = 0 ] && ! command -v go >/dev/null; then
 fi
 [ "$QUICK" = 1 ] || pkgs+=(nginx-light wrk iperf3 sockperf)
 scripts/install-deps.sh "${pkgs[@]}"
-cargo build --release --quiet --example accelerate
+# FASTPATH_PREBUILT=1 (scripts/vmtest-guest.sh): a read-only tree, built.
+[ "${FASTPATH_PREBUILT:-0}" = 1 ] || cargo build --release --quiet --example accelerate
 ACC=$PWD/target/release/examples/accelerate
 WORK=$(mktemp -d /tmp/fastpath-real.XXXXXX)
 chmod 755 "$WORK" # nginx workers run as www-data
@@ -291,7 +293,7 @@ fi
   echo "| program | check | plain | accelerated | ratio | bytes redirected | result |"
   echo "|---|---|---|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
-} | tee target/real-programs.md
+} | tee "${REAL_PROGRAMS_OUT:-target}/real-programs.md"
 if [ "$FAILED" != 0 ]; then
   echo "real programs: FAILED (see messages above)" >&2
   exit 1

@@ -4,6 +4,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 
+use crate::attachment::{Attachment, SockmapHook};
 use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
 use crate::guard::FastpathGuard;
@@ -194,11 +195,10 @@ impl AcceleratorBuilder {
         require_capabilities("attaching sock_ops and sk_msg programs")?;
         let spaces = netns::spaces(&self.namespace_groups)?;
 
-        let mut programs = Programs::load(LoadConfig::new(
-            self.mode,
-            self.capacity,
-            self.splice_guard.enabled(),
-        ))?;
+        let mut programs = Programs::load(LoadConfig {
+            owners_required: !self.policy.comms.is_empty(),
+            ..LoadConfig::new(self.mode, self.capacity, self.splice_guard.enabled())
+        })?;
         programs.set_policy(&self.policy)?;
         programs.set_netns_spaces(&spaces)?;
 
@@ -214,16 +214,19 @@ impl AcceleratorBuilder {
         let (msg_prog, msg_call) = match self.mode {
             RedirectMode::Both => (
                 &skel.progs.fp_sk_msg_both,
-                "bpf(BPF_LINK_DETACH) of fp_sk_msg_both from sock_map",
+                "detaching fp_sk_msg_both from sock_map",
             ),
-            _ => (
-                &skel.progs.fp_sk_msg,
-                "bpf(BPF_LINK_DETACH) of fp_sk_msg from sock_map",
-            ),
+            _ => (&skel.progs.fp_sk_msg, "detaching fp_sk_msg from sock_map"),
         };
-        let msg_link = sys::attach_sockmap_link(msg_prog, skel.maps.sock_map.as_fd())
-            .map_err(|source| classify_attach_error(AttachStep::SockmapLink, source))?;
-        links.push((msg_link, msg_call));
+        links.push(
+            Attachment::to_sockmap(
+                msg_prog,
+                skel.maps.sock_map.as_fd(),
+                SockmapHook::MsgVerdict,
+                msg_call,
+            )
+            .map_err(|source| classify_attach_error(AttachStep::SockmapLink, source))?,
+        );
         let cgroup_dir =
             File::open(cgroup.as_path()).map_err(|err| Error::io("open", cgroup.as_path(), err))?;
         let ops_link = skel
@@ -236,7 +239,7 @@ impl AcceleratorBuilder {
         // Detached first: nothing new is selected while the rest goes.
         links.insert(
             0,
-            (
+            Attachment::link(
                 ops_link,
                 "bpf(BPF_LINK_DETACH) of fp_sock_ops from the cgroup",
             ),
@@ -258,12 +261,16 @@ impl AcceleratorBuilder {
     }
 }
 
-/// Links the forwarding verdict program to fwd_map.
-fn attach_verdict(programs: &Programs) -> Result<(libbpf_rs::Link, &'static str)> {
+/// Attaches the forwarding verdict program to fwd_map.
+fn attach_verdict(programs: &Programs) -> Result<Attachment> {
     let skel = programs.skel();
-    let link = sys::attach_sockmap_link(&skel.progs.fp_fwd_verdict, skel.maps.fwd_map.as_fd())
-        .map_err(|source| classify_attach_error(AttachStep::SockmapLink, source))?;
-    Ok((link, "bpf(BPF_LINK_DETACH) of fp_fwd_verdict from fwd_map"))
+    Attachment::to_sockmap(
+        &skel.progs.fp_fwd_verdict,
+        skel.maps.fwd_map.as_fd(),
+        SockmapHook::SkbVerdict,
+        "detaching fp_fwd_verdict from fwd_map",
+    )
+    .map_err(|source| classify_attach_error(AttachStep::SockmapLink, source))
 }
 
 /// Fails early, with a clear message, when capabilities are missing.
@@ -302,15 +309,11 @@ pub(crate) enum AttachStep {
 /// Names the missing kernel feature when an attach fails because the
 /// kernel does not know the attach type, otherwise reports the call.
 pub(crate) fn classify_attach_error(step: AttachStep, source: std::io::Error) -> Error {
-    const ENOTSUPP: i32 = 524; // kernel-internal, leaks out of bpf()
-    let unsupported = matches!(
-        source.raw_os_error(),
-        Some(code) if code == nix::libc::EINVAL || code == nix::libc::EOPNOTSUPP || code == ENOTSUPP
-    );
-    match (step, unsupported) {
+    match (step, sys::is_unsupported(&source)) {
         (AttachStep::SockmapLink, true) => Error::KernelFeature {
-            feature: "BPF links for sk_msg programs (BPF_LINK_TYPE_SOCKMAP)",
-            min_kernel: "6.10",
+            feature: "sk_msg/sk_skb programs on socket maps (neither a BPF link nor \
+                      BPF_PROG_ATTACH was accepted)",
+            min_kernel: "4.17",
             source,
         },
         (AttachStep::CgroupLink, true) => Error::KernelFeature {
@@ -319,7 +322,7 @@ pub(crate) fn classify_attach_error(step: AttachStep, source: std::io::Error) ->
             source,
         },
         (AttachStep::SockmapLink, false) => Error::Bpf {
-            call: "bpf(BPF_LINK_CREATE) attaching fp_sk_msg to sock_map",
+            call: "attaching a program to a socket map (BPF_LINK_CREATE, then BPF_PROG_ATTACH)",
             source,
         },
         (AttachStep::CgroupLink, false) => Error::Bpf {
@@ -341,7 +344,7 @@ mod tests {
         );
         let text = err.to_string();
         assert!(
-            text.contains("BPF_LINK_TYPE_SOCKMAP") && text.contains("6.10"),
+            text.contains("BPF_PROG_ATTACH") && text.contains("4.17"),
             "{text}"
         );
         let err = classify_attach_error(

@@ -5,6 +5,7 @@ use std::os::fd::AsFd;
 use libbpf_rs::{Link, MapHandle};
 
 use crate::accelerator::RedirectMode;
+use crate::attachment::{Attachment, SockmapAttachKind};
 use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
 use crate::forward::{DirectMaps, Forwarding};
@@ -26,7 +27,7 @@ use crate::stats::{Stats, StatsReader};
 #[must_use = "dropping the guard detaches the accelerator at once"]
 pub struct FastpathGuard {
     // Field order is drop order: links before the programs they reference.
-    links: Option<Vec<(Link, &'static str)>>,
+    links: Option<Vec<Attachment>>,
     splice_guard: Option<Link>,
     stats: StatsReader,
     programs: Programs,
@@ -47,7 +48,7 @@ impl std::fmt::Debug for FastpathGuard {
 impl FastpathGuard {
     pub(crate) fn new(
         programs: Programs,
-        links: Vec<(Link, &'static str)>,
+        links: Vec<Attachment>,
         splice_guard: Option<Link>,
         cgroup: Option<Cgroup>,
         mode: RedirectMode,
@@ -121,6 +122,15 @@ impl FastpathGuard {
         self.programs.stats_reader()
     }
 
+    /// Whether the programs on socket maps are attached with BPF links
+    /// (Linux 6.10), rather than the older way.
+    pub(crate) fn uses_sockmap_links(&self) -> bool {
+        self.links
+            .iter()
+            .flatten()
+            .all(|a| a.kind() != Some(SockmapAttachKind::MapProgram))
+    }
+
     /// How many sockets are in the socket map now (two per accelerated
     /// connection; they leave as connections close).
     pub fn socket_count(&self) -> usize {
@@ -182,13 +192,13 @@ impl FastpathGuard {
 
     fn detach_links(&mut self) -> Result<()> {
         self.programs.pause();
-        let Some(links) = self.links.take() else {
+        let Some(mut links) = self.links.take() else {
             return Ok(());
         };
         let mut first_error = None;
-        for (link, call) in &links {
+        for link in &mut links {
             if let Err(err) = link.detach() {
-                first_error.get_or_insert(Error::bpf(call, err));
+                first_error.get_or_insert(err);
             }
         }
         if let Some(link) = self.splice_guard.take() {

@@ -37,6 +37,7 @@
 
 mod abi;
 mod accelerator;
+mod attachment;
 mod cgroup;
 mod error;
 pub mod forward;

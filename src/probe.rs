@@ -58,7 +58,15 @@ pub struct ProbeReport {
     pub cgroup2: Finding,
     /// The sock_ops and sk_msg programs load (verifier accepts them).
     pub programs_load: Finding,
-    /// sk_msg programs can be linked to a socket map with a BPF link.
+    /// sock_ops programs see the process that owns a socket, which comm
+    /// policies match (Linux 6.10: `bpf_get_current_pid_tgid` in every
+    /// program type). Without it, `attach()` with a comm policy fails with
+    /// [`Error::KernelFeature`](crate::Error::KernelFeature).
+    pub socket_owners: Finding,
+    /// sk_msg programs can be linked to a socket map with a BPF link
+    /// (Linux 6.10). Where they cannot, `attach()` attaches them to the map
+    /// the older way (`BPF_PROG_ATTACH`, detached by the guard), which
+    /// behaves the same; this finding then says so.
     pub sockmap_link: Finding,
     /// Bytes sent on a private loopback pair were redirected, intact.
     pub redirect: Finding,
@@ -103,11 +111,12 @@ impl fmt::Display for ProbeReport {
             "sockmap-fastpath probe of Linux {} ({:.0?}):",
             self.kernel_release, self.duration
         )?;
-        let rows: [(&str, &Finding); 11] = [
+        let rows: [(&str, &Finding); 12] = [
             ("privileges", &self.privileges),
             ("kernel BTF", &self.btf),
             ("cgroup v2", &self.cgroup2),
             ("programs load", &self.programs_load),
+            ("socket owners (comms)", &self.socket_owners),
             ("sockmap links", &self.sockmap_link),
             ("sk_msg redirect", &self.redirect),
             ("splice guard (BPF LSM)", &self.splice_guard),
@@ -156,6 +165,7 @@ pub fn probe() -> ProbeReport {
         },
         cgroup2: Finding::from_result(cgroup2_mount(), |p| p.display().to_string()),
         programs_load: Finding::NotTested(String::new()),
+        socket_owners: Finding::NotTested(String::new()),
         sockmap_link: Finding::NotTested(String::new()),
         redirect: Finding::NotTested(String::new()),
         splice_guard: Finding::NotTested(String::new()),
@@ -168,6 +178,7 @@ pub fn probe() -> ProbeReport {
     if report.privileges.is_yes() && report.cgroup2.is_yes() {
         report.splice_guard = probe_splice_guard();
         report.both_mode = probe_both_mode();
+        report.socket_owners = probe_socket_owners();
         report.fionread_counts_plain_in_map = probe_fionread_plain_in_map()
             .unwrap_or_else(|err| Finding::NotTested(format!("setup failed: {err}")));
         if let Err(err) = probe_traffic(&mut report) {
@@ -186,6 +197,7 @@ pub fn probe() -> ProbeReport {
         let why = Finding::NotTested("needs privileges and cgroup v2".into());
         for finding in [
             &mut report.programs_load,
+            &mut report.socket_owners,
             &mut report.sockmap_link,
             &mut report.redirect,
             &mut report.splice_guard,
@@ -207,6 +219,12 @@ fn probe_splice_guard() -> Finding {
         programs.and_then(|p| splice_guard::attach(&p.skel().progs.fp_splice_guard).map(drop)),
         |()| "lsm/file_permission loads and attaches".into(),
     )
+}
+
+fn probe_socket_owners() -> Finding {
+    Finding::from_result(Programs::load_once(LoadConfig::minimal(true)), |_| {
+        "fp_sock_ops records the owner process at connect() and listen()".into()
+    })
 }
 
 fn probe_both_mode() -> Finding {
@@ -321,7 +339,15 @@ fn probe_sockets(
     let guard = match attached {
         Ok(guard) => {
             report.programs_load = Finding::Yes("fp_sock_ops, fp_sk_msg verified".into());
-            report.sockmap_link = Finding::Yes("BPF_LINK_TYPE_SOCKMAP".into());
+            report.sockmap_link = if guard.uses_sockmap_links() {
+                Finding::Yes("BPF_LINK_TYPE_SOCKMAP".into())
+            } else {
+                Finding::No(
+                    "no sockmap links (Linux 6.10); fp_sk_msg attached to the map with \
+                     BPF_PROG_ATTACH instead, detached by the guard"
+                        .into(),
+                )
+            };
             guard
         }
         Err(err @ Error::KernelFeature { .. }) => {

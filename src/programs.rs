@@ -21,6 +21,11 @@ pub(crate) struct LoadConfig {
     pub splice_guard: bool,
     /// Load `fp_lsm_canary` (classifies a failed splice guard).
     pub lsm_canary: bool,
+    /// Record each socket's owner process (for comm policies and the splice
+    /// guard's exclusions) where the kernel lets sock_ops see the task.
+    pub record_owners: bool,
+    /// A comm policy needs the owners: fail where they cannot be recorded.
+    pub owners_required: bool,
 }
 
 impl LoadConfig {
@@ -30,6 +35,16 @@ impl LoadConfig {
             capacity,
             splice_guard,
             lsm_canary: false,
+            record_owners: true,
+            owners_required: false,
+        }
+    }
+
+    /// The smallest configuration, with or without owner records.
+    pub(crate) fn minimal(record_owners: bool) -> Self {
+        LoadConfig {
+            record_owners,
+            ..LoadConfig::new(RedirectMode::Ingress, 2, false)
         }
     }
 }
@@ -56,6 +71,21 @@ impl Programs {
             Self::load_once(reduced).is_ok()
         };
         match Self::load_once(config) {
+            // sock_ops programs cannot see the current task here (6.1):
+            // without owners, unless a comm policy needs them.
+            Err(Error::Bpf { source, .. })
+                if config.record_owners
+                    && Self::load_once(LoadConfig::minimal(true)).is_err()
+                    && Self::load_once(LoadConfig::minimal(false)).is_ok() =>
+            {
+                if config.owners_required {
+                    return Err(owners_unsupported(source));
+                }
+                Self::load(LoadConfig {
+                    record_owners: false,
+                    ..config
+                })
+            }
             // Everything but the splice guard loads, and so does the
             // smallest LSM program: the guard failed to verify (our bug).
             Err(Error::Bpf { source, .. })
@@ -93,7 +123,8 @@ impl Programs {
         }
     }
 
-    fn load_once(config: LoadConfig) -> Result<Self> {
+    /// Loads exactly `config`, without classifying a failure.
+    pub(crate) fn load_once(config: LoadConfig) -> Result<Self> {
         let object = NonNull::from(Box::leak(Box::new(MaybeUninit::<OpenObject>::uninit())));
         // SAFETY: `object` stays allocated until Drop, after the skeleton that
         // borrows it is gone; nothing else accesses it meanwhile.
@@ -144,6 +175,11 @@ impl Programs {
             .set_autoload(config.mode != RedirectMode::Ingress);
         open.progs.fp_splice_guard.set_autoload(config.splice_guard);
         open.progs.fp_lsm_canary.set_autoload(config.lsm_canary);
+        open.maps
+            .rodata_data
+            .as_deref_mut()
+            .expect(".rodata is mmapped")
+            .record_owners = u32::from(config.record_owners);
         open.load().map_err(|err| {
             Error::bpf(
                 "loading the BPF object (bpf_object__load: creating maps, verifying the programs)",
@@ -219,7 +255,23 @@ impl Programs {
         })
     }
 
+    /// Whether sockets get their owner process recorded (see
+    /// [`LoadConfig::record_owners`]).
+    pub fn records_owners(&self) -> bool {
+        self.skel
+            .maps
+            .rodata_data
+            .as_ref()
+            .is_some_and(|r| r.record_owners != 0)
+    }
+
     pub fn set_comms(&mut self, comms: &[String]) -> Result<()> {
+        if !comms.is_empty() && !self.records_owners() {
+            return Err(owners_unsupported(std::io::Error::other(
+                "loaded without owner records: this kernel's sock_ops programs cannot see \
+                 the current task",
+            )));
+        }
         let keys = comm_keys(comms)?;
         self.set_knob(FP_MATCH_COMMS, !comms.is_empty(), |skel| {
             sync_set(
@@ -272,6 +324,18 @@ fn both_mode_unsupported(source: std::io::Error) -> Error {
 fn store_shared(slot: &mut u32, value: u32) {
     // SAFETY: `slot` is a valid, aligned, exclusive reference.
     unsafe { std::ptr::write_volatile(slot, value) };
+}
+
+/// The error for a comm policy on a kernel whose sock_ops programs cannot
+/// see the socket's owner process.
+fn owners_unsupported(source: std::io::Error) -> Error {
+    Error::KernelFeature {
+        feature: "the socket owner's process in sock_ops programs (bpf_get_current_pid_tgid \
+                  and bpf_get_current_task_btf there), which comm policies match; select by \
+                  ports or CIDRs instead",
+        min_kernel: "6.10",
+        source,
+    }
 }
 
 impl Drop for Programs {

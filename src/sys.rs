@@ -7,6 +7,8 @@ use std::ptr::NonNull;
 
 use libbpf_rs::{AsRawLibbpf, Link, Program};
 
+use crate::attachment::SockmapHook;
+
 /// Linux capability numbers (include/uapi/linux/capability.h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Capability {
@@ -44,6 +46,63 @@ pub(crate) fn attach_sockmap_link(prog: &Program<'_>, map: BorrowedFd<'_>) -> io
         Some(ptr) => Ok(unsafe { Link::from_ptr(ptr) }),
         None => Err(io::Error::last_os_error()),
     }
+}
+
+/// Whether a bpf() error says the kernel lacks the feature (EINVAL,
+/// EOPNOTSUPP, or the kernel-internal ENOTSUPP that leaks out of bpf()).
+pub(crate) fn is_unsupported(err: &io::Error) -> bool {
+    const ENOTSUPP: i32 = 524;
+    matches!(err.raw_os_error(), Some(code)
+        if code == nix::libc::EINVAL || code == nix::libc::EOPNOTSUPP || code == ENOTSUPP)
+}
+
+fn sockmap_attach_type(hook: SockmapHook) -> libbpf_sys::bpf_attach_type {
+    match hook {
+        SockmapHook::MsgVerdict => libbpf_sys::BPF_SK_MSG_VERDICT,
+        SockmapHook::SkbVerdict => libbpf_sys::BPF_SK_SKB_VERDICT,
+    }
+}
+
+/// `bpf(BPF_PROG_ATTACH)` of a program to a socket map (no link; kernels
+/// before 6.10). Needs CAP_NET_ADMIN.
+pub(crate) fn sockmap_prog_attach(
+    prog: BorrowedFd<'_>,
+    map: BorrowedFd<'_>,
+    hook: SockmapHook,
+) -> io::Result<()> {
+    // SAFETY: plain integer arguments; both fds are open for the call.
+    let rc = unsafe {
+        libbpf_sys::bpf_prog_attach(
+            prog.as_raw_fd(),
+            map.as_raw_fd(),
+            sockmap_attach_type(hook),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::from_raw_os_error(-rc));
+    }
+    Ok(())
+}
+
+/// `bpf(BPF_PROG_DETACH)` of a program attached by [`sockmap_prog_attach`].
+pub(crate) fn sockmap_prog_detach(
+    prog: BorrowedFd<'_>,
+    map: BorrowedFd<'_>,
+    hook: SockmapHook,
+) -> io::Result<()> {
+    // SAFETY: plain integer arguments; both fds are open for the call.
+    libbpf_result(unsafe {
+        libbpf_sys::bpf_prog_detach2(prog.as_raw_fd(), map.as_raw_fd(), sockmap_attach_type(hook))
+    })
+}
+
+/// libbpf's convention: a negative errno on failure.
+fn libbpf_result(rc: i32) -> io::Result<()> {
+    if rc < 0 {
+        return Err(io::Error::from_raw_os_error(-rc));
+    }
+    Ok(())
 }
 
 /// Bytes waiting to be read on a socket (`ioctl(FIONREAD)`).

@@ -24,6 +24,9 @@ struct BothEnv {
 
 fn both_env() -> Option<BothEnv> {
     let env = privileged_env()?;
+    if !both_mode_or_refused(&env) {
+        return None;
+    }
     let front = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = front.local_addr().unwrap().port();
     let guard = env.attach(|b| b.redirect(RedirectMode::Both).ports([port]));
@@ -319,6 +322,9 @@ fn a_client_reset_while_the_upstream_is_full_ends_the_pair() {
 #[test]
 fn a_local_upstream_in_the_policy_is_forwarded_too() {
     let Some(env) = privileged_env() else { return };
+    if !both_mode_or_refused(&env) {
+        return;
+    }
     let front = TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
     let ports = [&front, &upstream].map(|l| l.local_addr().unwrap().port());

@@ -301,6 +301,9 @@ fn both_mode_proxy_killed_mid_transfer_delivers_an_exact_prefix() {
 /// went straight upstream).
 fn proxy_killed_mid_transfer(mode: RedirectMode) {
     let Some(env) = privileged_env() else { return };
+    if mode == RedirectMode::Both && !both_mode_or_refused(&env) {
+        return;
+    }
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
     let front_port = {
         let probe = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -76,10 +76,11 @@ fn detach_mid_transfer_loses_nothing_and_the_pair_stays_on_the_shortcut() {
             client.shutdown(Shutdown::Write).unwrap();
         })
     };
-    // Let redirected bytes pile up unread in the server's queue.
+    // Let redirected bytes pile up unread in the server's queue (counted by
+    // the programs: FIONREAD does not count them on every kernel).
     let mut queued = 0;
     for _ in 0..500 {
-        queued = fionread(&server);
+        queued = reader.read().unwrap().bytes_redirected;
         if queued >= 1 << 20 {
             break;
         }
@@ -90,7 +91,7 @@ fn detach_mid_transfer_loses_nothing_and_the_pair_stays_on_the_shortcut() {
         "bytes queued unread before detach: {queued}"
     );
     let at_detach = guard.detach().unwrap();
-    assert!(at_detach.bytes_redirected >= queued as u64, "{at_detach}");
+    assert!(at_detach.bytes_redirected >= queued, "{at_detach}");
     tx.send(()).unwrap();
 
     let got = read_all(&mut server);
@@ -134,10 +135,21 @@ fn ten_thousand_short_connections_then_an_empty_map() {
     }
     server.join().unwrap();
     assert_eq!(wait_map_empty(&guard), 0, "map empty once all closed");
-    let stats = guard.stats().unwrap();
-    assert_eq!(stats.sockets_inserted, 2 * N as u64, "{stats}");
-    assert_eq!(stats.bytes_redirected, 2 * N as u64, "{stats}");
-    assert_eq!(stats.insert_failed, 0, "{stats}");
+    // Each connection paired, or (when the client's byte left before its
+    // server was established: seen under emulation on 6.1) fell back whole:
+    // the client missed, left the map, and both bytes went plain.
+    let s = guard.stats().unwrap();
+    let fell_back = s.peer_missing;
+    let paired = N as u64 - fell_back;
+    assert_eq!(
+        (s.unpaired_removed, s.unpaired_skipped, s.insert_failed),
+        (fell_back, fell_back, 0),
+        "{s}"
+    );
+    assert_eq!(s.sockets_inserted, 2 * paired + fell_back, "{s}");
+    assert_eq!(s.bytes_redirected, 2 * paired, "{s}");
+    assert_eq!(s.bytes_passed, 2 * fell_back, "{s}");
+    assert!(paired >= N as u64 / 2, "most connections pair: {s}");
 }
 
 #[test]

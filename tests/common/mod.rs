@@ -499,6 +499,57 @@ pub fn exchange_all_redirected(
     assert_eq!(d.bytes_passed, 0, "{d}");
 }
 
+/// What `probe()` found on this kernel (probed once per test binary, from
+/// inside a privileged test): tests whose expectation depends on the
+/// kernel take it from here, never from version numbers.
+pub fn kernel() -> &'static sockmap_fastpath::ProbeReport {
+    static REPORT: std::sync::OnceLock<sockmap_fastpath::ProbeReport> = std::sync::OnceLock::new();
+    REPORT.get_or_init(sockmap_fastpath::probe)
+}
+
+/// Whether this kernel lets the programs record a socket's owner process
+/// (comm policies need it; Linux 6.10).
+pub fn kernel_records_owners() -> bool {
+    kernel().socket_owners.is_yes()
+}
+
+/// Whether FIONREAD counts redirected bytes here (not on 6.1).
+pub fn fionread_counts_redirected() -> bool {
+    kernel().fionread_counts_redirected.is_yes()
+}
+
+/// Both mode needs Linux 6.2. Where `probe()` says it cannot load, asserts
+/// that `attach()` refuses it with `Error::KernelFeature` naming the
+/// minimum kernel and leaving nothing behind, says so on stderr, and
+/// returns false: the caller's test of the mode has nothing more to run.
+pub fn both_mode_or_refused(env: &Env) -> bool {
+    if kernel().both_mode.is_yes() {
+        return true;
+    }
+    let baseline = loaded_programs();
+    let err = env
+        .builder()
+        .redirect(sockmap_fastpath::RedirectMode::Both)
+        .attach()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            sockmap_fastpath::Error::KernelFeature {
+                min_kernel: "6.2",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_nothing_left(&env.cgroup.cgroup(), &baseline);
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        b"both mode refused on this kernel (KernelFeature, 6.2), as probe() said\n",
+    );
+    false
+}
+
 /// Bytes the kernel says are waiting to be read (`ioctl(FIONREAD)`).
 pub fn fionread(s: &TcpStream) -> i32 {
     use std::os::fd::AsRawFd;

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs inside a vmtest guest (or on the host for the "host" row): every test
+# binary given, one after the other, then the quick real-programs suite;
+# writes NAME.log and a "NAME STATUS" line per run to OUT/status, and the
+# probe() report to OUT/probe.txt.
+#   scripts/vmtest-guest.sh OUT TEST-BINARY...
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=$1; shift
+export CI=true FASTPATH_TEST_DEADLINE_SECS=1200 FASTPATH_PREBUILT=1
+uname -r > "$out/kernel"
+# The demo prints probe() and then shows the shortcut at work.
+timeout 600 target/release/examples/demo --seconds 0.2 > "$out/demo.log" 2>&1
+echo "demo $?" >> "$out/status"
+sed -n '/^sockmap-fastpath probe/,/^$/p' "$out/demo.log" > "$out/probe.txt"
+for bin in "$@"; do
+  name=$(basename "$bin")
+  timeout 1800 "$bin" --test-threads=1 > "$out/$name.log" 2>&1
+  echo "$name $?" >> "$out/status"
+done
+REAL_PROGRAMS_OUT="$out" timeout 1800 scripts/real-programs.sh --quick > "$out/real-programs.log" 2>&1
+echo "real-programs $?" >> "$out/status"

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The kernel matrix: every integration test (and the quick real-programs
+# suite) on other kernels, each booted under QEMU with virtme-ng. Needs
+# root. Installs what it needs (qemu, virtme-ng, Debian kernel packages).
+#
+#   scripts/vmtest.sh                      # Debian 6.12 and 6.1 LTS kernels
+#   scripts/vmtest.sh host 6.1.0-56-amd64  # the running kernel, one package
+#
+# A kernel is "host" (the running kernel, no VM) or the version of a Debian
+# linux-image package ("6.12.117+deb12-amd64", "6.1.0-56-amd64"), or a
+# prefix ("6.12", "6.1"): the installed, else the newest available, of that
+# series. Test binaries are built once on the host; each guest runs them
+# from the shared (read-only) source tree with CI=true semantics: a test
+# that cannot run fails. KVM here is a nested software mode that cannot run
+# a guest kernel, so QEMU emulates (TCG, about 10x slower): timings inside
+# mean nothing, results do.
+#
+# Prints a table (kernel x test file, pass/fail, and each kernel's probe()
+# report) and writes it to target/vmtest.md; logs in target/vmtest/KERNEL/.
+# Exits non-zero if anything failed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+[ "$#" -gt 0 ] || set -- 6.12 6.1
+
+scripts/install-deps.sh qemu-system-x86 busybox-static curl redis-server redis-tools python3-pip
+command -v vng >/dev/null || python3 -m pip install -q --break-system-packages virtme-ng 2>/dev/null ||
+  python3 -m pip install -q virtme-ng
+
+# kernel_version SPEC: the full package version for a series prefix.
+kernel_version() {
+  case "$1" in
+    host) uname -r; return ;;
+    6.12) pattern='^linux-image-6\.12\.[0-9]+\+deb12-amd64$' ;;
+    6.1) pattern='^linux-image-6\.1\.0-[0-9]+-amd64$' ;;
+    *) echo "$1"; return ;;
+  esac
+  local installed
+  installed=$(dpkg-query -W -f='${Package} ${Status}\n' 'linux-image-*' 2>/dev/null |
+    awk '/install ok installed/ {print $1}' | grep -E "$pattern" | sort -V | tail -1 || true)
+  [ -n "$installed" ] || installed=$(apt-cache search --names-only "$pattern" | awk '{print $1}' | sort -V | tail -1)
+  [ -n "$installed" ] || { echo "vmtest: no Debian package for kernel series $1" >&2; exit 1; }
+  echo "${installed#linux-image-}"
+}
+
+# Build once: the test binaries (their paths from cargo's JSON) and the
+# examples the guest runs.
+cargo build --release --quiet --examples
+mapfile -t BINARIES < <(cargo test --release --no-run --message-format=json 2>/dev/null |
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["profile"]["test"] and m.get("executable") \
+            and m["target"]["kind"] == ["test"]:
+        print(m["executable"])')
+[ "${#BINARIES[@]}" -gt 0 ] || { echo "vmtest: no test binaries built" >&2; exit 1; }
+# Copies, so that a rebuild while guests run does not change them.
+rm -rf target/vmtest/bin; mkdir -p target/vmtest/bin
+cp "${BINARIES[@]}" target/vmtest/bin/
+BINARIES=("$ROOT"/target/vmtest/bin/*)
+
+FAILED=0
+TABLE=target/vmtest.md
+{
+  printf '| kernel | probe | '
+  for b in "${BINARIES[@]}"; do n=$(basename "$b"); printf '%s | ' "${n%-*}"; done
+  printf 'real programs (quick) | time |\n|---|---|'
+  for _ in "${BINARIES[@]}"; do printf -- '---|'; done
+  printf -- '---|---|\n'
+} > "$TABLE"
+
+for spec in "$@"; do
+  version=$(kernel_version "$spec")
+  out="$ROOT/target/vmtest/$version"
+  rm -rf "$out"; mkdir -p "$out"
+  start=$(date +%s)
+  if [ "$spec" = host ]; then
+    scripts/vmtest-guest.sh "$out" "${BINARIES[@]}" || true
+  else
+    dpkg-query -W -f='${Status}' "linux-image-$version" 2>/dev/null | grep -q "install ok installed" ||
+      scripts/install-deps.sh "linux-image-$version"
+    echo "vmtest: booting $version (emulated)" >&2
+    timeout --foreground --kill-after=30s 45m vng --disable-kvm --force-9p -r "/boot/vmlinuz-$version" \
+      --user root --cpus 2 --memory 3G --rwdir "$out" --cwd "$ROOT" \
+      -- "$ROOT/scripts/vmtest-guest.sh $out ${BINARIES[*]}" < /dev/null > "$out/console.log" 2>&1 || true
+  fi
+  took=$(( $(date +%s) - start ))
+  # The guest writes one "NAME STATUS" line per test file; none means the
+  # guest never ran them (boot failure): every cell fails.
+  row="| $version | $(grep -c '^\s*\[yes\]' "$out/probe.txt" 2>/dev/null || echo 0) yes, $(grep -c '^\s*\[NO \]' "$out/probe.txt" 2>/dev/null || echo '?') no |"
+  for b in "${BINARIES[@]}"; do
+    name=$(basename "$b")
+    status=$(awk -v n="$name" '$1 == n {print $2}' "$out/status" 2>/dev/null || true)
+    if [ "$status" = 0 ]; then
+      row+=" $(grep -o '[0-9]* passed' "$out/$name.log" | awk '{s+=$1} END {print s}') passed |"
+    else
+      row+=" FAIL (${status:-not run}) |"; FAILED=1
+    fi
+  done
+  rp=$(awk '$1 == "real-programs" {print $2}' "$out/status" 2>/dev/null || true)
+  if [ "$rp" = 0 ]; then row+=" ok |"; else row+=" FAIL (${rp:-not run}) |"; FAILED=1; fi
+  row+=" ${took} s |"
+  echo "$row" >> "$TABLE"
+  echo "vmtest: $version done in ${took} s" >&2
+done
+
+cat "$TABLE"
+for spec in "$@"; do
+  version=$(kernel_version "$spec")
+  echo; echo "probe() on $version:"; cat "target/vmtest/$version/probe.txt" 2>/dev/null || echo "(none)"
+done
+if [ "$FAILED" != 0 ]; then
+  echo "vmtest: FAILED (logs in target/vmtest/KERNEL/)" >&2
+  exit 1
+fi
+echo "vmtest: all passed" >&2
