@@ -2,8 +2,11 @@
 //! it (or, with `--plain`, without), then prints the counters.
 //!
 //! ```text
-//! accelerate [--plain] [--port P]... [--comm NAME]... [--stats-file F] -- CMD [ARGS...]
+//! accelerate [--plain] [--port P]... [--comm NAME]... [--stats-file F]
+//!            [--require-splice-guard] -- CMD [ARGS...]
 //! ```
+//! Without `--require-splice-guard`, a kernel that refuses the splice guard
+//! gets the accelerator without it (said on stderr); with it, that fails.
 //! Every process the command starts inherits the cgroup, so servers and
 //! clients started by it are in scope. The cgroup is removed on exit; the
 //! exit code is the command's. Used by `scripts/real-programs.sh`.
@@ -41,10 +44,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             .ok_or_else(|| format!("{} needs a value", options[i]))
     };
     let (mut plain, mut ports, mut comms, mut stats_file) = (false, Vec::new(), Vec::new(), None);
+    let mut require_guard = false;
     let mut i = 0;
     while i < options.len() {
         match options[i].as_str() {
             "--plain" => plain = true,
+            "--require-splice-guard" => require_guard = true,
             "--port" => {
                 ports.push(value(i)?.parse::<u16>()?);
                 i += 1;
@@ -74,10 +79,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         for comm in comms {
             builder = builder.comm(comm);
         }
-        Some(attach::attach_or_without_splice_guard(
-            builder,
-            "accelerate",
-        )?)
+        Some(if require_guard {
+            builder.attach()?
+        } else {
+            attach::attach_or_without_splice_guard(builder, "accelerate")?
+        })
     };
     cgroup.add_process(std::process::id())?;
     let mut child = Command::new(&command[0]);

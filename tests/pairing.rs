@@ -337,6 +337,11 @@ fn client_that_sent_before_its_peer_joined() {
             "{addr}: the client joined, missed, left: {d}"
         );
         assert_eq!(d.bytes_redirected, 0, "{addr}: {d}");
+        assert_eq!(
+            (d.msgs_passed, d.bytes_passed),
+            (1, 5),
+            "{addr}: the first message went plain: {d}"
+        );
         assert_eq!(guard.socket_count(), 0, "{addr}");
         let observed = observe(client, server);
         assert_eq!(observed.fionread_zero_with_bytes, 0, "{addr}: {observed:?}");

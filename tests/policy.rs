@@ -63,6 +63,52 @@ fn cidr_selects_by_peer_address_v4_and_v6() {
     assert_plain(&exchange_on(&guard, &v4, 60));
 }
 
+/// README: IPv4 addresses are matched as IPv4-mapped IPv6, so 127.0.0.0/8
+/// also selects an IPv4 client of a dual-stack `[::]` listener (the
+/// accepted socket's peer is ::ffff:127.0.0.1).
+#[test]
+fn an_ipv4_cidr_matches_clients_of_a_dual_stack_listener() {
+    let Some(env) = privileged_env() else { return };
+    let listener = TcpListener::bind("[::]:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let guard = env.attach(|b| b.cidr("127.0.0.0/8".parse().unwrap()));
+    let before = guard.stats().unwrap();
+    let (client, server) = connect_from(&listener, ([127, 0, 0, 1], port).into());
+    assert!(server
+        .peer_addr()
+        .unwrap()
+        .to_string()
+        .starts_with("[::ffff:127.0.0.1]"));
+    exchange(
+        client,
+        server,
+        random_bytes(SIZE, 41),
+        random_bytes(SIZE, 42),
+    );
+    assert_accelerated(&delta(&guard, &before));
+}
+
+/// README: a listener created before `attach()` has no recorded owner, so a
+/// comm policy does not match its connections (the client, made after,
+/// is matched, waits, and is taken out again).
+#[test]
+fn a_comm_policy_does_not_match_listeners_from_before_attach() {
+    let Some(env) = privileged_env() else { return };
+    if !kernel_records_owners() {
+        return; // comm policies are refused there: see the test below
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+    let guard = env.attach(|b| b.comm(comm.trim()));
+    let d = exchange_on(&guard, &listener, 43);
+    assert_eq!(d.bytes_redirected, 0, "{d}");
+    assert_eq!(
+        (d.sockets_inserted, d.unpaired_removed, d.policy_skipped),
+        (1, 1, 1),
+        "the client joined and left, the server was skipped: {d}"
+    );
+}
+
 #[test]
 fn comm_is_the_owning_process_not_the_thread() {
     let Some(env) = privileged_env() else { return };

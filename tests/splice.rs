@@ -80,11 +80,7 @@ fn default_splice_guard_blocks_splice_or_fails_attach_clearly() {
 #[test]
 fn without_guard_splice_misses_redirected_bytes() {
     let Some(env) = privileged_env() else { return };
-    let guard = env.attach(|b| b.splice_guard(SpliceGuard::Off));
-    let (mut client, mut server) = connected_pair("127.0.0.1:0");
-    let data = random_bytes(256 << 10, 4);
-    client.write_all(&data).unwrap();
-    assert_eq!(guard.stats().unwrap().bytes_redirected, data.len() as u64);
+    let (_guard, client, mut server, data) = redirected_without_guard(&env, 256 << 10, 4);
     let err = nonblocking_splice_error(&server);
     assert_eq!(
         err,
@@ -93,6 +89,52 @@ fn without_guard_splice_misses_redirected_bytes() {
     );
     drop(client);
     assert_bytes_eq(&read_all(&mut server), &data, "recv still gets every byte");
+}
+
+/// Without the guard, the blocking case: once the peer has closed, a
+/// blocking splice returns 0 (a false end of stream) although every byte
+/// is still queued, and recv() then returns them all. This is what a Go
+/// `io.Copy` proxy would see (README "The splice guard").
+#[test]
+fn without_guard_a_blocking_splice_sees_a_false_eof() {
+    let Some(env) = privileged_env() else { return };
+    let (_guard, client, mut server, data) = redirected_without_guard(&env, 64 << 10, 8);
+    drop(client);
+    let (_r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+    let spliced = splice(
+        server.as_fd(),
+        None,
+        w.as_fd(),
+        None,
+        65536,
+        SpliceFFlags::empty(),
+    );
+    assert_eq!(
+        spliced,
+        Ok(0),
+        "blocking splice: false EOF with 64 KiB queued"
+    );
+    assert_bytes_eq(&read_all(&mut server), &data, "recv still gets every byte");
+}
+
+/// Attaches without the guard and sends `size` bytes over a new pair,
+/// every one redirected and unread: (guard, client, server, bytes).
+fn redirected_without_guard(
+    env: &Env,
+    size: usize,
+    seed: u64,
+) -> (
+    sockmap_fastpath::FastpathGuard,
+    std::net::TcpStream,
+    std::net::TcpStream,
+    Vec<u8>,
+) {
+    let guard = env.attach(|b| b.splice_guard(SpliceGuard::Off));
+    let (mut client, server) = connected_pair("127.0.0.1:0");
+    let data = random_bytes(size, seed);
+    client.write_all(&data).unwrap();
+    assert_eq!(guard.stats().unwrap().bytes_redirected, size as u64);
+    (guard, client, server, data)
 }
 
 /// The guard looks at sockets only: splicing a regular file into a pipe

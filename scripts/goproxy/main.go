@@ -3,16 +3,23 @@
 // exists for. Standard library only.
 //
 //	goproxy LISTEN_ADDR UPSTREAM_ADDR
+//	goproxy -version
 package main
 
 import (
+	"fmt"
 	"io"
 	"log"
 	"net"
 	"os"
+	"runtime"
 )
 
 func main() {
+	if len(os.Args) == 2 && os.Args[1] == "-version" {
+		fmt.Println(runtime.Version())
+		return
+	}
 	if len(os.Args) != 3 {
 		log.Fatal("usage: goproxy LISTEN_ADDR UPSTREAM_ADDR")
 	}
