@@ -138,10 +138,65 @@ pub enum Error {
     },
 }
 
+/// What kind of failure an [`Error`] is, for matching without parsing
+/// messages (see [`Error::kind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Bad input to the builder or a live setter (port 0, a long comm, a
+    /// bad CIDR, capacity 0, too many entries, a bad namespace group, no
+    /// cgroup chosen): fix the call.
+    InvalidInput,
+    /// A capability or permission is missing.
+    Permission,
+    /// cgroup v2 is not mounted, or the path is not a cgroup v2 directory.
+    Cgroup,
+    /// The running kernel lacks a feature ([`Error::KernelFeature`]).
+    Unsupported,
+    /// `forward()` on a guard not in egress or both mode.
+    WrongMode,
+    /// A map is full, or a socket is already in it (e.g. forwarded twice).
+    MapFullOrTaken,
+    /// Another BPF call failed.
+    Bpf,
+    /// A file or socket operation failed.
+    Io,
+}
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The kind of failure, for matching.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::MissingCapability { .. } => ErrorKind::Permission,
+            Error::Cgroup2NotMounted | Error::CgroupNotFound { .. } | Error::NotCgroupV2 { .. } => {
+                ErrorKind::Cgroup
+            }
+            Error::NoCgroup
+            | Error::InvalidComm { .. }
+            | Error::InvalidCidr { .. }
+            | Error::InvalidPort
+            | Error::ZeroCapacity { .. }
+            | Error::PolicyTooLarge { .. }
+            | Error::NamespaceGroup { .. } => ErrorKind::InvalidInput,
+            Error::NotEgressMode => ErrorKind::WrongMode,
+            Error::KernelFeature { .. } => ErrorKind::Unsupported,
+            Error::Bpf { source, .. } => match source.kind() {
+                io::ErrorKind::PermissionDenied => ErrorKind::Permission,
+                io::ErrorKind::ArgumentListTooLong
+                | io::ErrorKind::StorageFull
+                | io::ErrorKind::AlreadyExists => ErrorKind::MapFullOrTaken,
+                _ => ErrorKind::Bpf,
+            },
+            Error::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+                ErrorKind::Permission
+            }
+            Error::Io { .. } => ErrorKind::Io,
+        }
+    }
+
     pub(crate) fn io(call: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Error::Io {
             call,
@@ -172,5 +227,20 @@ pub(crate) fn libbpf_to_io(err: &libbpf_rs::Error) -> io::Error {
         }
         cause = e.source();
     }
-    io::Error::other(format!("{err:#}"))
+    use libbpf_rs::ErrorKind as K;
+    let kind = match err.kind() {
+        K::NotFound => io::ErrorKind::NotFound,
+        K::PermissionDenied => io::ErrorKind::PermissionDenied,
+        K::AlreadyExists => io::ErrorKind::AlreadyExists,
+        K::WouldBlock => io::ErrorKind::WouldBlock,
+        K::InvalidInput => io::ErrorKind::InvalidInput,
+        K::InvalidData => io::ErrorKind::InvalidData,
+        K::TimedOut => io::ErrorKind::TimedOut,
+        K::Interrupted => io::ErrorKind::Interrupted,
+        K::Unsupported => io::ErrorKind::Unsupported,
+        K::OutOfMemory => io::ErrorKind::OutOfMemory,
+        K::TooBig => io::ErrorKind::ArgumentListTooLong,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, format!("{err:#}"))
 }

@@ -42,6 +42,7 @@ mod cgroup;
 mod error;
 pub mod forward;
 mod guard;
+mod logging;
 pub mod netns;
 pub mod policy;
 mod probe;
@@ -57,7 +58,7 @@ mod skel {
 
 pub use accelerator::{Accelerator, AcceleratorBuilder, RedirectMode};
 pub use cgroup::{cgroup2_mount, Cgroup, ChildCgroup};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use forward::{ForwardEnd, ForwardStats, Forwarding};
 pub use guard::FastpathGuard;
 pub use policy::Cidr;

@@ -9,6 +9,7 @@ use libbpf_rs::{MapCore, MapFlags, OpenObject};
 use crate::abi::{fp_live, FP_MATCH_CIDRS, FP_MATCH_COMMS, FP_MATCH_PORTS};
 use crate::accelerator::RedirectMode;
 use crate::error::{Error, Result};
+use crate::logging::{expecting_failures, route_libbpf_output};
 use crate::policy::{cidr_keys, comm_keys, port_keys, sync_set, Cidr, Policy};
 use crate::skel::{FastpathSkel, FastpathSkelBuilder};
 use crate::stats::StatsReader;
@@ -65,18 +66,21 @@ unsafe impl Sync for Programs {}
 impl Programs {
     /// Opens, configures and loads the programs into the kernel.
     pub fn load(config: LoadConfig) -> Result<Self> {
+        // The reloads below only classify a failure: quiet.
         let loads_without = |change: fn(&mut LoadConfig)| {
             let mut reduced = config;
             change(&mut reduced);
-            Self::load_once(reduced).is_ok()
+            expecting_failures(|| Self::load_once(reduced)).is_ok()
         };
         match Self::load_once(config) {
             // sock_ops programs cannot see the current task here (6.1):
             // without owners, unless a comm policy needs them.
             Err(Error::Bpf { source, .. })
                 if config.record_owners
-                    && Self::load_once(LoadConfig::minimal(true)).is_err()
-                    && Self::load_once(LoadConfig::minimal(false)).is_ok() =>
+                    && expecting_failures(|| {
+                        Self::load_once(LoadConfig::minimal(true)).is_err()
+                            && Self::load_once(LoadConfig::minimal(false)).is_ok()
+                    }) =>
             {
                 if config.owners_required {
                     return Err(owners_unsupported(source));
@@ -125,6 +129,7 @@ impl Programs {
 
     /// Loads exactly `config`, without classifying a failure.
     pub(crate) fn load_once(config: LoadConfig) -> Result<Self> {
+        route_libbpf_output();
         let object = NonNull::from(Box::leak(Box::new(MaybeUninit::<OpenObject>::uninit())));
         // SAFETY: `object` stays allocated until Drop, after the skeleton that
         // borrows it is gone; nothing else accesses it meanwhile.

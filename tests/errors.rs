@@ -47,6 +47,11 @@ fn invalid_input_is_refused_before_touching_the_kernel() {
             err.to_string().contains(needle),
             "{err:?} should mention {needle:?}"
         );
+        assert_eq!(
+            err.kind(),
+            sockmap_fastpath::ErrorKind::InvalidInput,
+            "{err:?}"
+        );
         assert_nothing_left(&cg, &baseline);
     }
     let err = "10.0.0.0/40".parse::<sockmap_fastpath::Cidr>().unwrap_err();
@@ -145,5 +150,53 @@ fn child_attach_without_privileges() {
         .cgroup(Cgroup::path(path).unwrap())
         .attach()
         .unwrap_err();
+    assert_eq!(err.kind(), sockmap_fastpath::ErrorKind::Permission);
     println!("CHILD-ERROR: {err}");
+}
+
+/// The library never writes to the program's stderr: libbpf's messages go
+/// to the `log` facade. A child (no logger installed) runs probe() and an
+/// attach with the default splice guard, which fails or loads here
+/// depending on the kernel, and deliberately fails an attach; its stderr
+/// must hold no libbpf line.
+#[test]
+fn libbpf_output_never_reaches_stderr() {
+    let Some(env) = privileged_env() else { return };
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "child_probe_and_attach",
+            "--nocapture",
+        ])
+        .env("FP_CHILD_CGROUP", env.cgroup.path())
+        .output()
+        .expect("run the child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains("CHILD-DONE"), "{stdout}\n{stderr}");
+    assert!(!stderr.contains("libbpf"), "stderr: {stderr}");
+    assert!(!stdout.contains("libbpf:"), "stdout: {stdout}");
+}
+
+/// Run by `libbpf_output_never_reaches_stderr`.
+#[test]
+#[ignore = "run as a child process by libbpf_output_never_reaches_stderr"]
+fn child_probe_and_attach() {
+    let path = std::env::var("FP_CHILD_CGROUP").expect("run by libbpf_output_never_reaches_stderr");
+    let report = sockmap_fastpath::probe();
+    let cgroup = Cgroup::path(path).unwrap();
+    let guarded = Accelerator::builder().cgroup(cgroup.clone()).attach();
+    // A map far beyond what the kernel allocates: libbpf reports the failure.
+    let huge = Accelerator::builder()
+        .cgroup(cgroup)
+        .splice_guard(sockmap_fastpath::SpliceGuard::Off)
+        .capacity(u32::MAX)
+        .attach();
+    println!(
+        "CHILD-DONE guard attached: {}, huge map refused: {}, redirect: {}",
+        guarded.is_ok(),
+        huge.is_err(),
+        report.redirect.is_yes()
+    );
 }

@@ -263,6 +263,11 @@ fn a_socket_already_forwarded_or_a_full_map_is_refused_and_left_usable() {
 
     let err = guard.forward(&down, &up).unwrap_err();
     assert!(matches!(err, Error::Bpf { .. }), "{err:?}");
+    assert_eq!(
+        err.kind(),
+        sockmap_fastpath::ErrorKind::MapFullOrTaken,
+        "{err:?}"
+    );
     assert!(
         err.to_string().contains("already forwarded, or map full"),
         "{err}"
@@ -273,6 +278,11 @@ fn a_socket_already_forwarded_or_a_full_map_is_refused_and_left_usable() {
     assert!(
         err.to_string().contains("already forwarded, or map full"),
         "{err}"
+    );
+    assert_eq!(
+        err.kind(),
+        sockmap_fastpath::ErrorKind::MapFullOrTaken,
+        "{err:?}"
     );
     // ... and stays a plain connection the proxy can serve itself.
     exchange(

@@ -19,6 +19,7 @@ fn default_splice_guard_blocks_splice_or_fails_attach_clearly() {
     match Accelerator::builder().cgroup(env.cgroup.cgroup()).attach() {
         Err(err) => {
             assert!(matches!(err, Error::KernelFeature { .. }), "{err:?}");
+            assert_eq!(err.kind(), sockmap_fastpath::ErrorKind::Unsupported);
             let text = err.to_string();
             assert!(
                 text.contains("splice guard") && text.contains("SpliceGuard::Off"),
