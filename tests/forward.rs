@@ -334,10 +334,6 @@ fn proxy_killed_mid_transfer(mode: RedirectMode) {
         return;
     }
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
-    let front_port = {
-        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--ignored",
@@ -346,7 +342,6 @@ fn proxy_killed_mid_transfer(mode: RedirectMode) {
             "--nocapture",
             "--test-threads=1",
         ])
-        .env("FP_FRONT_PORT", front_port.to_string())
         .env("FP_UPSTREAM", upstream.local_addr().unwrap().to_string())
         .env(
             "FP_BOTH_CGROUP",
@@ -359,10 +354,12 @@ fn proxy_killed_mid_transfer(mode: RedirectMode) {
         .spawn()
         .unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
-    assert!(
-        lines.by_ref().any(|l| l.unwrap() == "LISTENING"),
-        "child proxy did not start"
-    );
+    // The child's own listener port (bound there: no port handed over
+    // that another socket could take meanwhile).
+    let front_port: u16 = lines
+        .by_ref()
+        .find_map(|l| l.unwrap().strip_prefix("LISTENING ")?.parse().ok())
+        .expect("child proxy did not start");
     let mut client = TcpStream::connect(("127.0.0.1", front_port)).unwrap();
     let (mut server, _) = upstream.accept().unwrap();
     assert!(lines.by_ref().any(|l| l.unwrap() == "FORWARDING"));
@@ -415,11 +412,9 @@ fn proxy_killed_mid_transfer(mode: RedirectMode) {
 #[test]
 #[ignore = "run as a child process by proxy_killed_mid_transfer"]
 fn child_proxy() {
-    let port: u16 = std::env::var("FP_FRONT_PORT")
-        .expect("run by the parent test")
-        .parse()
-        .unwrap();
-    let upstream = std::env::var("FP_UPSTREAM").unwrap();
+    let upstream = std::env::var("FP_UPSTREAM").expect("run by the parent test");
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = front.local_addr().unwrap().port();
     let both_cgroup = std::env::var("FP_BOTH_CGROUP").unwrap_or_default();
     let builder = match both_cgroup.as_str() {
         "" => Accelerator::builder().redirect(RedirectMode::Egress),
@@ -430,8 +425,7 @@ fn child_proxy() {
             .splice_guard(sockmap_fastpath::SpliceGuard::Off),
     };
     let guard = builder.attach().unwrap();
-    let front = TcpListener::bind(("127.0.0.1", port)).unwrap();
-    println!("\nLISTENING");
+    println!("\nLISTENING {port}");
     let (down, _) = front.accept().unwrap();
     let up = TcpStream::connect(upstream).unwrap();
     let forwarding = guard.forward(&down, &up).unwrap();

@@ -60,6 +60,7 @@ fn identical_tuples_in_two_netns_never_meet() {
 #[test]
 fn detach_mid_transfer_loses_nothing_and_the_pair_stays_on_the_shortcut() {
     let Some(env) = privileged_env() else { return };
+    let baseline = loaded_programs();
     let guard = env.attach(|b| b);
     let reader = guard.stats_reader().unwrap();
     let (client, mut server) = connected_pair("127.0.0.1:0");
@@ -109,6 +110,15 @@ fn detach_mid_transfer_loses_nothing_and_the_pair_stays_on_the_shortcut() {
     let later = reader.read().unwrap().since(&total);
     assert_eq!(later.sockets_inserted, 0, "{later}");
     assert_eq!(later.bytes_redirected, 0, "{later}");
+
+    // The pair kept the programs loaded after detach; once it closes, the
+    // kernel frees them.
+    assert!(
+        !loaded_programs().is_subset(&baseline),
+        "the open pair holds the programs"
+    );
+    drop((client, server));
+    assert_nothing_left(&env.cgroup.cgroup(), &baseline);
 }
 
 #[test]
