@@ -26,7 +26,7 @@ fi
 scripts/install-deps.sh "${pkgs[@]}"
 # FASTPATH_PREBUILT=1 (scripts/vmtest-guest.sh): a read-only tree, built.
 [ "${FASTPATH_PREBUILT:-0}" = 1 ] || cargo build --release --quiet --example accelerate
-ACC=$PWD/target/release/examples/accelerate
+ACC=${FASTPATH_EXAMPLES:-$PWD/target/release/examples}/accelerate
 WORK=$(mktemp -d /tmp/fastpath-real.XXXXXX)
 chmod 755 "$WORK" # nginx workers run as www-data
 cleanup() { pkill -f "$WORK" 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$WORK"; }

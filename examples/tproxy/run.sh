@@ -17,7 +17,7 @@ RATES=${RATES:-}
 [ -z "$RATES" ] || { command -v wrk >/dev/null && command -v nginx >/dev/null; } || scripts/install-deps.sh wrk nginx-light
 # FASTPATH_PREBUILT=1 (scripts/vmtest-guest.sh): a read-only tree, built.
 [ "${FASTPATH_PREBUILT:-0}" = 1 ] || cargo build --release --quiet --example tproxy
-TPROXY=$PWD/target/release/examples/tproxy
+TPROXY=${FASTPATH_EXAMPLES:-$PWD/target/release/examples}/tproxy
 
 export NS_APP=fp-tpa-$$ NS_SERVER=fp-tps-$$ VETH=fptp$(($$ % 100000))
 WORK=$(mktemp -d /tmp/fastpath-tproxy.XXXXXX)
