@@ -185,8 +185,8 @@ static __always_inline struct fp_stats *this_cpu_stats(void)
 #define COUNT(field, n)                                                        \
 	do {                                                                   \
 		struct fp_stats *s__ = this_cpu_stats();                       \
-		if (s__)                                                       \
-			s__->field += (n);                                     \
+		if (s__) /* atomic: softirq and process context share a CPU */ \
+			__sync_fetch_and_add(&s__->field, (n));                \
 	} while (0)
 
 /* The address fields of bpf_sock_ops, read once each with a plain 32-bit
@@ -327,7 +327,7 @@ static __always_inline int policy_selects(const struct fp_sock_key *key,
 static __always_inline int may_insert(struct bpf_sock_ops *skops,
 				      const struct fp_sock_key *key,
 				      const struct fp_sock_state *st,
-				      __u32 bytes_received, __u32 data_segs_out)
+				      __u64 bytes_received, __u32 data_segs_out)
 {
 	if (!policy_selects(key, st)) {
 		COUNT(policy_skipped, 1);
@@ -418,7 +418,8 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int passi
 	struct fp_sock_state *st;
 	struct bpf_sock *sk;
 	__u64 netns_cookie;
-	__u32 bytes_received, data_segs_out;
+	__u64 bytes_received; /* 64-bit: a multiple of 4 GiB must not read as 0 */
+	__u32 data_segs_out;
 	int selected;
 
 	READ_ENDPOINT_FIELDS(skops, &f);
@@ -453,7 +454,7 @@ static __always_inline void on_connect_side_segment(struct bpf_sock_ops *skops)
 	struct fp_sock_key key = {};
 	struct fp_sock_state *st;
 	__u64 *pair, state;
-	__u32 bytes_received = skops->bytes_received;
+	__u64 bytes_received = skops->bytes_received;
 	__u32 payload = skops->skb_len;
 
 	READ_ENDPOINT_FIELDS(skops, &f);
