@@ -158,7 +158,9 @@ fn ten_thousand_short_connections_then_an_empty_map() {
     );
     assert_eq!(s.sockets_inserted, 2 * paired + fell_back, "{s}");
     assert_eq!(s.bytes_redirected, 2 * paired, "{s}");
-    assert_eq!(s.bytes_passed, 2 * fell_back, "{s}");
+    // The client's byte passed its program; the server was never in the
+    // map, so its reply ran no program at all.
+    assert_eq!(s.bytes_passed, fell_back, "{s}");
     assert!(paired >= N as u64 / 2, "most connections pair: {s}");
 }
 

@@ -41,7 +41,8 @@ fn default_splice_guard_blocks_splice_or_fails_attach_clearly() {
         }
         Ok(guard) => {
             // Accelerated before the process gets caught below.
-            let lingering = connected_pair("127.0.0.1:0");
+            let mut lingering = connected_pair("127.0.0.1:0");
+            sendfile_into_the_socket_is_untouched(&mut lingering);
             let (mut client, server) = connected_pair("127.0.0.1:0");
             let data = random_bytes(1 << 20, 3);
             client.write_all(&data).unwrap();
@@ -157,6 +158,22 @@ fn guard_lingers_until_the_last_accelerated_socket_closes(
     let mut got = [0u8; 13];
     std::io::Read::read_exact(&mut server, &mut got).unwrap();
     assert_eq!(&got, b"still guarded");
+}
+
+/// sendfile(2) from a file into an accelerated socket reads the file, not
+/// the socket: the guard lets it through and the peer gets the bytes.
+fn sendfile_into_the_socket_is_untouched(
+    (client, server): &mut (std::net::TcpStream, std::net::TcpStream),
+) {
+    let path = std::env::temp_dir().join(unique_name("sendfile"));
+    std::fs::write(&path, random_bytes(8192, 9)).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let sent = nix::sys::sendfile::sendfile(client.as_fd(), file.as_fd(), None, 8192);
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(sent, Ok(8192));
+    let mut got = vec![0u8; 8192];
+    std::io::Read::read_exact(server, &mut got).unwrap();
+    assert_eq!(got, random_bytes(8192, 9));
 }
 
 /// The guard looks at sockets only: splicing a regular file into a pipe
