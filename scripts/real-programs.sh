@@ -91,6 +91,12 @@ check_mixed() {
 }
 
 row() { ROWS+=("| $1 | $2 | $3 | $4 | $5 | $6 | $7 |"); }
+# not_run PROGRAM REASON: a row for a setup this kernel cannot run.
+not_run() { row "$1" "not run: $2" - - - - "not run"; }
+# Rows that select one side by process name need the kernel to tell
+# sock_ops who owns a socket (Linux 6.10); older kernels refuse --comm.
+COMM_REASON="this kernel cannot select by process name (probe(): socket owners)"
+if "$ACC" --comm true -- true 2>/dev/null; then HAVE_COMM=1; else HAVE_COMM=0; fi
 ratio() { awk -v a="$1" -v p="$2" 'BEGIN { if (p > 0) printf "%.2fx", a / p; else print "-" }'; }
 
 # --- curl against python3 -m http.server -----------------------------------
@@ -147,13 +153,17 @@ done
 # --- the same, only redis-server selected: its clients are outside the -----
 # policy, so no connection pairs and every socket must stay plain TCP.
 section
-run_redis redis-mixed accelerated --comm redis-server
-check_mixed redis-mixed 100 0
-for test in GET SET; do
-  p=$(ops redis plain "$test"); a=$(ops redis-mixed accelerated "$test")
-  [ -n "$a" ] || fail "redis-benchmark (mixed) $test: no result"
-  row "redis-benchmark $test, only redis-server selected" "completed, value intact; $SKIPPED accepted sockets kept out (peer not selected)" "$p ops/s" "$a ops/s" "$(ratio "$a" "$p")" 0 "$(result)"
-done
+if [ "$HAVE_COMM" = 1 ]; then
+  run_redis redis-mixed accelerated --comm redis-server
+  check_mixed redis-mixed 100 0
+  for test in GET SET; do
+    p=$(ops redis plain "$test"); a=$(ops redis-mixed accelerated "$test")
+    [ -n "$a" ] || fail "redis-benchmark (mixed) $test: no result"
+    row "redis-benchmark $test, only redis-server selected" "completed, value intact; $SKIPPED accepted sockets kept out (peer not selected)" "$p ops/s" "$a ops/s" "$(ratio "$a" "$p")" 0 "$(result)"
+  done
+else
+  not_run "redis-benchmark, only redis-server selected" "$COMM_REASON"
+fi
 
 if [ "$QUICK" = 0 ]; then
   # --- wrk against nginx -------------------------------------------------------
@@ -187,14 +197,18 @@ CONF
   done
   # Only nginx selected: wrk's connections never pair.
   section
-  run nginx-mixed accelerated "$nginx_script" --comm nginx
-  wrk_ok nginx-mixed.accelerated
-  check_mixed nginx-mixed 60 0
-  for i in 1 2; do
-    what=$([ "$i" = 1 ] && echo "small page" || echo "1 MiB file")
-    p=$(rps nginx.plain $i); a=$(rps nginx-mixed.accelerated $i)
-    row "wrk / nginx, only nginx selected" "$what, no socket errors; $SKIPPED accepted sockets kept out" "$p req/s" "$a req/s" "$(ratio "$a" "$p")" 0 "$(result)"
-  done
+  if [ "$HAVE_COMM" = 1 ]; then
+    run nginx-mixed accelerated "$nginx_script" --comm nginx
+    wrk_ok nginx-mixed.accelerated
+    check_mixed nginx-mixed 60 0
+    for i in 1 2; do
+      what=$([ "$i" = 1 ] && echo "small page" || echo "1 MiB file")
+      p=$(rps nginx.plain $i); a=$(rps nginx-mixed.accelerated $i)
+      row "wrk / nginx, only nginx selected" "$what, no socket errors; $SKIPPED accepted sockets kept out" "$p req/s" "$a req/s" "$(ratio "$a" "$p")" 0 "$(result)"
+    done
+  else
+    not_run "wrk / nginx, only nginx selected" "$COMM_REASON"
+  fi
 
   # --- iperf3 ------------------------------------------------------------------
   section
@@ -231,7 +245,9 @@ CONF
     "$(ratio "$(lat plain)" "$(lat accelerated)") faster" "$REDIRECTED" "$(result)"
 fi
 
-if [ "$QUICK" = 0 ]; then
+if [ "$QUICK" = 0 ] && [ "$HAVE_COMM" = 0 ]; then
+  not_run "Go net/http server / curl, one side selected" "$COMM_REASON"
+elif [ "$QUICK" = 0 ]; then
   # --- a Go net/http server (netpoller: non-blocking sockets, edge-triggered
   # epoll) with curl, one side selected and the other not: nothing pairs.
   (cd scripts/gohttp && go build -o "$WORK/gohttp" .)
@@ -291,15 +307,19 @@ if [ "$QUICK" = 0 ] || [ -n "${GOPROXY_BIN:-}" ]; then
   section
   run goproxy plain "$(goproxy_script goproxy.plain)"
   goproxy_intact goproxy.plain
-  run goproxy accelerated "$(goproxy_script goproxy.accelerated)" --comm curl --comm python3
-  goproxy_intact goproxy.accelerated
-  stats="$WORK/goproxy.accelerated.stats"
-  [ "$(stat_of "$stats" bytes_redirected)" = 0 ] || fail "goproxy: bytes were redirected through the splicing proxy"
-  skipped=$(stat_of "$stats" policy_skipped)
-  [ "${skipped:-0}" -ge 2 ] || fail "goproxy: the proxy's sockets were not skipped by the policy"
-  row "$goversion io.Copy proxy (splice) between curl and http.server" \
-    "2 x 64 MiB sha256 equal; proxy kept plain by comm policy ($skipped sockets skipped)" \
-    "$(mbps goproxy.plain)" "$(mbps goproxy.accelerated)" "-" 0 "$(result)"
+  if [ "$HAVE_COMM" = 1 ]; then
+    run goproxy accelerated "$(goproxy_script goproxy.accelerated)" --comm curl --comm python3
+    goproxy_intact goproxy.accelerated
+    stats="$WORK/goproxy.accelerated.stats"
+    [ "$(stat_of "$stats" bytes_redirected)" = 0 ] || fail "goproxy: bytes were redirected through the splicing proxy"
+    skipped=$(stat_of "$stats" policy_skipped)
+    [ "${skipped:-0}" -ge 2 ] || fail "goproxy: the proxy's sockets were not skipped by the policy"
+    row "$goversion io.Copy proxy (splice) between curl and http.server" \
+      "2 x 64 MiB sha256 equal; proxy kept plain by comm policy ($skipped sockets skipped)" \
+      "$(mbps goproxy.plain)" "$(mbps goproxy.accelerated)" "-" 0 "$(result)"
+  else
+    not_run "$goversion io.Copy proxy, proxy kept plain by comm policy" "$COMM_REASON"
+  fi
   section
   if "$ACC" --require-splice-guard -- true 2>/dev/null; then
     run goproxy-guarded accelerated "$(goproxy_script goproxy-guarded)" --require-splice-guard
@@ -311,8 +331,8 @@ if [ "$QUICK" = 0 ] || [ -n "${GOPROXY_BIN:-}" ]; then
       "2 x 64 MiB sha256 equal; $blocked splices refused, $excluded later sockets kept plain" \
       "$(mbps goproxy.plain)" "$(mbps goproxy-guarded.accelerated)" "-" "$(stat_of "$stats" bytes_redirected)" "$(result)"
   else
-    row "$goversion io.Copy proxy, everything selected, splice guard on" \
-      "not run: this kernel refuses the splice guard (probe())" "-" "-" "-" "-" "not run"
+    not_run "$goversion io.Copy proxy, everything selected, splice guard on" \
+      "this kernel refuses the splice guard (probe())"
   fi
 fi
 

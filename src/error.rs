@@ -167,6 +167,13 @@ pub enum ErrorKind {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Whether this is the kernel refusing the splice guard (and nothing
+    /// else): the one failure a program known not to splice may answer by
+    /// attaching again with `.splice_guard(SpliceGuard::Off)`.
+    pub fn is_splice_guard_refused(&self) -> bool {
+        matches!(self, Error::KernelFeature { feature, .. } if *feature == crate::splice_guard::FEATURE)
+    }
+
     /// The kind of failure, for matching.
     pub fn kind(&self) -> ErrorKind {
         match self {

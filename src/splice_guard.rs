@@ -36,12 +36,15 @@ impl SpliceGuard {
     }
 }
 
+/// [`Error::KernelFeature`]'s `feature` when the kernel refuses the guard.
+pub(crate) const FEATURE: &str = "BPF LSM programs for the splice guard (CONFIG_BPF_LSM, `bpf` \
+     among the active LSMs, BTF, and no lockdown refusing them); opt out with \
+     `.splice_guard(SpliceGuard::Off)` only if no selected program uses splice(2)";
+
 /// The error for a kernel that refuses to load or attach the guard.
 pub(crate) fn unsupported(source: std::io::Error) -> Error {
     Error::KernelFeature {
-        feature: "BPF LSM programs for the splice guard (CONFIG_BPF_LSM, `bpf` among the \
-                  active LSMs, BTF, and no lockdown refusing them); opt out with \
-                  `.splice_guard(SpliceGuard::Off)` only if no selected program uses splice(2)",
+        feature: FEATURE,
         min_kernel: "5.7",
         source,
     }

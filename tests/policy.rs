@@ -129,6 +129,8 @@ fn comm_is_the_owning_process_not_the_thread() {
         let err = env.builder().comm(process_comm).attach().unwrap_err();
         assert!(matches!(err, Error::KernelFeature { .. }), "{err:?}");
         assert!(err.to_string().contains("comm policies"), "{err}");
+        // Not the splice guard: falling back to SpliceGuard::Off would not help.
+        assert!(!err.is_splice_guard_refused(), "{err}");
         assert_nothing_left(&env.cgroup.cgroup(), &baseline);
         return;
     }

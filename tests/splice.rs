@@ -20,6 +20,7 @@ fn default_splice_guard_blocks_splice_or_fails_attach_clearly() {
     match Accelerator::builder().cgroup(env.cgroup.cgroup()).attach() {
         Err(err) => {
             assert!(matches!(err, Error::KernelFeature { .. }), "{err:?}");
+            assert!(err.is_splice_guard_refused(), "{err:?}");
             assert_eq!(err.kind(), sockmap_fastpath::ErrorKind::Unsupported);
             let text = err.to_string();
             assert!(

@@ -9,7 +9,7 @@ pub fn attach_or_without_splice_guard(
     who: &str,
 ) -> Result<FastpathGuard, Error> {
     match builder.clone().attach() {
-        Err(err @ Error::KernelFeature { .. }) => {
+        Err(err) if err.is_splice_guard_refused() => {
             eprintln!("{who}: {err}\n{who}: continuing WITHOUT the splice guard (this program does not splice)");
             builder.splice_guard(SpliceGuard::Off).attach()
         }
