@@ -37,6 +37,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
 
 use sockmap_fastpath::{Accelerator, Cgroup, FastpathGuard, RedirectMode, SpliceGuard, Stats};
+use workloads::connect::connect_nonblocking;
 use workloads::{Connector, Rate};
 
 #[derive(Clone, Copy, PartialEq)]
@@ -208,9 +209,9 @@ fn copy_half(mut from: TcpStream, mut to: TcpStream) {
 fn proxy_connector(front: TcpListener, forwarder: Option<Arc<FastpathGuard>>) -> Connector {
     let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
     Connector::Custom(Box::new(move || {
-        let client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+        let client = connect_nonblocking(front.local_addr().unwrap()).unwrap();
         let (down, _) = front.accept().unwrap();
-        let up = TcpStream::connect(upstream.local_addr().unwrap()).unwrap();
+        let up = connect_nonblocking(upstream.local_addr().unwrap()).unwrap();
         let (server, _) = upstream.accept().unwrap();
         down.set_nodelay(true).unwrap();
         up.set_nodelay(true).unwrap();
@@ -364,7 +365,7 @@ fn container_table(
         let a_path = a.path();
         Connector::Custom(Box::new(move || {
             let client = run_in(a_path.clone(), move || {
-                TcpStream::connect(addr).expect("connect from a")
+                connect_nonblocking(addr).expect("connect from a")
             });
             (client, listener.accept().expect("accept in b").0)
         }))

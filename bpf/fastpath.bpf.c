@@ -48,12 +48,25 @@ struct task_struct {
 	char comm[FP_COMM_LEN];
 } __attribute__((preserve_access_index));
 
-/* For the splice guard, likewise relocated (CO-RE). */
+/* For the splice guard and the blocking-mode check, likewise relocated
+ * (CO-RE). */
 struct sock;
+struct file {
+	unsigned int f_flags;
+} __attribute__((preserve_access_index));
 struct socket {
 	struct sock *sk;
+	struct file *file;
 } __attribute__((preserve_access_index));
-struct file;
+/* The fields of struct sock read here; both mode reads three more. */
+struct sock {
+	struct socket *sk_socket;
+	void *sk_user_data;
+	int sk_sndbuf;
+	int sk_wmem_queued;
+} __attribute__((preserve_access_index));
+
+#define O_NONBLOCK 04000 /* the same value on x86_64 and arm64 */
 
 #if defined(__TARGET_ARCH_x86)
 struct pt_regs {
@@ -274,10 +287,36 @@ static __always_inline __u64 address_space(__u64 netns_cookie)
  * splice guard's process exclusion then have no owner to match. */
 const volatile __u32 record_owners = 1;
 
+/* Set before load: 0 to accelerate sockets that are blocking when they
+ * connect (BlockingSockets::Accelerate). */
+const volatile __u32 keep_blocking_plain = 1;
+
+/* Whether the socket's file is in blocking mode (no O_NONBLOCK) now. A
+ * blocking read of a socket in a socket map returns EAGAIN when another
+ * thread's activity wakes it with nothing queued (tcp_bpf_recvmsg), which
+ * blocking programs treat as fatal. A socket without a file (not accepted
+ * yet) counts as not blocking. */
+static __always_inline int file_is_blocking(struct bpf_sock *bsk)
+{
+	struct sock *sk = (struct sock *)bpf_skc_to_tcp_sock(bsk);
+	struct socket *sock;
+	struct file *file;
+
+	if (!sk)
+		return 0;
+	sock = sk->sk_socket;
+	if (!sock)
+		return 0;
+	file = sock->file;
+	if (!file)
+		return 0;
+	return !(file->f_flags & O_NONBLOCK);
+}
+
 /* Called in the connect() or listen() syscall, where the current task is the
  * socket's owner. Accepted sockets inherit the listener's record
  * (BPF_F_CLONE), so both ends of a connection know their owner. */
-static __always_inline void record_owner(struct bpf_sock_ops *skops)
+static __always_inline void on_connect_or_listen(struct bpf_sock_ops *skops, int connecting)
 {
 	struct bpf_sock *sk = skops->sk;
 	struct task_struct *leader;
@@ -288,12 +327,17 @@ static __always_inline void record_owner(struct bpf_sock_ops *skops)
 	st = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st)
 		return;
+	st->flags = 0;
+	if (connecting && keep_blocking_plain && file_is_blocking(sk))
+		st->flags |= FP_BLOCKING;
+	if (!record_owners)
+		return;
 	st->owner_tgid = bpf_get_current_pid_tgid() >> 32;
 	/* The process name (the thread group leader's, as /proc/<pid>/comm),
 	 * not the calling thread's: worker threads often rename themselves. */
 	leader = bpf_get_current_task_btf()->group_leader;
 	__builtin_memcpy(st->owner_comm, leader->comm, sizeof(st->owner_comm));
-	st->flags = FP_OWNER_KNOWN;
+	st->flags |= FP_OWNER_KNOWN;
 }
 
 static __always_inline int policy_selects(const struct fp_sock_key *key,
@@ -336,6 +380,11 @@ static __always_inline int may_insert(struct bpf_sock_ops *skops,
 	if ((st->flags & FP_OWNER_KNOWN) &&
 	    bpf_map_lookup_elem(&splice_excluded, &st->owner_tgid)) {
 		COUNT(splice_excluded, 1);
+		return 0;
+	}
+	/* Its accepting peer then finds nothing waiting and stays out too. */
+	if (st->flags & FP_BLOCKING) {
+		COUNT(blocking_skipped, 1);
 		return 0;
 	}
 	/* Bytes that already moved as plain TCP (e.g. TCP Fast Open data in the
@@ -512,9 +561,10 @@ int fp_sock_ops(struct bpf_sock_ops *skops)
 {
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		on_connect_or_listen(skops, 1);
+		break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
-		if (record_owners)
-			record_owner(skops);
+		on_connect_or_listen(skops, 0);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		on_established(skops, 0);
@@ -602,11 +652,16 @@ static __always_inline struct fp_sock_state *paired_state(struct sk_msg_md *msg,
 	st = bpf_sk_storage_get(&sock_state, msg->sk, 0, 0);
 	if (!st || (st->flags & FP_FELL_BACK))
 		return NULL;
-	if (st->flags & FP_PAIRED)
-		return st;
-	if ((st->flags & FP_WAITING) && settle_pair(st, s))
-		return st;
-	return NULL;
+	if (!(st->flags & FP_PAIRED) && !((st->flags & FP_WAITING) && settle_pair(st, s)))
+		return NULL;
+	/* Counted, not changed: a paired socket cannot leave the map without
+	 * losing what is queued for it. */
+	if (!(st->flags & FP_SEEN_SEND)) {
+		st->flags |= FP_SEEN_SEND;
+		if (file_is_blocking(msg->sk))
+			s->blocking_paired += 1;
+	}
+	return st;
 }
 
 /* Redirects the message into its local peer's receive queue. On a miss the
@@ -640,11 +695,6 @@ int fp_sk_msg(struct sk_msg_md *msg)
  * redirect target the kernel recorded for this message, that socket's psock
  * (sk_user_data, tagged in its low bits) for the length of its receive
  * queue, and its send buffer use. */
-struct sock {
-	void *sk_user_data;
-	int sk_sndbuf;
-	int sk_wmem_queued;
-} __attribute__((preserve_access_index));
 struct sk_msg {
 	struct sock *sk_redir;
 } __attribute__((preserve_access_index));

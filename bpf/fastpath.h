@@ -48,6 +48,8 @@ struct fp_stats {
 	__u64 unpaired_removed; /* sockets taken out of the map: peer never paired */
 	__u64 late_plain;       /* plain bytes queued before insertion left a paired
 				 * socket: it sends plain from then on */
+	__u64 blocking_skipped; /* connecting sockets kept plain: blocking at connect() */
+	__u64 blocking_paired;  /* paired sockets found blocking at their first send */
 };
 
 /* Egress mode: one direction of a forwarded pair, keyed by the socket
@@ -78,6 +80,8 @@ enum fp_sock_flags {
 	FP_FELL_BACK   = 4, /* a message went plain: never redirect again */
 	FP_PAIRED      = 8, /* its peer is in the map too: redirect */
 	FP_WAITING     = 16, /* connecting side, inserted, peer undecided */
+	FP_BLOCKING    = 32, /* connecting side, its file blocking at connect() */
+	FP_SEEN_SEND   = 64, /* paired, its first send was looked at */
 };
 
 /* Whether a connection takes the shortcut, decided once per connection in

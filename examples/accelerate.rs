@@ -3,8 +3,10 @@
 //!
 //! ```text
 //! accelerate [--plain] [--port P]... [--comm NAME]... [--stats-file F]
-//!            [--require-splice-guard] -- CMD [ARGS...]
+//!            [--require-splice-guard] [--accelerate-blocking] -- CMD [ARGS...]
 //! ```
+//! `--accelerate-blocking` sets `BlockingSockets::Accelerate` (connections
+//! from sockets blocking at connect() are accelerated too; see its docs).
 //! Without `--require-splice-guard`, a kernel that refuses the splice guard
 //! gets the accelerator without it (said on stderr); with it, that fails.
 //! Every process the command starts inherits the cgroup, so servers and
@@ -18,7 +20,7 @@ mod signals;
 
 use std::process::{exit, Command};
 
-use sockmap_fastpath::{Accelerator, Cgroup};
+use sockmap_fastpath::{Accelerator, BlockingSockets, Cgroup};
 
 fn main() {
     if let Err(err) = run() {
@@ -44,12 +46,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             .ok_or_else(|| format!("{} needs a value", options[i]))
     };
     let (mut plain, mut ports, mut comms, mut stats_file) = (false, Vec::new(), Vec::new(), None);
-    let mut require_guard = false;
+    let (mut require_guard, mut blocking) = (false, BlockingSockets::KeepPlain);
     let mut i = 0;
     while i < options.len() {
         match options[i].as_str() {
             "--plain" => plain = true,
             "--require-splice-guard" => require_guard = true,
+            "--accelerate-blocking" => blocking = BlockingSockets::Accelerate,
             "--port" => {
                 ports.push(value(i)?.parse::<u16>()?);
                 i += 1;
@@ -75,7 +78,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         let mut builder = Accelerator::builder()
             .cgroup(cgroup.cgroup().clone())
-            .ports(ports);
+            .ports(ports)
+            .blocking_sockets(blocking);
         for comm in comms {
             builder = builder.comm(comm);
         }

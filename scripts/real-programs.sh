@@ -4,7 +4,7 @@
 # results are compared. Needs root. Installs what it needs.
 #
 #   scripts/real-programs.sh           # every pair (a few minutes)
-#   scripts/real-programs.sh --quick   # curl/http.server and redis only (CI)
+#   scripts/real-programs.sh --quick   # curl/http.server, redis, the blocking relay (CI)
 #
 # Writes a markdown table to stdout and target/real-programs.md (or
 # $REAL_PROGRAMS_OUT/real-programs.md). Exits
@@ -165,6 +165,28 @@ else
   not_run "redis-benchmark, only redis-server selected" "$COMM_REASON"
 fi
 
+# --- blocking thread-per-direction programs (Python threads): echo server,
+# relay and client, 20 transfers of 4 MiB each way through the relay. Their
+# connections are blocking at connect(), so they stay plain (by default).
+section
+relay_what="20 duplex 4 MiB transfers via a relay, all intact, no exception"
+for mode in plain accelerated; do
+  run relay "$mode" "python3 '$PWD/scripts/blocking-relay.py' 20 $((4 << 20))"
+done
+relay_stats="$WORK/relay.accelerated.stats"
+kept=$(stat_of "$relay_stats" blocking_skipped)
+[ "${kept:-0}" -ge 40 ] || fail "relay: want 40 blocking connections kept plain ($(cat "$relay_stats"))"
+row "python3 $(python3 -V | cut -d' ' -f2) blocking thread-per-direction relay" "$relay_what; $kept blocking connects kept plain" \
+  "$(head -1 "$WORK/relay.plain.out")" "$(head -1 "$WORK/relay.accelerated.out")" - 0 "$(result)"
+if [ "$QUICK" = 0 ]; then
+  # What the default prevents: the same with BlockingSockets::Accelerate.
+  "$ACC" --accelerate-blocking --stats-file "$WORK/relay.opt-in.stats" -- \
+    python3 scripts/blocking-relay.py 20 $((4 << 20)) > "$WORK/relay.opt-in.out" 2>/dev/null || true
+  row "the same relay with --accelerate-blocking (BlockingSockets::Accelerate)" \
+    "what the default prevents: blocking reads fail with EAGAIN" "-" "$(head -1 "$WORK/relay.opt-in.out")" - \
+    "$(stat_of "$WORK/relay.opt-in.stats" bytes_redirected)" "known limit"
+fi
+
 if [ "$QUICK" = 0 ]; then
   # --- wrk against nginx -------------------------------------------------------
   head -c 100 /dev/urandom | base64 > "$WORK/www/small.html"
@@ -210,6 +232,9 @@ CONF
     not_run "wrk / nginx, only nginx selected" "$COMM_REASON"
   fi
 
+  # --- iperf3 and sockperf connect blocking, so by default they stay plain;
+  # each socket is used by one thread, so they opt in (--accelerate-blocking,
+  # BlockingSockets::Accelerate) to measure the shortcut.
   # --- iperf3 ------------------------------------------------------------------
   section
   iperf_port=$(free_port)
@@ -219,12 +244,12 @@ CONF
       $(declare -f wait_port); wait_port $iperf_port
       iperf3 -c 127.0.0.1 -p $iperf_port -t 3 -J | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"end\"][\"sum_received\"][\"bits_per_second\"])'
       iperf3 -c 127.0.0.1 -p $iperf_port -t 3 -P 4 -J | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"end\"][\"sum_received\"][\"bits_per_second\"])'
-      kill \$srv; wait \$srv 2>/dev/null || true"
+      kill \$srv; wait \$srv 2>/dev/null || true" --accelerate-blocking
   done
   check_redirected iperf $((1 << 20))
   for i in 1 2; do
     p=$(sed -n "${i}p" "$WORK/iperf.plain.out"); a=$(sed -n "${i}p" "$WORK/iperf.accelerated.out")
-    row "iperf3 $(version iperf3)" "$([ "$i" = 1 ] && echo 1 stream || echo 4 streams), 3 s" \
+    row "iperf3 $(version iperf3), opted in (blocking connects)" "$([ "$i" = 1 ] && echo 1 stream || echo 4 streams), 3 s" \
       "$(awk -v v="$p" 'BEGIN{printf "%.1f Gbit/s", v/1e9}')" "$(awk -v v="$a" 'BEGIN{printf "%.1f Gbit/s", v/1e9}')" "$(ratio "$a" "$p")" "$REDIRECTED" "$(result)"
   done
 
@@ -236,12 +261,12 @@ CONF
       sockperf server --tcp -i 127.0.0.1 -p $sockperf_port >/dev/null 2>&1 & srv=\$!
       $(declare -f wait_port); wait_port $sockperf_port
       sockperf ping-pong --tcp -i 127.0.0.1 -p $sockperf_port -t 3 --msg-size 64
-      kill \$srv; wait \$srv 2>/dev/null || true"
+      kill \$srv; wait \$srv 2>/dev/null || true" --accelerate-blocking
   done
   check_redirected sockperf 64000
   lat() { grep -o "avg-latency=[0-9.]*" "$WORK/sockperf.$1.out" | head -1 | cut -d= -f2; }
   p99() { grep "99.000" "$WORK/sockperf.$1.out" | awk '{print $NF}' | head -1; }
-  row "sockperf $(version sockperf) ping-pong 64 B" "avg latency (p99)" "$(lat plain) us ($(p99 plain))" "$(lat accelerated) us ($(p99 accelerated))" \
+  row "sockperf $(version sockperf) ping-pong 64 B, opted in (blocking connects)" "avg latency (p99)" "$(lat plain) us ($(p99 plain))" "$(lat accelerated) us ($(p99 accelerated))" \
     "$(ratio "$(lat plain)" "$(lat accelerated)") faster" "$REDIRECTED" "$(result)"
 fi
 

@@ -5,6 +5,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 
 use crate::attachment::{Attachment, SockmapHook};
+use crate::blocking::BlockingSockets;
 use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
 use crate::guard::FastpathGuard;
@@ -75,6 +76,7 @@ pub struct AcceleratorBuilder {
     mode: RedirectMode,
     capacity: u32,
     splice_guard: SpliceGuard,
+    blocking: BlockingSockets,
     namespace_groups: netns::Groups,
 }
 
@@ -86,6 +88,7 @@ impl Default for AcceleratorBuilder {
             mode: RedirectMode::default(),
             capacity: Self::DEFAULT_CAPACITY,
             splice_guard: SpliceGuard::default(),
+            blocking: BlockingSockets::default(),
             namespace_groups: Vec::new(),
         }
     }
@@ -162,6 +165,14 @@ impl AcceleratorBuilder {
         self
     }
 
+    /// Whether connections from sockets that are blocking at `connect()`
+    /// are accelerated (default [`BlockingSockets::KeepPlain`]: a blocking
+    /// read on the shortcut can fail with EAGAIN; see [`BlockingSockets`]).
+    pub fn blocking_sockets(mut self, blocking: BlockingSockets) -> Self {
+        self.blocking = blocking;
+        self
+    }
+
     /// Loads the BPF programs and attaches them to the cgroup.
     ///
     /// Order: the splice guard first, then the sk_msg program on the socket
@@ -197,6 +208,7 @@ impl AcceleratorBuilder {
 
         let mut programs = Programs::load(LoadConfig {
             owners_required: !self.policy.comms.is_empty(),
+            keep_blocking_plain: self.blocking == BlockingSockets::KeepPlain,
             ..LoadConfig::new(self.mode, self.capacity, self.splice_guard.enabled())
         })?;
         programs.set_policy(&self.policy)?;

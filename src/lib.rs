@@ -38,6 +38,7 @@
 mod abi;
 mod accelerator;
 mod attachment;
+mod blocking;
 mod cgroup;
 mod error;
 pub mod forward;
@@ -57,6 +58,7 @@ mod skel {
 }
 
 pub use accelerator::{Accelerator, AcceleratorBuilder, RedirectMode};
+pub use blocking::BlockingSockets;
 pub use cgroup::{cgroup2_mount, Cgroup, ChildCgroup};
 pub use error::{Error, ErrorKind, Result};
 pub use forward::{ForwardEnd, ForwardStats, Forwarding};

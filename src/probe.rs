@@ -339,6 +339,8 @@ fn probe_sockets(
         .cgroup(child.clone())
         .ports([port])
         .splice_guard(SpliceGuard::Off)
+        // Its own sockets are blocking, one thread each: no EAGAIN risk.
+        .blocking_sockets(crate::BlockingSockets::Accelerate)
         .capacity(2)
         .attach();
     let guard = match attached {

@@ -27,6 +27,8 @@ pub(crate) struct LoadConfig {
     pub record_owners: bool,
     /// A comm policy needs the owners: fail where they cannot be recorded.
     pub owners_required: bool,
+    /// Keep connections from sockets blocking at connect() plain.
+    pub keep_blocking_plain: bool,
 }
 
 impl LoadConfig {
@@ -38,6 +40,7 @@ impl LoadConfig {
             lsm_canary: false,
             record_owners: true,
             owners_required: false,
+            keep_blocking_plain: true,
         }
     }
 
@@ -180,11 +183,13 @@ impl Programs {
             .set_autoload(config.mode != RedirectMode::Ingress);
         open.progs.fp_splice_guard.set_autoload(config.splice_guard);
         open.progs.fp_lsm_canary.set_autoload(config.lsm_canary);
-        open.maps
+        let rodata = open
+            .maps
             .rodata_data
             .as_deref_mut()
-            .expect(".rodata is mmapped")
-            .record_owners = u32::from(config.record_owners);
+            .expect(".rodata is mmapped");
+        rodata.record_owners = u32::from(config.record_owners);
+        rodata.keep_blocking_plain = u32::from(config.keep_blocking_plain);
         open.load().map_err(|err| {
             Error::bpf(
                 "loading the BPF object (bpf_object__load: creating maps, verifying the programs)",

@@ -97,6 +97,15 @@ counters! {
     /// send() made while connecting: they send plain from then on, so
     /// nothing overtakes those bytes.
     late_plain,
+    /// Connecting sockets kept plain because they were in blocking mode at
+    /// `connect()` ([`BlockingSockets::KeepPlain`](crate::BlockingSockets));
+    /// their accepted peers count in `unpaired_skipped`.
+    blocking_skipped,
+    /// Paired sockets found in blocking mode at their first send (accepted
+    /// by a blocking server, or set blocking after connecting): they stay
+    /// on the shortcut, where a blocking read can fail with EAGAIN while
+    /// another thread writes to the socket (README "Known limits").
+    blocking_paired,
 }
 
 impl Stats {

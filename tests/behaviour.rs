@@ -13,7 +13,6 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::thread;
 use std::time::Duration;
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::socket::{recv, MsgFlags};
 
@@ -73,11 +72,6 @@ fn same_as_plain_over<T: PartialEq + Debug>(connections: u64, scenario: impl Fn(
             ADDRS[i]
         );
     }
-}
-
-fn readable_within(s: &impl AsFd, ms: u16) -> bool {
-    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
-    poll(&mut fds, PollTimeout::from(ms)).unwrap() == 1
 }
 
 /// FIONREAD counts redirected bytes where `probe()` says the kernel does
@@ -307,7 +301,7 @@ fn tempfile_with(data: &[u8]) -> std::fs::File {
 fn data_written_before_accept_keeps_its_order() {
     same_as_plain(|addr| {
         let listener = TcpListener::bind(addr).unwrap();
-        let mut c = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let mut c = connect(listener.local_addr().unwrap());
         // Many small writes right after connect(), before accept().
         let data = random_bytes(256 << 10, 7);
         for chunk in data.chunks(1000) {

@@ -215,9 +215,9 @@ fn forwards_to_an_upstream_in_another_namespace_behind_veth() {
     let upstream = remote.run(|| TcpListener::bind("10.200.0.2:8080").unwrap());
     let (client, down, up) = app.run(|| {
         let front = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+        let client = connect(front.local_addr().unwrap());
         let (down, _) = front.accept().unwrap();
-        let up = TcpStream::connect("10.200.0.2:8080").unwrap();
+        let up = connect("10.200.0.2:8080");
         (client, down, up)
     });
     let (server, _) = upstream.accept().unwrap();
@@ -241,9 +241,9 @@ fn forwards_to_an_upstream_in_another_namespace_behind_veth() {
 /// The proxy's sockets for one client -> proxy -> server connection, not
 /// yet handed over: (client, downstream, upstream, server).
 fn unforwarded(front: &TcpListener, upstream: &TcpListener) -> [TcpStream; 4] {
-    let client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+    let client = connect(front.local_addr().unwrap());
     let (down, _) = front.accept().unwrap();
-    let up = TcpStream::connect(upstream.local_addr().unwrap()).unwrap();
+    let up = connect(upstream.local_addr().unwrap());
     let (server, _) = upstream.accept().unwrap();
     [client, down, up, server]
 }
@@ -360,7 +360,7 @@ fn proxy_killed_mid_transfer(mode: RedirectMode) {
         .by_ref()
         .find_map(|l| l.unwrap().strip_prefix("LISTENING ")?.parse().ok())
         .expect("child proxy did not start");
-    let mut client = TcpStream::connect(("127.0.0.1", front_port)).unwrap();
+    let mut client = connect(("127.0.0.1", front_port));
     let (mut server, _) = upstream.accept().unwrap();
     assert!(lines.by_ref().any(|l| l.unwrap() == "FORWARDING"));
 
@@ -427,7 +427,7 @@ fn child_proxy() {
     let guard = builder.attach().unwrap();
     println!("\nLISTENING {port}");
     let (down, _) = front.accept().unwrap();
-    let up = TcpStream::connect(upstream).unwrap();
+    let up = connect(upstream);
     let forwarding = guard.forward(&down, &up).unwrap();
     println!("\nFORWARDING");
     let reader = guard.stats_reader().unwrap();

@@ -21,11 +21,9 @@ fn fixed_tuple_pair() -> (TcpStream, TcpStream) {
     client
         .bind(&CLIENT.parse::<SocketAddr>().unwrap().into())
         .unwrap();
-    client
-        .connect(&LISTEN.parse::<SocketAddr>().unwrap().into())
-        .unwrap();
+    let client = connect_socket(client, LISTEN.parse().unwrap());
     let (server, _) = listener.accept().unwrap();
-    (client.into(), server)
+    (client, server)
 }
 
 #[test]
@@ -137,7 +135,7 @@ fn ten_thousand_short_connections_then_an_empty_map() {
         }
     });
     for i in 0..N {
-        let mut c = TcpStream::connect(addr).unwrap();
+        let mut c = connect(addr);
         c.write_all(&[i as u8]).unwrap();
         let mut b = [0u8; 1];
         c.read_exact(&mut b).unwrap();

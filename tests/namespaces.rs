@@ -25,10 +25,9 @@ fn pair_across(
             socket.set_reuse_address(true)?;
             socket.bind(&from.into())?;
         }
-        socket.connect(&to.into())?;
-        std::io::Result::Ok(TcpStream::from(socket))
+        std::io::Result::Ok(connect_socket(socket, to))
     });
-    let client = client.expect("connect across the veth");
+    let client = client.expect("a client socket");
     let (server, _) = listener.accept().unwrap();
     (client, server)
 }

@@ -156,14 +156,6 @@ fn splice_moves(tx: &mut TcpStream, rx: &TcpStream) -> bool {
     matches!(read, Ok(1000)) && out == [7u8; 1000]
 }
 
-fn readable_within(s: &TcpStream, ms: u16) -> bool {
-    let mut fds = [nix::poll::PollFd::new(
-        s.as_fd(),
-        nix::poll::PollFlags::POLLIN,
-    )];
-    nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)).unwrap() == 1
-}
-
 fn observe(mut tx: TcpStream, mut rx: TcpStream) -> Observed {
     let no_sleep = Duration::ZERO;
     let (zero_et, bytes_via_epoll_et) =
@@ -261,7 +253,7 @@ fn server_in_scope_client_outside() {
         let listener = TcpListener::bind(addr).unwrap();
         let to = listener.local_addr().unwrap();
         let make = || {
-            let client = env.cgroup.outside(|| TcpStream::connect(to).unwrap());
+            let client = env.cgroup.outside(|| connect(to));
             let (server, _) = listener.accept().unwrap();
             (client, server)
         };
@@ -280,7 +272,7 @@ fn client_in_scope_server_outside() {
         let listener = env.cgroup.outside(|| TcpListener::bind(addr).unwrap());
         let to = listener.local_addr().unwrap();
         let make = || {
-            let client = TcpStream::connect(to).unwrap();
+            let client = connect(to);
             let (server, _) = listener.accept().unwrap();
             (client, server)
         };
@@ -324,7 +316,7 @@ fn client_that_sent_before_its_peer_joined() {
         );
         let to = listener.local_addr().unwrap();
         let before = guard.stats().unwrap();
-        let mut client = TcpStream::connect(to).unwrap();
+        let mut client = connect(to);
         client.write_all(b"first").unwrap();
         let (mut server, _) = listener.accept().unwrap();
         let mut first = [0u8; 5];
@@ -397,6 +389,12 @@ fn socket2_client(to: SocketAddr, source: Option<SocketAddr>) -> TcpStream {
     .unwrap();
     socket.set_reuse_address(true).unwrap();
     socket.set_reuse_port(true).unwrap();
+    // Without a source, bind to port 0 first: a port no other socket
+    // holds (connect() alone may share a port in use towards another
+    // destination, which a later explicit bind to it then finds taken).
+    if source.is_none() {
+        socket.bind(&SocketAddr::new(to.ip(), 0).into()).unwrap();
+    }
     if let Some(source) = source {
         // The reset socket's port is released asynchronously: retry.
         let mut tries = 0;
@@ -406,8 +404,7 @@ fn socket2_client(to: SocketAddr, source: Option<SocketAddr>) -> TcpStream {
             thread::sleep(Duration::from_millis(10));
         }
     }
-    socket.connect(&to.into()).unwrap();
-    socket.into()
+    connect_socket(socket, to)
 }
 
 fn connect_from_source(source: &str, to: SocketAddr) -> TcpStream {
@@ -470,7 +467,7 @@ fn peer_across_a_veth_in_another_namespace() {
         let listener = server_ns.run(move || TcpListener::bind(server).unwrap());
         let to = listener.local_addr().unwrap();
         let make = || {
-            let client = client_ns.run(move || TcpStream::connect(to).unwrap());
+            let client = client_ns.run(move || connect(to));
             let (server, _) = listener.accept().unwrap();
             (client, server)
         };

@@ -62,11 +62,15 @@ fn tcp_fast_open_data_keeps_the_connection_plain() {
         let to = socket2::SockAddr::from(listener.local_addr().unwrap());
         let socket =
             socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        // Non-blocking like an event loop's (a blocking connect would stay
+        // plain for that reason alone: tests/blocking.rs).
+        socket.set_nonblocking(true).unwrap();
         let sent = socket
             .send_to_with_flags(b"in the SYN", &to, nix::libc::MSG_FASTOPEN)
             .expect("sendto(MSG_FASTOPEN)");
         assert_eq!(sent, 10);
         let (server, _) = listener.accept().unwrap();
+        socket.set_nonblocking(false).unwrap();
         (std::net::TcpStream::from(socket), server)
     });
     let mut first = [0u8; 10];

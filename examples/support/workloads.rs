@@ -11,6 +11,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+#[path = "connect.rs"]
+pub mod connect;
+use connect::connect_nonblocking;
+
 /// A byte stream of either kind.
 pub trait Stream: Read + Write + Send + 'static {
     fn shutdown_write(&self);
@@ -295,7 +299,8 @@ impl Connector {
     fn std_pair(&self) -> (StdStream, StdStream) {
         match self {
             Connector::Tcp(listener) => {
-                let client = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
+                // Like an event loop: blocking connects stay plain by default.
+                let client = connect_nonblocking(listener.local_addr().unwrap()).expect("connect");
                 let (server, _) = listener.accept().expect("accept");
                 client.set_nodelay(true).unwrap();
                 server.set_nodelay(true).unwrap();

@@ -223,6 +223,27 @@ impl Env {
 mod netns;
 pub use netns::NetNs;
 
+#[path = "../../examples/support/connect.rs"]
+mod event_loop_connect;
+
+/// Connects like an event loop (non-blocking `connect()`, then blocking
+/// mode for the test's simple code), so that the default
+/// `BlockingSockets::KeepPlain` accelerates the connection. Connections
+/// from sockets blocking at `connect()` are tested in tests/blocking.rs.
+pub fn connect(to: impl std::net::ToSocketAddrs) -> TcpStream {
+    let to = to
+        .to_socket_addrs()
+        .expect("address")
+        .next()
+        .expect("an address");
+    event_loop_connect::connect_nonblocking(to).expect("connect")
+}
+
+/// [`connect`] for a socket already set up (bound to a source, say).
+pub fn connect_socket(socket: socket2::Socket, to: SocketAddr) -> TcpStream {
+    event_loop_connect::connect_socket_nonblocking(socket, to).expect("connect")
+}
+
 /// A fresh namespace with a unique name.
 pub fn new_netns() -> NetNs {
     NetNs::new(unique_name("ns"))
@@ -255,13 +276,13 @@ pub fn connected_pair(listen_addr: &str) -> (TcpStream, TcpStream) {
 }
 
 pub fn connect_to(listener: &TcpListener) -> (TcpStream, TcpStream) {
-    let client = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
+    let client = connect(listener.local_addr().unwrap());
     let (server, _) = listener.accept().expect("accept");
     (client, server)
 }
 
 pub fn connect_from(listener: &TcpListener, to: SocketAddr) -> (TcpStream, TcpStream) {
-    let client = TcpStream::connect(to).expect("connect");
+    let client = connect(to);
     let (server, _) = listener.accept().expect("accept");
     (client, server)
 }
@@ -298,9 +319,19 @@ pub fn read_all(s: &mut TcpStream) -> Vec<u8> {
     let mut got = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        match s.read(&mut buf) {
-            Ok(0) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
+        match read_some(s, &mut buf) {
+            0 => return got,
+            n => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// One successful blocking read (0 at EOF); EAGAIN is counted in
+/// [`SPURIOUS_EAGAIN`] and retried, EINTR retried, anything else panics.
+pub fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> usize {
+    loop {
+        match s.read(buf) {
+            Ok(n) => return n,
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
                 SPURIOUS_EAGAIN.fetch_add(1, Ordering::Relaxed);
             }
@@ -411,10 +442,10 @@ pub fn proxied_via(
     client_first: &[u8],
     before_hand_over: impl FnOnce(&mut TcpStream, &mut TcpStream),
 ) -> Proxied {
-    let mut client = TcpStream::connect(front.local_addr().unwrap()).unwrap();
+    let mut client = connect(front.local_addr().unwrap());
     client.write_all(client_first).unwrap();
     let (mut down, _) = front.accept().unwrap();
-    let mut up = TcpStream::connect(upstream.local_addr().unwrap()).unwrap();
+    let mut up = connect(upstream.local_addr().unwrap());
     let (server, _) = upstream.accept().unwrap();
     before_hand_over(&mut down, &mut up);
     let forwarding = guard.forward(&down, &up).expect("forward");
@@ -586,4 +617,11 @@ pub fn set_linger_zero(s: &TcpStream) {
         l_linger: 0,
     };
     nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &linger).expect("SO_LINGER");
+}
+
+/// Whether `s` becomes readable within `ms` milliseconds (poll).
+pub fn readable_within(s: &impl std::os::fd::AsFd, ms: u16) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::from(ms)).unwrap() == 1
 }
