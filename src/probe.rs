@@ -6,8 +6,8 @@
 
 use std::fmt;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -141,9 +141,10 @@ const PROBE_BYTES: usize = 64 * 1024;
 
 /// Tests what this kernel can do. Needs the same privileges as `attach()`;
 /// without them the report says so. It makes a child cgroup of the calling
-/// process's cgroup, moves the process in for the moment it takes to open
-/// one loopback connection (accelerated only for that connection's port),
-/// moves it back, and removes everything before returning.
+/// process's cgroup, where a short-lived forked helper creates the two
+/// sockets of one loopback connection (accelerated only for that
+/// connection's port); the calling process never changes cgroup. Everything
+/// is removed before returning.
 pub fn probe() -> ProbeReport {
     // Every failure here is a finding, reported in the report.
     crate::logging::expecting_failures(probe_quietly)
@@ -283,13 +284,13 @@ fn probe_fionread_plain_in_map() -> Result<Finding> {
 fn probe_traffic(report: &mut ProbeReport) -> Result<()> {
     let original = Cgroup::current()?;
     let child = original.create_child(&format!("sockmap-fastpath-probe-{}", std::process::id()))?;
-    // Sockets take the cgroup of the process creating them, and accepted
-    // sockets that of their listener: create all three inside the child,
-    // then leave it at once.
-    child.add_process(std::process::id())?;
-    let sockets = probe_sockets(report, &child);
-    original.add_process(std::process::id())?;
-    let Some((guard, mut client, mut server)) = sockets? else {
+    // The listener and the client socket are created in the child cgroup
+    // by a helper process (the accepted socket inherits the listener's):
+    // this process never changes cgroup.
+    let [listener, client] = crate::sys::tcp_sockets_created_in(child.as_path())
+        .map_err(|e| Error::io("creating the probe's sockets in", child.as_path(), e))?;
+    let Some((guard, mut client, mut server)) = probe_sockets(report, &child, listener, client)?
+    else {
         return Ok(());
     };
 
@@ -324,13 +325,21 @@ fn probe_traffic(report: &mut ProbeReport) -> Result<()> {
     child.remove()
 }
 
-/// Attaches (only for the probe's own port) and opens one connection.
+/// Attaches (only for the probe's own port) and opens one connection from
+/// the two unbound sockets, both created in `child`.
 fn probe_sockets(
     report: &mut ProbeReport,
     child: &Cgroup,
+    listener: OwnedFd,
+    client: OwnedFd,
 ) -> Result<Option<(crate::FastpathGuard, TcpStream, TcpStream)>> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind", "127.0.0.1:0", e))?;
+    let listener = socket2::Socket::from(listener);
+    let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
+    listener
+        .bind(&loopback.into())
+        .and_then(|()| listener.listen(8))
+        .map_err(|e| Error::io("bind and listen", "127.0.0.1:0", e))?;
+    let listener = TcpListener::from(listener);
     let port = listener
         .local_addr()
         .map_err(|e| Error::io("getsockname", "listener", e))?
@@ -368,8 +377,11 @@ fn probe_sockets(
             return Ok(None);
         }
     };
-    let client = TcpStream::connect(("127.0.0.1", port))
+    let client = socket2::Socket::from(client);
+    client
+        .connect(&SocketAddr::from(([127, 0, 0, 1], port)).into())
         .map_err(|e| Error::io("connect", "127.0.0.1", e))?;
+    let client = TcpStream::from(client);
     let (server, _) = listener
         .accept()
         .map_err(|e| Error::io("accept", "127.0.0.1", e))?;

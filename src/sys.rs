@@ -206,3 +206,145 @@ pub(crate) fn poll_events<const N: usize>(
     }
     Ok(pollfds.map(|p| p.revents))
 }
+
+/// Creates `N` IPv4 TCP sockets that belong to the cgroup directory
+/// `cgroup`, without moving this process there. A socket keeps the cgroup
+/// of the task that created it (and an accepted socket its listener's), so
+/// a forked child is moved into the cgroup, creates the sockets and passes
+/// them back over a socketpair (SCM_RIGHTS). The caller's cgroup, and so
+/// its resource limits and accounting, never change.
+///
+/// Needs write access to the cgroup's `cgroup.procs`.
+pub(crate) fn tcp_sockets_created_in<const N: usize>(
+    cgroup: &std::path::Path,
+) -> io::Result<[std::os::fd::OwnedFd; N]> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::net::UnixStream;
+
+    let (ours, theirs) = UnixStream::pair()?;
+    let (go_read, go_write) = nix::unistd::pipe()?;
+    // SAFETY: the child runs only `create_and_send` (plain system calls on
+    // stack buffers: no allocation, no locks, no Rust destructors) and then
+    // `_exit`, which is what a fork child of a multi-threaded process may do.
+    let pid = unsafe { nix::libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        let code = create_and_send::<N>(go_read.as_raw_fd(), theirs.as_raw_fd());
+        // SAFETY: ends the child at once, skipping the parent's atexit
+        // handlers and destructors, which are not the child's to run.
+        unsafe { nix::libc::_exit(code) };
+    }
+    drop((theirs, go_read));
+    let moved = std::fs::write(cgroup.join("cgroup.procs"), pid.to_string());
+    let go: &[u8] = if moved.is_ok() { b"1" } else { b"0" };
+    let received = nix::unistd::write(&go_write, go)
+        .map_err(io::Error::from)
+        .and_then(|_| receive_fds::<N>(ours.as_raw_fd()));
+    let mut status = 0;
+    // SAFETY: reaps our own child; `status` is a valid out-pointer.
+    unsafe { nix::libc::waitpid(pid, &mut status, 0) };
+    moved?;
+    let fds = received?;
+    // SAFETY: each fd was just received through SCM_RIGHTS: open, and owned
+    // by nothing else in this process.
+    Ok(fds.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// The child's half: waits for the go byte, creates the sockets and sends
+/// them. Returns the exit code.
+fn create_and_send<const N: usize>(go: i32, to: i32) -> i32 {
+    use nix::libc;
+    let mut byte = 0u8;
+    // SAFETY: reads one byte into a valid stack buffer.
+    if unsafe { libc::read(go, (&mut byte as *mut u8).cast(), 1) } != 1 || byte != b'1' {
+        return 1;
+    }
+    let mut fds = [0i32; N];
+    for fd in &mut fds {
+        // SAFETY: socket(2) with constant arguments.
+        *fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if *fd < 0 {
+            return 2;
+        }
+    }
+    // Room for one SCM_RIGHTS message of up to 8 fds, aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    let fds_len = (N * size_of::<i32>()) as u32;
+    let mut data = [b'f'];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: an all-zero msghdr is valid; every pointer set below refers to
+    // a live stack buffer of the stated length, and the control buffer holds
+    // CMSG_SPACE(fds_len) bytes (checked), so the CMSG_* accessors stay in it.
+    unsafe {
+        let space = libc::CMSG_SPACE(fds_len) as usize;
+        if N > 8 || space > size_of_val(&control) {
+            return 3;
+        }
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fds_len) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast::<i32>(), N);
+        if libc::sendmsg(to, &msg, 0) != 1 {
+            return 4;
+        }
+    }
+    0
+}
+
+/// Receives the `N` fds `create_and_send` sends.
+fn receive_fds<const N: usize>(from: i32) -> io::Result<[i32; N]> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut data = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut data)];
+    let mut space = nix::cmsg_space!([i32; 8]);
+    let msg = recvmsg::<()>(from, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            fds.extend(received);
+        }
+    }
+    fds.try_into().map_err(|fds: Vec<i32>| {
+        for fd in &fds {
+            // SAFETY: closes fds we received and own; nothing else uses them.
+            unsafe { nix::libc::close(*fd) };
+        }
+        io::Error::other(format!(
+            "the helper process sent {} sockets, {N} expected (exit before sending?)",
+            fds.len()
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    /// A cgroup that cannot be joined: the error says so, and the helper
+    /// process is gone (reaped, not left as a zombie).
+    #[test]
+    fn sockets_in_a_missing_cgroup_fail_cleanly() {
+        let err = super::tcp_sockets_created_in::<2>(std::path::Path::new(
+            "/nonexistent-sockmap-fastpath-cgroup",
+        ))
+        .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+        let children: String = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .map(|task| {
+                let children = task.unwrap().path().join("children");
+                std::fs::read_to_string(children).unwrap_or_default()
+            })
+            .collect();
+        assert_eq!(children.trim(), "", "a helper process is left");
+    }
+}

@@ -9,7 +9,29 @@ use sockmap_fastpath::{probe, Accelerator, Finding};
 fn probe_reports_this_kernel_and_leaves_nothing_behind() {
     let Some(env) = privileged_env() else { return };
     let baseline = loaded_programs();
+    // The caller's cgroup never changes, not even for a moment.
+    let cgroup_file = || std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let before = cgroup_file();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                seen.insert(cgroup_file());
+            }
+            seen
+        })
+    };
     let report = probe();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = watcher.join().unwrap();
+    assert_eq!(
+        seen,
+        std::collections::BTreeSet::from([before.clone()]),
+        "probe() moved this process"
+    );
+    assert_eq!(cgroup_file(), before);
     println!("{report}");
     for (name, finding) in [
         ("privileges", &report.privileges),
