@@ -45,9 +45,10 @@ pub enum RedirectMode {
     /// Needs a cgroup.
     ///
     /// # Minimum kernel version
-    /// 6.10, with the `bpf_cast_to_kern_ctx` and `bpf_rdonly_cast` kfuncs
-    /// (6.2) and kernel BTF: the program reads the socket-map internals that
-    /// tell whether bytes still wait on the downstream socket.
+    /// 6.2: the `bpf_cast_to_kern_ctx` and `bpf_rdonly_cast` kfuncs and
+    /// kernel BTF, for the program reads the socket-map internals that tell
+    /// whether bytes still wait on the downstream socket (tested on 6.12
+    /// and 6.18; 6.1 refuses it with [`Error::KernelFeature`]).
     Both,
 }
 
@@ -186,12 +187,17 @@ impl AcceleratorBuilder {
     /// Invalid input ([`Error::NoCgroup`], [`Error::InvalidPort`],
     /// [`Error::InvalidComm`], [`Error::ZeroCapacity`],
     /// [`Error::PolicyTooLarge`], [`Error::NamespaceGroup`]); [`Error::MissingCapability`];
-    /// [`Error::KernelFeature`] when the kernel lacks sockmap links or (with
-    /// the splice guard on) an active BPF LSM; or
-    /// [`Error::Bpf`] naming the failing call.
+    /// [`Error::KernelFeature`] when the kernel cannot attach sk_msg programs
+    /// to socket maps at all, lacks what a comm policy or
+    /// [`RedirectMode::Both`] needs, or (with the splice guard on) an active
+    /// BPF LSM ([`Error::is_splice_guard_refused`]); or [`Error::Bpf`]
+    /// naming the failing call.
     ///
     /// # Minimum kernel version
-    /// 6.10 (BPF links for sk_msg programs).
+    /// 6.1 (every test runs on 6.1, 6.12 and 6.18). Sockmap BPF links are
+    /// used from 6.10, the older `BPF_PROG_ATTACH` before; comm policies
+    /// need 6.10 (the task in sock_ops programs) and [`RedirectMode::Both`]
+    /// 6.2.
     pub fn attach(self) -> Result<FastpathGuard> {
         if self.mode == RedirectMode::Egress {
             return self.attach_egress();
