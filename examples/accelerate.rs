@@ -15,6 +15,8 @@
 
 #[path = "support/attach.rs"]
 mod attach;
+#[path = "support/report.rs"]
+mod report;
 #[path = "support/signals.rs"]
 mod signals;
 
@@ -24,7 +26,7 @@ use sockmap_fastpath::{Accelerator, BlockingSockets, Cgroup};
 
 fn main() {
     if let Err(err) = run() {
-        eprintln!("accelerate: {err}");
+        report::print_error("accelerate", err.as_ref());
         exit(2);
     }
 }

@@ -29,6 +29,8 @@ use std::time::Duration;
 
 #[path = "support/attach.rs"]
 mod attach;
+#[path = "support/report.rs"]
+mod report;
 
 use nix::sys::signal::{SigSet, Signal};
 use socket2::{Domain, Socket, Type};
@@ -56,7 +58,7 @@ struct Copied {
 
 fn main() {
     if let Err(err) = run() {
-        eprintln!("tproxy: {err}");
+        report::print_error("tproxy", err.as_ref());
         std::process::exit(2);
     }
 }
@@ -131,7 +133,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                 let (guard, copied) = (guard.clone(), copied.clone());
                 std::thread::spawn(move || {
                     if let Err(err) = serve(down, mode, guard.as_deref(), &copied) {
-                        eprintln!("tproxy: connection: {err}");
+                        report::print_error("tproxy: connection", &err);
                     }
                 });
             }

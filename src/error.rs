@@ -96,9 +96,7 @@ pub enum Error {
     },
 
     /// The running kernel lacks something the accelerator needs.
-    #[error(
-        "the kernel lacks {feature} (needs Linux {min_kernel} or newer, built with it): {source}"
-    )]
+    #[error("the kernel lacks {feature} (needs Linux {min_kernel} or newer, built with it)")]
     KernelFeature {
         /// The missing feature.
         feature: &'static str,
@@ -118,7 +116,7 @@ pub enum Error {
     },
 
     /// A BPF operation failed for another reason.
-    #[error("{call} failed: {source}")]
+    #[error("{call} failed")]
     Bpf {
         /// The failing call.
         call: &'static str,
@@ -126,13 +124,13 @@ pub enum Error {
         source: io::Error,
     },
 
-    /// A file or process operation failed.
-    #[error("{call} {path} failed: {source}")]
+    /// A file, socket or process operation failed.
+    #[error("{call} {about} failed")]
     Io {
         /// The failing call.
         call: &'static str,
-        /// The file it was called on.
-        path: PathBuf,
+        /// What it was called on: a path, an address, a socket's role.
+        about: String,
         /// The underlying error.
         source: io::Error,
     },
@@ -204,12 +202,30 @@ impl Error {
         }
     }
 
-    pub(crate) fn io(call: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+    pub(crate) fn io(
+        call: &'static str,
+        about: impl AsRef<std::ffi::OsStr>,
+        source: io::Error,
+    ) -> Self {
         Error::Io {
             call,
-            path: path.into(),
+            about: about.as_ref().to_string_lossy().into_owned(),
             source,
         }
+    }
+
+    /// This error followed by its sources, joined with ": " (what anyhow's
+    /// `{:#}` prints). `Display` shows this error alone; the cause (an errno
+    /// with libbpf's context, say) is its [`source`](std::error::Error::source).
+    pub fn with_causes(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(err) = cause {
+            text.push_str(": ");
+            text.push_str(&err.to_string());
+            cause = err.source();
+        }
+        text
     }
 
     /// Converts a libbpf-rs error from `call`, keeping its errno.
@@ -250,4 +266,31 @@ pub(crate) fn libbpf_to_io(err: &libbpf_rs::Error) -> io::Error {
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, format!("{err:#}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Display shows the error alone and `source()` the cause, so a chain
+    /// printer shows each once; `with_causes()` joins them.
+    #[test]
+    fn the_cause_is_printed_once() {
+        let errno = || io::Error::from_raw_os_error(nix::libc::EPERM);
+        let cause = errno().to_string();
+        for err in [
+            Error::Bpf {
+                call: "bpf(BPF_PROG_LOAD)",
+                source: errno(),
+            },
+            Error::io("open", "/sys/fs/cgroup/x", errno()),
+            crate::splice_guard::unsupported(errno()),
+        ] {
+            assert!(!err.to_string().contains(&cause), "{err}");
+            assert!(std::error::Error::source(&err).is_some(), "{err:?}");
+            let full = err.with_causes();
+            assert_eq!(full.matches(&cause).count(), 1, "{full}");
+            assert!(full.starts_with(&err.to_string()), "{full}");
+        }
+    }
 }

@@ -39,7 +39,7 @@ impl Finding {
     fn from_result<T>(result: Result<T>, yes: impl FnOnce(T) -> String) -> Finding {
         match result {
             Ok(value) => Finding::Yes(yes(value)),
-            Err(err) => Finding::No(err.to_string()),
+            Err(err) => Finding::No(err.with_causes()),
         }
     }
 }
@@ -185,10 +185,11 @@ fn probe_quietly() -> ProbeReport {
         report.splice_guard = probe_splice_guard();
         report.both_mode = probe_both_mode();
         report.socket_owners = probe_socket_owners();
-        report.fionread_counts_plain_in_map = probe_fionread_plain_in_map()
-            .unwrap_or_else(|err| Finding::NotTested(format!("setup failed: {err}")));
+        report.fionread_counts_plain_in_map = probe_fionread_plain_in_map().unwrap_or_else(|err| {
+            Finding::NotTested(format!("setup failed: {}", err.with_causes()))
+        });
         if let Err(err) = probe_traffic(&mut report) {
-            let unset = Finding::NotTested(format!("setup failed: {err}"));
+            let unset = Finding::NotTested(format!("setup failed: {}", err.with_causes()));
             for finding in [
                 &mut report.redirect,
                 &mut report.splice_reads_redirected,
@@ -368,11 +369,11 @@ fn probe_sockets(
         }
         Err(err @ Error::KernelFeature { .. }) => {
             report.programs_load = Finding::Yes("fp_sock_ops, fp_sk_msg verified".into());
-            report.sockmap_link = Finding::No(err.to_string());
+            report.sockmap_link = Finding::No(err.with_causes());
             return Ok(None);
         }
         Err(err) => {
-            report.programs_load = Finding::No(err.to_string());
+            report.programs_load = Finding::No(err.with_causes());
             report.sockmap_link = Finding::NotTested("programs did not load".into());
             return Ok(None);
         }

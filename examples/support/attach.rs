@@ -10,6 +10,7 @@ pub fn attach_or_without_splice_guard(
 ) -> Result<FastpathGuard, Error> {
     match builder.clone().attach() {
         Err(err) if err.is_splice_guard_refused() => {
+            let err = err.with_causes();
             eprintln!("{who}: {err}\n{who}: continuing WITHOUT the splice guard (this program does not splice)");
             builder.splice_guard(SpliceGuard::Off).attach()
         }
