@@ -185,6 +185,12 @@ if [ "$QUICK" = 0 ]; then
   row "the same relay with --accelerate-blocking (BlockingSockets::Accelerate)" \
     "what the default prevents: blocking reads fail with EAGAIN" "-" "$(head -1 "$WORK/relay.opt-in.out")" - \
     "$(stat_of "$WORK/relay.opt-in.stats" bytes_redirected)" "known limit"
+  # What the default cannot see: clients that connect with a timeout, then block.
+  "$ACC" --stats-file "$WORK/relay.late.stats" -- \
+    python3 scripts/blocking-relay.py 20 $((4 << 20)) late > "$WORK/relay.late.out" 2>/dev/null || true
+  row "the same relay, clients connect with a timeout then block (hiredis-like)" \
+    "what the default cannot see: $(stat_of "$WORK/relay.late.stats" blocking_paired) blocking_paired" "-" \
+    "$(head -1 "$WORK/relay.late.out")" - "$(stat_of "$WORK/relay.late.stats" bytes_redirected)" "known limit"
 fi
 
 if [ "$QUICK" = 0 ]; then
