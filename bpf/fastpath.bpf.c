@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: (MIT OR Apache-2.0)
+// SPDX-License-Identifier: (MIT OR GPL-2.0-only)
 /*
  * The kernel side of sockmap-fastpath.
  *

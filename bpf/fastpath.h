@@ -1,4 +1,4 @@
-/* SPDX-License-Identifier: (MIT OR Apache-2.0) */
+/* SPDX-License-Identifier: (MIT OR GPL-2.0-only) */
 /*
  * Types shared by the BPF programs and the Rust side (src/abi.rs).
  * Every struct here has a #[repr(C)] twin in src/abi.rs; the unit test

@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: (MIT OR Apache-2.0)
+// SPDX-License-Identifier: (MIT OR GPL-2.0-only)
 /*
  * A minimal sockmap redirect, built only for the benchmarks: it shows what
  * fastpath.bpf.c's safety checks cost per message. It is NOT safe to use:
