@@ -18,7 +18,11 @@ pub(crate) const FP_MATCH_COMMS: u32 = 4;
 
 /// Types that are plain bytes: `#[repr(C)]`, integers and integer arrays
 /// only, no padding.
-pub(crate) trait Plain: Copy + Default {
+///
+/// # Safety
+/// Implement only for such types: `as_bytes` and `from_bytes` rely on it
+/// (`no_padding` below checks the implementors).
+pub(crate) unsafe trait Plain: Copy + Default {
     fn as_bytes(&self) -> &[u8] {
         // SAFETY: implementors are repr(C) integer-only structs without
         // padding (checked by `no_padding` below), so every byte is
@@ -37,12 +41,19 @@ pub(crate) trait Plain: Copy + Default {
     }
 }
 
-impl Plain for fp_cidr_key {}
-impl Plain for fp_sock_key {}
-impl Plain for fp_stats {}
-impl Plain for fp_fwd_dir {}
-impl Plain for fp_proxy_pair {}
-impl Plain for fp_sock_state {}
+// SAFETY: each is generated from bpf/fastpath.h as a repr(C) struct of
+// integers and integer arrays; `no_padding` checks there is no padding.
+unsafe impl Plain for fp_cidr_key {}
+// SAFETY: as above.
+unsafe impl Plain for fp_sock_key {}
+// SAFETY: as above.
+unsafe impl Plain for fp_stats {}
+// SAFETY: as above.
+unsafe impl Plain for fp_fwd_dir {}
+// SAFETY: as above.
+unsafe impl Plain for fp_proxy_pair {}
+// SAFETY: as above.
+unsafe impl Plain for fp_sock_state {}
 
 /// Network-order words of an address, IPv4 as IPv4-mapped IPv6 (as the BPF
 /// side stores it).

@@ -34,7 +34,12 @@
 //! measured numbers and the known limits.
 
 #![warn(missing_docs)]
+// `unsafe` only where allowed by name below: raw OS and libbpf calls
+// (sys), byte views of the shared structs (abi), the skeleton's storage
+// (programs) and the generated skeleton.
+#![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
 mod abi;
 mod accelerator;
 mod attachment;
@@ -47,12 +52,20 @@ mod logging;
 pub mod netns;
 pub mod policy;
 mod probe;
+#[allow(unsafe_code)]
 mod programs;
 mod splice_guard;
 mod stats;
+#[allow(unsafe_code)]
 mod sys;
 
-#[allow(clippy::all, missing_docs, unsafe_op_in_unsafe_fn, unused_imports)]
+#[allow(
+    clippy::all,
+    missing_docs,
+    unsafe_code,
+    unsafe_op_in_unsafe_fn,
+    unused_imports
+)]
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/fastpath.skel.rs"));
 }

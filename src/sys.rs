@@ -1,5 +1,6 @@
 //! The few raw OS and libbpf calls the crate makes outside libbpf-rs's safe
-//! API. Everything `unsafe` lives here.
+//! API. The crate denies `unsafe` everywhere else except `abi` (byte views
+//! of the shared structs) and `programs` (the skeleton's storage).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
