@@ -197,7 +197,7 @@ impl Forwarding {
         forwarding.insert(fwd_map)?;
         // Bytes queued before the hand-over: make the verdict see them.
         for side in &forwarding.sides {
-            sys::set_rcvlowat(side.stream.as_raw_fd(), 1)
+            sys::set_rcvlowat(side.stream.as_fd(), 1)
                 .map_err(io_err("setsockopt(SO_RCVLOWAT)", "forwarded socket"))?;
         }
         Ok(forwarding)
@@ -312,7 +312,7 @@ impl Forwarding {
             if self.sides.iter().all(|s| s.fin_passed) {
                 return Ok(ForwardEnd::Closed);
             }
-            let fds = self.sides.each_ref().map(|s| s.stream.as_raw_fd());
+            let fds = self.sides.each_ref().map(|s| s.stream.as_fd());
             let events = [DOWN, UP].map(|i| {
                 let mut events = RDHUP;
                 if self.direct.is_some() && !blocked[i] {
@@ -339,7 +339,7 @@ impl Forwarding {
             for (from, events) in revents.iter().enumerate() {
                 // SO_ERROR clears the error: read it once, on POLLERR/POLLHUP.
                 if events.intersects(PollFlags::POLLERR | PollFlags::POLLHUP)
-                    && sys::socket_error(fds[from])
+                    && sys::socket_error(self.sides[from].stream.as_fd())
                         .map_err(io_err("getsockopt(SO_ERROR)", "forwarded socket"))?
                         != 0
                 {
@@ -364,7 +364,7 @@ impl Forwarding {
     fn try_pass_fin(&mut self, from: usize) -> Result<bool> {
         if self.direct.is_some() {
             // Copied by the loop first (POLLIN).
-            let queued = sys::bytes_readable(self.sides[from].stream.as_raw_fd())
+            let queued = sys::bytes_readable(self.sides[from].stream.as_fd())
                 .map_err(io_err("ioctl(FIONREAD)", "forwarded socket"))?;
             if queued > 0 {
                 return Ok(false);
@@ -388,7 +388,7 @@ impl Forwarding {
     /// socket's bytes go straight into a local application's queue).
     fn sent(&self, i: usize) -> Result<u64> {
         let fd = self.sides[i].stream.as_raw_fd();
-        let queued = sys::bytes_into_send_queue(fd)
+        let queued = sys::bytes_into_send_queue(self.sides[i].stream.as_fd())
             .map_err(io_err("getsockopt(TCP_INFO)", "forwarded socket"))?;
         // No socket-storage entry: the socket is not accelerated.
         let around = match &self.direct {
@@ -456,8 +456,8 @@ fn socket_key(stream: &TcpStream, netns_spaces: &MapHandle, whose: Whose) -> Res
     let what = "forwarded socket";
     let local = stream.local_addr().map_err(io_err("getsockname", what))?;
     let remote = stream.peer_addr().map_err(io_err("getpeername", what))?;
-    let cookie = sys::netns_cookie(stream.as_raw_fd())
-        .map_err(io_err("getsockopt(SO_NETNS_COOKIE)", what))?;
+    let cookie =
+        sys::netns_cookie(stream.as_fd()).map_err(io_err("getsockopt(SO_NETNS_COOKIE)", what))?;
     // As the BPF side does: a grouped namespace's shared id, else the cookie.
     let space = netns_spaces
         .lookup(&cookie.to_ne_bytes(), MapFlags::ANY)

@@ -16,7 +16,7 @@
 //! different 4-tuples at each end and simply stay plain.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -84,7 +84,7 @@ fn cookie_of(path: &Path) -> Result<u64> {
                 let socket =
                     socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
                         .map_err(|err| Error::io("socket", path, err))?;
-                sys::netns_cookie(socket.as_raw_fd())
+                sys::netns_cookie(socket.as_fd())
                     .map_err(|err| Error::io("getsockopt(SO_NETNS_COOKIE) in", path, err))
             })
             .join()

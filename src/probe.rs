@@ -392,7 +392,7 @@ fn probe_sockets(
 fn wait_for_fionread(socket: &TcpStream, want: usize) -> usize {
     let deadline = Instant::now() + Duration::from_millis(500);
     loop {
-        let queued = crate::sys::bytes_readable(socket.as_raw_fd()).unwrap_or(0);
+        let queued = crate::sys::bytes_readable(socket.as_fd()).unwrap_or(0);
         if queued >= want || Instant::now() > deadline {
             return queued;
         }

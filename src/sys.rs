@@ -107,27 +107,30 @@ fn libbpf_result(rc: i32) -> io::Result<()> {
 }
 
 /// Bytes waiting to be read on a socket (`ioctl(FIONREAD)`).
-pub(crate) fn bytes_readable(fd: std::os::fd::RawFd) -> io::Result<usize> {
+pub(crate) fn bytes_readable(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let mut count: nix::libc::c_int = 0;
     // SAFETY: FIONREAD writes one int through a valid pointer; `fd` is open
     // for the duration of the call (borrowed from a live socket).
-    let rc = unsafe { nix::libc::ioctl(fd, nix::libc::FIONREAD, &mut count) };
+    let rc = unsafe { nix::libc::ioctl(fd.as_raw_fd(), nix::libc::FIONREAD, &mut count) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(count.max(0) as usize)
 }
 
-fn getsockopt_into<T>(
-    fd: std::os::fd::RawFd,
-    level: i32,
-    name: i32,
-    value: &mut T,
-) -> io::Result<()> {
+fn getsockopt_into<T>(fd: BorrowedFd<'_>, level: i32, name: i32, value: &mut T) -> io::Result<()> {
     let mut len = size_of::<T>() as nix::libc::socklen_t;
     // SAFETY: `value` is a valid, writable T and `len` its size; the kernel
     // writes at most `len` bytes.
-    let rc = unsafe { nix::libc::getsockopt(fd, level, name, (value as *mut T).cast(), &mut len) };
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (value as *mut T).cast(),
+            &mut len,
+        )
+    };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -137,13 +140,13 @@ fn getsockopt_into<T>(
 /// Bytes that have entered a TCP socket's send queue since it was created
 /// (acknowledged plus still queued; the SYN counts as one): `tcp_info`'s
 /// `tcpi_bytes_acked` plus `ioctl(SIOCOUTQ)`.
-pub(crate) fn bytes_into_send_queue(fd: std::os::fd::RawFd) -> io::Result<u64> {
+pub(crate) fn bytes_into_send_queue(fd: BorrowedFd<'_>) -> io::Result<u64> {
     // SAFETY: an all-zero tcp_info is a valid value of this plain C struct.
     let mut info: nix::libc::tcp_info = unsafe { std::mem::zeroed() };
     getsockopt_into(fd, nix::libc::IPPROTO_TCP, nix::libc::TCP_INFO, &mut info)?;
     let mut outq: nix::libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int through the valid pointer.
-    if unsafe { nix::libc::ioctl(fd, nix::libc::TIOCOUTQ, &mut outq) } < 0 {
+    if unsafe { nix::libc::ioctl(fd.as_raw_fd(), nix::libc::TIOCOUTQ, &mut outq) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(info.tcpi_bytes_acked + outq.max(0) as u64)
@@ -152,11 +155,11 @@ pub(crate) fn bytes_into_send_queue(fd: std::os::fd::RawFd) -> io::Result<u64> {
 /// Sets SO_RCVLOWAT. As a side effect the kernel re-runs the socket's
 /// data-ready callback, which makes a stream verdict program see bytes
 /// queued before the socket joined the map.
-pub(crate) fn set_rcvlowat(fd: std::os::fd::RawFd, bytes: i32) -> io::Result<()> {
+pub(crate) fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
     // SAFETY: SO_RCVLOWAT takes an int, passed by a valid pointer and size.
     let rc = unsafe {
         nix::libc::setsockopt(
-            fd,
+            fd.as_raw_fd(),
             nix::libc::SOL_SOCKET,
             nix::libc::SO_RCVLOWAT,
             (&bytes as *const i32).cast(),
@@ -171,7 +174,7 @@ pub(crate) fn set_rcvlowat(fd: std::os::fd::RawFd, bytes: i32) -> io::Result<()>
 
 /// The cookie of the network namespace a socket lives in
 /// (`SO_NETNS_COOKIE`, Linux 5.14), as BPF's `bpf_get_netns_cookie` sees it.
-pub(crate) fn netns_cookie(fd: std::os::fd::RawFd) -> io::Result<u64> {
+pub(crate) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     const SO_NETNS_COOKIE: i32 = 71; // asm-generic (x86_64, arm64)
     let mut cookie: u64 = 0;
     getsockopt_into(fd, nix::libc::SOL_SOCKET, SO_NETNS_COOKIE, &mut cookie)?;
@@ -179,7 +182,7 @@ pub(crate) fn netns_cookie(fd: std::os::fd::RawFd) -> io::Result<u64> {
 }
 
 /// The pending error of a socket (SO_ERROR), 0 if none.
-pub(crate) fn socket_error(fd: std::os::fd::RawFd) -> io::Result<i32> {
+pub(crate) fn socket_error(fd: BorrowedFd<'_>) -> io::Result<i32> {
     let mut err: i32 = 0;
     getsockopt_into(fd, nix::libc::SOL_SOCKET, nix::libc::SO_ERROR, &mut err)?;
     Ok(err)
@@ -189,11 +192,11 @@ pub(crate) fn socket_error(fd: std::os::fd::RawFd) -> io::Result<i32> {
 /// revents bits (including POLLRDHUP, which nix's PollFlags cannot
 /// represent on output).
 pub(crate) fn poll_events<const N: usize>(
-    fds: [(std::os::fd::RawFd, i16); N],
+    fds: [(BorrowedFd<'_>, i16); N],
     timeout_ms: i32,
 ) -> io::Result<[i16; N]> {
     let mut pollfds = fds.map(|(fd, events)| nix::libc::pollfd {
-        fd,
+        fd: fd.as_raw_fd(),
         events,
         revents: 0,
     });
