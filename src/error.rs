@@ -293,4 +293,14 @@ mod tests {
             assert!(full.starts_with(&err.to_string()), "{full}");
         }
     }
+
+    /// On architectures whose syscall numbers the guard does not know, the
+    /// refusal is the splice guard's (callers may retry without it).
+    #[test]
+    fn the_guard_refused_for_the_architecture_says_so() {
+        let err = crate::splice_guard::arch_unsupported();
+        assert!(err.is_splice_guard_refused(), "{err}");
+        assert_eq!(err.kind(), ErrorKind::Unsupported);
+        assert!(err.with_causes().contains("x86_64 and arm64"), "{err}");
+    }
 }

@@ -69,6 +69,9 @@ unsafe impl Sync for Programs {}
 impl Programs {
     /// Opens, configures and loads the programs into the kernel.
     pub fn load(config: LoadConfig) -> Result<Self> {
+        if config.splice_guard && !crate::splice_guard::ARCH_SUPPORTED {
+            return Err(crate::splice_guard::arch_unsupported());
+        }
         // The reloads below only classify a failure: quiet.
         let loads_without = |change: fn(&mut LoadConfig)| {
             let mut reduced = config;

@@ -36,6 +36,18 @@ impl SpliceGuard {
     }
 }
 
+/// Whether the guard knows this architecture's splice(2) and sendfile(2)
+/// syscall numbers (bpf/fastpath.bpf.c); elsewhere it is refused.
+pub(crate) const ARCH_SUPPORTED: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
+
+/// The refusal on other architectures, before anything is loaded.
+pub(crate) fn arch_unsupported() -> Error {
+    unsupported(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "the splice guard knows the splice and sendfile syscall numbers of x86_64 and arm64 only",
+    ))
+}
+
 /// [`Error::KernelFeature`]'s `feature` when the kernel refuses the guard.
 pub(crate) const FEATURE: &str = "BPF LSM programs for the splice guard (CONFIG_BPF_LSM, `bpf` \
      among the active LSMs, BTF, and no lockdown refusing them); opt out with \
