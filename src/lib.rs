@@ -28,6 +28,9 @@
 //!   cgroup as its applications: an application's bytes to a forwarded
 //!   downstream socket leave straight through the upstream socket, and the
 //!   upstream's bytes go straight into the application's receive queue.
+//! - [`BlockingSockets`]: connections whose connecting socket is blocking at
+//!   `connect()` stay on plain TCP by default, since a blocking read on the
+//!   shortcut can fail with EAGAIN; event loops are accelerated.
 //! - [`probe`] tells what the running kernel can do, by trying it.
 //!
 //! See the crate README for what is accelerated, the guarantees, the
