@@ -706,8 +706,11 @@ int fp_sk_msg(struct sk_msg_md *msg)
 struct sk_msg {
 	struct sock *sk_redir;
 } __attribute__((preserve_access_index));
+struct list_head {
+	struct list_head *next;
+} __attribute__((preserve_access_index));
 struct sk_psock {
-	__u32 msg_tot_len;
+	struct list_head ingress_msg;
 } __attribute__((preserve_access_index));
 
 #define SK_USER_DATA_PTRMASK 7UL
@@ -726,9 +729,12 @@ static __always_inline struct sock *redirect_target(struct sk_msg_md *msg)
 	return kmsg->sk_redir;
 }
 
-/* Bytes waiting in the receive queue of the socket this message was just
- * redirected to (with BPF_F_INGRESS). */
-static __always_inline __u32 redirect_target_queued(struct sk_msg_md *msg)
+/* Whether messages wait in the receive queue of the socket this message was
+ * just redirected to (with BPF_F_INGRESS). The list itself, not the psock's
+ * msg_tot_len: that byte count came with the 2026 sockmap FIONREAD change
+ * and is missing from kernels without it (mainline 6.10-6.17, older stable
+ * releases), where reading it fails the load. */
+static __always_inline int redirect_target_has_queue(struct sk_msg_md *msg)
 {
 	struct sk_psock *psock;
 	unsigned long data;
@@ -737,7 +743,9 @@ static __always_inline __u32 redirect_target_queued(struct sk_msg_md *msg)
 	if (!data)
 		return 1; /* no psock: treat as busy, stay on the queue path */
 	psock = bpf_rdonly_cast((void *)data, bpf_core_type_id_kernel(struct sk_psock));
-	return psock->msg_tot_len;
+	/* An empty list_head points at itself. */
+	return (unsigned long)psock->ingress_msg.next !=
+	       data + bpf_core_field_offset(struct sk_psock, ingress_msg);
 }
 
 /* Whether the socket this message was just redirected to (without
@@ -780,7 +788,7 @@ int fp_sk_msg_both(struct sk_msg_md *msg)
 	pair = bpf_map_lookup_elem(&proxy_pairs, &st->peer);
 	outcome = redirect_to_peer(msg, st, s);
 	if (!pair || pair->upstream_accelerated || outcome != MSG_REDIRECTED ||
-	    redirect_target_queued(msg))
+	    redirect_target_has_queue(msg))
 		return count_msg(s, st, outcome, size);
 	dir = bpf_map_lookup_elem(&fwd_dirs, &pair->down_cookie);
 	/* A failed redirect leaves the message redirected to the peer. */

@@ -48,7 +48,10 @@ pub enum RedirectMode {
     /// 6.2: the `bpf_cast_to_kern_ctx` and `bpf_rdonly_cast` kfuncs and
     /// kernel BTF, for the program reads the socket-map internals that tell
     /// whether bytes still wait on the downstream socket (tested on 6.12
-    /// and 6.18; 6.1 refuses it with [`Error::KernelFeature`]).
+    /// and 6.18; 6.1 refuses it with [`Error::KernelFeature`]). It reads
+    /// the queue's list, present since sockmap began, not the byte count
+    /// (`msg_tot_len`) only kernels with the 2026 sockmap FIONREAD change
+    /// have; no kernel between 6.2 and 6.11 has been run.
     Both,
 }
 

@@ -364,9 +364,9 @@ impl Forwarding {
     fn try_pass_fin(&mut self, from: usize) -> Result<bool> {
         if self.direct.is_some() {
             // Copied by the loop first (POLLIN).
-            let queued = sys::bytes_readable(self.sides[from].stream.as_fd())
-                .map_err(io_err("ioctl(FIONREAD)", "forwarded socket"))?;
-            if queued > 0 {
+            if has_unread_bytes(self.sides[from].stream.as_raw_fd())
+                .map_err(io_err("recv(MSG_PEEK)", "forwarded socket"))?
+            {
                 return Ok(false);
             }
         }
@@ -448,6 +448,18 @@ impl Forwarding {
             }
             self.sides[from].copied += written as u64;
         }
+    }
+}
+
+/// Whether bytes wait to be read on `fd`. A peek rather than FIONREAD:
+/// FIONREAD counts the bytes in a map member's BPF queue only on kernels with
+/// the 2026 sockmap FIONREAD change (it reads 0 for them on 6.1, for one).
+fn has_unread_bytes(fd: std::os::fd::RawFd) -> std::io::Result<bool> {
+    use nix::sys::socket::{recv, MsgFlags};
+    match recv(fd, &mut [0u8], MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EAGAIN) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
