@@ -58,12 +58,18 @@ struct socket {
 	struct sock *sk;
 	struct file *file;
 } __attribute__((preserve_access_index));
-/* The fields of struct sock read here; both mode reads three more. */
+/* The fields of struct sock read here. sk_rmem_alloc is a macro for
+ * sk_backlog.rmem_alloc, an atomic_t. */
 struct sock {
 	struct socket *sk_socket;
 	void *sk_user_data;
 	int sk_sndbuf;
 	int sk_wmem_queued;
+	struct {
+		struct {
+			int counter;
+		} rmem_alloc;
+	} sk_backlog;
 } __attribute__((preserve_access_index));
 
 #define O_NONBLOCK 04000 /* the same value on x86_64 and arm64 */
@@ -298,6 +304,11 @@ const volatile __u32 record_owners = 1;
 /* Set before load: 0 to accelerate sockets that are blocking when they
  * connect (BlockingSockets::Accelerate). */
 const volatile __u32 keep_blocking_plain = 1;
+
+/* Set before load: the receive-memory use (bytes) above which a socket's
+ * local peer stops redirecting into it and sends plain TCP, where TCP's flow
+ * control pushes back (AcceleratorBuilder::receive_queue_limit); 0: none. */
+const volatile __u32 receive_queue_limit = 0;
 
 /* Whether the socket's file is in blocking mode (no O_NONBLOCK) now. A
  * blocking read of a socket in a socket map returns EAGAIN when another
@@ -591,16 +602,18 @@ int fp_sock_ops(struct bpf_sock_ops *skops)
 }
 
 /* How an sk_msg verdict ended, for the counters. */
-enum msg_outcome { MSG_PASSED, MSG_REDIRECTED, MSG_DIRECT };
+enum msg_outcome { MSG_PASSED, MSG_REDIRECTED, MSG_DIRECT, MSG_DROPPED };
 
 /* Counts a message (st: its socket's state, to count its bytes sent around
  * TCP; NULL not to) and lets it go where the verdict sent it. */
 static __always_inline int count_msg(struct fp_stats *s, struct fp_sock_state *st,
 				     enum msg_outcome outcome, __u32 size)
 {
-	if (st && outcome != MSG_PASSED)
+	if (st && (outcome == MSG_REDIRECTED || outcome == MSG_DIRECT))
 		st->bytes_redirected += size;
 	switch (outcome) {
+	case MSG_DROPPED:
+		return SK_DROP;
 	case MSG_REDIRECTED:
 		s->msgs_redirected += 1;
 		s->bytes_redirected += size;
@@ -672,18 +685,104 @@ static __always_inline struct fp_sock_state *paired_state(struct sk_msg_md *msg,
 	return st;
 }
 
+/* Kernel internals read after a redirect (read-only, CO-RE relocated): the
+ * socket the kernel recorded as this message's target. */
+struct sk_msg {
+	struct sock *sk_redir;
+} __attribute__((preserve_access_index));
+
+/* Weak: kernels before 6.2 lack these kfuncs. fp_sk_msg calls them only
+ * where they exist (bpf_ksym_exists); fp_sk_msg_both needs them and then
+ * fails to load (Error::KernelFeature); a strong extern would fail the
+ * whole object, every mode. */
+extern void *bpf_cast_to_kern_ctx(void *ctx) __ksym __weak;
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
+
+/* The socket this message was just redirected to. */
+static __always_inline struct sock *redirect_target(struct sk_msg_md *msg)
+{
+	struct sk_msg *kmsg = bpf_cast_to_kern_ctx(msg);
+
+	return kmsg->sk_redir;
+}
+
+/* Sequence numbers of a TCP socket (CO-RE). A receiver's copied_seq counts
+ * the plain TCP bytes its application has read, in its peer's sequence
+ * space; redirected bytes move neither. */
+struct tcp_sock {
+	__u32 write_seq;
+	__u32 copied_seq;
+} __attribute__((preserve_access_index));
+
+/* Sends the message plain: an egress redirect to the sending socket itself,
+ * which replaces the redirect to the peer (a verdict cannot take one back)
+ * and puts the bytes into the socket's own TCP send queue, as SK_PASS
+ * would. */
+static __always_inline int redirect_to_self(struct sk_msg_md *msg, struct fp_sock_state *st)
+{
+	struct fp_sock_key key = {};
+
+	own_key(st, &key);
+	return bpf_msg_redirect_hash(msg, &sock_map, &key, 0) == SK_PASS;
+}
+
+/* The receive-queue bound, for a message just redirected to its local peer
+ * (receive_queue_limit set, and the kfuncs that show the target exist).
+ * Above the limit the message goes plain instead and so do the next ones,
+ * where TCP's flow control pushes back on the sender; the peer reads its
+ * BPF queue before its TCP queue, so the order holds. Redirecting resumes
+ * once the peer holds at most half the limit and has read every plain byte
+ * (its copied_seq has reached the sender's write_seq): nothing plain can
+ * then be overtaken. Redirected bytes are charged to the receiver's
+ * sk_rmem_alloc from 6.12.8 on; before, it counts only its TCP queue and
+ * the bound never acts (probe(): receive queue bound). */
+static __always_inline enum msg_outcome bound_receive_queue(struct sk_msg_md *msg,
+							    struct fp_sock_state *st,
+							    struct fp_stats *s)
+{
+	struct sock *target = redirect_target(msg);
+	__u32 held = target->sk_backlog.rmem_alloc.counter;
+	struct tcp_sock *self, *peer;
+
+	if (!(st->flags & FP_QUEUE_LIMITED)) {
+		if (held <= receive_queue_limit)
+			return MSG_REDIRECTED;
+		st->flags |= FP_QUEUE_LIMITED;
+		s->queue_limit_fallbacks += 1;
+	} else if (held <= receive_queue_limit / 2) {
+		self = bpf_skc_to_tcp_sock(msg->sk);
+		peer = bpf_rdonly_cast(target, bpf_core_type_id_kernel(struct tcp_sock));
+		if (self && peer->copied_seq == self->write_seq) {
+			st->flags &= ~FP_QUEUE_LIMITED;
+			s->queue_limit_resumed += 1;
+			return MSG_REDIRECTED;
+		}
+	}
+	if (redirect_to_self(msg, st))
+		return MSG_PASSED;
+	/* Cannot happen while the socket is open (it is in the map); were it
+	 * to, the message would overtake plain bytes: fail the send instead. */
+	s->queue_limit_dropped += 1;
+	return MSG_DROPPED;
+}
+
 /* Redirects the message into its local peer's receive queue. On a miss the
  * chunk goes plain, and so must every later one, or it could overtake this
- * one. */
+ * one. `bounded`: apply receive_queue_limit. Not in both mode: there the
+ * peer may be a proxy's forwarded downstream socket, whose plain bytes the
+ * forwarding program sends on at once, ahead of the queued ones. */
 static __always_inline enum msg_outcome redirect_to_peer(struct sk_msg_md *msg,
 							 struct fp_sock_state *st,
-							 struct fp_stats *s)
+							 struct fp_stats *s, int bounded)
 {
-	if (bpf_msg_redirect_hash(msg, &sock_map, &st->peer, BPF_F_INGRESS) == SK_PASS)
+	if (bpf_msg_redirect_hash(msg, &sock_map, &st->peer, BPF_F_INGRESS) != SK_PASS) {
+		st->flags |= FP_FELL_BACK;
+		s->peer_missing += 1;
+		return MSG_PASSED;
+	}
+	if (!bounded || !receive_queue_limit || !bpf_ksym_exists(bpf_cast_to_kern_ctx))
 		return MSG_REDIRECTED;
-	st->flags |= FP_FELL_BACK;
-	s->peer_missing += 1;
-	return MSG_PASSED;
+	return bound_receive_queue(msg, st, s);
 }
 
 SEC("sk_msg")
@@ -696,16 +795,12 @@ int fp_sk_msg(struct sk_msg_md *msg)
 		return SK_PASS;
 	st = paired_state(msg, s);
 	/* No per-socket byte count here: only both mode's Forwarding reads it. */
-	return count_msg(s, NULL, st ? redirect_to_peer(msg, st, s) : MSG_PASSED, msg->size);
+	return count_msg(s, NULL, st ? redirect_to_peer(msg, st, s, 1) : MSG_PASSED, msg->size);
 }
 
 /* Both mode. Kernel internals read (read-only, CO-RE relocated): the
- * redirect target the kernel recorded for this message, that socket's psock
- * (sk_user_data, tagged in its low bits) for the length of its receive
- * queue, and its send buffer use. */
-struct sk_msg {
-	struct sock *sk_redir;
-} __attribute__((preserve_access_index));
+ * redirect target's psock (sk_user_data, tagged in its low bits) for its
+ * receive queue, and its send buffer use. */
 struct list_head {
 	struct list_head *next;
 } __attribute__((preserve_access_index));
@@ -714,20 +809,6 @@ struct sk_psock {
 } __attribute__((preserve_access_index));
 
 #define SK_USER_DATA_PTRMASK 7UL
-
-/* Weak: kernels before 6.2 lack these kfuncs. Only fp_sk_msg_both calls
- * them, and there it then fails to load (Error::KernelFeature); a strong
- * extern would fail the whole object, every mode. */
-extern void *bpf_cast_to_kern_ctx(void *ctx) __ksym __weak;
-extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
-
-/* The socket this message was just redirected to. */
-static __always_inline struct sock *redirect_target(struct sk_msg_md *msg)
-{
-	struct sk_msg *kmsg = bpf_cast_to_kern_ctx(msg);
-
-	return kmsg->sk_redir;
-}
 
 /* Whether messages wait in the receive queue of the socket this message was
  * just redirected to (with BPF_F_INGRESS). The list itself, not the psock's
@@ -786,7 +867,7 @@ int fp_sk_msg_both(struct sk_msg_md *msg)
 	if (!st)
 		return count_msg(s, NULL, MSG_PASSED, size);
 	pair = bpf_map_lookup_elem(&proxy_pairs, &st->peer);
-	outcome = redirect_to_peer(msg, st, s);
+	outcome = redirect_to_peer(msg, st, s, 0);
 	if (!pair || pair->upstream_accelerated || outcome != MSG_REDIRECTED ||
 	    redirect_target_has_queue(msg))
 		return count_msg(s, st, outcome, size);
@@ -795,7 +876,7 @@ int fp_sk_msg_both(struct sk_msg_md *msg)
 	if (!dir || bpf_msg_redirect_hash(msg, &fwd_map, &pair->up_cookie, 0) != SK_PASS)
 		return count_msg(s, st, MSG_REDIRECTED, size);
 	if (!redirect_target_has_room(msg, size))
-		return count_msg(s, st, redirect_to_peer(msg, st, s), size);
+		return count_msg(s, st, redirect_to_peer(msg, st, s, 0), size);
 	/* Counted as forwarded from the downstream side: Forwarding::wait
 	 * passes the application's FIN on only after these reached the
 	 * upstream send queue. */

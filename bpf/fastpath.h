@@ -50,6 +50,12 @@ struct fp_stats {
 				 * socket: it sends plain from then on */
 	__u64 blocking_skipped; /* connecting sockets kept plain: blocking at connect() */
 	__u64 blocking_paired;  /* paired sockets found blocking at their first send */
+	__u64 queue_limit_fallbacks; /* paired sockets that went plain: their peer
+				      * held more than receive_queue_limit */
+	__u64 queue_limit_resumed;   /* of those, back on the shortcut: the peer
+				      * drained and read every plain byte */
+	__u64 queue_limit_dropped;   /* sends failed: could go neither way (never
+				      * expected) */
 };
 
 /* Egress mode: one direction of a forwarded pair, keyed by the socket
@@ -82,6 +88,8 @@ enum fp_sock_flags {
 	FP_WAITING     = 16, /* connecting side, inserted, peer undecided */
 	FP_BLOCKING    = 32, /* connecting side, its file blocking at connect() */
 	FP_SEEN_SEND   = 64, /* paired, its first send was looked at */
+	FP_QUEUE_LIMITED = 128, /* its peer held too much: sending plain until
+				 * the peer has drained (receive_queue_limit) */
 };
 
 /* Whether a connection takes the shortcut, decided once per connection in

@@ -81,6 +81,7 @@ pub struct AcceleratorBuilder {
     capacity: u32,
     splice_guard: SpliceGuard,
     blocking: BlockingSockets,
+    receive_queue_limit: u32,
     namespace_groups: netns::Groups,
 }
 
@@ -93,6 +94,7 @@ impl Default for AcceleratorBuilder {
             capacity: Self::DEFAULT_CAPACITY,
             splice_guard: SpliceGuard::default(),
             blocking: BlockingSockets::default(),
+            receive_queue_limit: Self::DEFAULT_RECEIVE_QUEUE_LIMIT,
             namespace_groups: Vec::new(),
         }
     }
@@ -101,6 +103,11 @@ impl Default for AcceleratorBuilder {
 impl AcceleratorBuilder {
     /// Default socket map capacity (sockets, i.e. two per connection).
     pub const DEFAULT_CAPACITY: u32 = 65_536;
+
+    /// Default [`receive_queue_limit`](Self::receive_queue_limit): 4 MiB,
+    /// about what plain TCP on loopback let a sender queue into a receiver
+    /// that does not read (3.8 MiB measured, `tests/behaviour.rs`).
+    pub const DEFAULT_RECEIVE_QUEUE_LIMIT: u32 = 4 << 20;
 
     /// The cgroup whose sockets are in scope (required). Sockets belong to
     /// the cgroup of the process that created them, at creation time.
@@ -177,6 +184,29 @@ impl AcceleratorBuilder {
         self
     }
 
+    /// How much unread data (bytes of receive memory) an accelerated socket
+    /// may hold before its local peer stops redirecting into it (default
+    /// [`DEFAULT_RECEIVE_QUEUE_LIMIT`](Self::DEFAULT_RECEIVE_QUEUE_LIMIT)).
+    /// Redirected bytes bypass TCP's flow control: without a bound, a
+    /// receiver that stops reading lets a sender queue until the kernel's
+    /// global TCP memory runs out. Past the limit the sender finishes the
+    /// message under way on the shortcut, then sends plain TCP for the rest
+    /// of the connection (behind the redirected bytes, which its peer reads
+    /// first), so it blocks, or gets EAGAIN, as on plain TCP;
+    /// [`Stats::queue_limit_fallbacks`](crate::Stats::queue_limit_fallbacks)
+    /// counts it. `u32::MAX` means no bound.
+    ///
+    /// `attach()` refuses 0 with [`Error::ZeroReceiveQueueLimit`].
+    ///
+    /// # Minimum kernel version
+    /// 6.12.8 (redirected bytes charged to the receiver's memory) with the
+    /// 6.2 kfuncs; [`probe()`](crate::probe) reports whether it acts
+    /// (tested on 6.12.117 and 6.18.44; on 6.1 it does not).
+    pub fn receive_queue_limit(mut self, bytes: u32) -> Self {
+        self.receive_queue_limit = bytes;
+        self
+    }
+
     /// Loads the BPF programs and attaches them to the cgroup.
     ///
     /// Order: the splice guard first, then the sk_msg program on the socket
@@ -212,12 +242,18 @@ impl AcceleratorBuilder {
                 default: Self::DEFAULT_CAPACITY,
             });
         }
+        if self.receive_queue_limit == 0 {
+            return Err(Error::ZeroReceiveQueueLimit {
+                default: Self::DEFAULT_RECEIVE_QUEUE_LIMIT,
+            });
+        }
         require_capabilities("attaching sock_ops and sk_msg programs")?;
         let spaces = netns::spaces(&self.namespace_groups)?;
 
         let mut programs = Programs::load(LoadConfig {
             owners_required: !self.policy.comms.is_empty(),
             keep_blocking_plain: self.blocking == BlockingSockets::KeepPlain,
+            receive_queue_limit: self.receive_queue_limit,
             ..LoadConfig::new(self.mode, self.capacity, self.splice_guard.enabled())
         })?;
         programs.set_policy(&self.policy)?;

@@ -84,6 +84,13 @@ pub enum Error {
         default: u32,
     },
 
+    /// The receive queue limit is zero.
+    #[error("receive queue limit 0 would let nothing be redirected: pass a byte count (the default is {default}; u32::MAX for no bound)")]
+    ZeroReceiveQueueLimit {
+        /// The default limit.
+        default: u32,
+    },
+
     /// A policy set has more entries than its BPF map holds.
     #[error("too many {what}: {given} given, at most {max} fit")]
     PolicyTooLarge {
@@ -184,6 +191,7 @@ impl Error {
             | Error::InvalidCidr { .. }
             | Error::InvalidPort
             | Error::ZeroCapacity { .. }
+            | Error::ZeroReceiveQueueLimit { .. }
             | Error::PolicyTooLarge { .. }
             | Error::NamespaceGroup { .. } => ErrorKind::InvalidInput,
             Error::NotEgressMode => ErrorKind::WrongMode,

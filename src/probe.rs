@@ -88,6 +88,12 @@ pub struct ProbeReport {
     /// `bpf_cast_to_kern_ctx`/`bpf_rdonly_cast` kfuncs and CO-RE reads of
     /// socket-map internals); see [`RedirectMode::Both`].
     pub both_mode: Finding,
+    /// A sender stops redirecting into a peer that holds more than
+    /// [`receive_queue_limit`](crate::AcceleratorBuilder::receive_queue_limit)
+    /// (needs the 6.2 kfuncs and a kernel that charges redirected bytes to
+    /// the receiver, 6.12.8). Where it does not, a receiver that stops
+    /// reading lets its local peer queue without limit.
+    pub receive_queue_bound: Finding,
     /// How long the probe took.
     pub duration: Duration,
 }
@@ -111,7 +117,7 @@ impl fmt::Display for ProbeReport {
             "sockmap-fastpath probe of Linux {} ({:.0?}):",
             self.kernel_release, self.duration
         )?;
-        let rows: [(&str, &Finding); 12] = [
+        let rows: [(&str, &Finding); 13] = [
             ("privileges", &self.privileges),
             ("kernel BTF", &self.btf),
             ("cgroup v2", &self.cgroup2),
@@ -124,6 +130,7 @@ impl fmt::Display for ProbeReport {
             ("FIONREAD counts them", &self.fionread_counts_redirected),
             ("FIONREAD, plain in map", &self.fionread_counts_plain_in_map),
             ("both mode program", &self.both_mode),
+            ("receive queue bound", &self.receive_queue_bound),
         ];
         for (name, finding) in rows {
             let (mark, text) = match finding {
@@ -179,6 +186,7 @@ fn probe_quietly() -> ProbeReport {
         fionread_counts_redirected: Finding::NotTested(String::new()),
         fionread_counts_plain_in_map: Finding::NotTested(String::new()),
         both_mode: Finding::NotTested(String::new()),
+        receive_queue_bound: Finding::NotTested(String::new()),
         duration: Duration::ZERO,
     };
     if report.privileges.is_yes() && report.cgroup2.is_yes() {
@@ -194,6 +202,7 @@ fn probe_quietly() -> ProbeReport {
                 &mut report.redirect,
                 &mut report.splice_reads_redirected,
                 &mut report.fionread_counts_redirected,
+                &mut report.receive_queue_bound,
             ] {
                 if matches!(finding, Finding::NotTested(_)) {
                     *finding = unset.clone();
@@ -212,6 +221,7 @@ fn probe_quietly() -> ProbeReport {
             &mut report.splice_reads_redirected,
             &mut report.fionread_counts_redirected,
             &mut report.fionread_counts_plain_in_map,
+            &mut report.receive_queue_bound,
         ] {
             *finding = why.clone();
         }
@@ -300,30 +310,62 @@ fn probe_traffic(report: &mut ProbeReport) -> Result<()> {
         .write_all(&data)
         .map_err(|e| Error::io("write", "probe socket", e))?;
     let queued = wait_for_fionread(&server, PROBE_BYTES);
-    let redirected = guard.stats()?.bytes_redirected;
     report.fionread_counts_redirected = if queued == PROBE_BYTES {
         Finding::Yes(format!("{queued} of {PROBE_BYTES} bytes"))
     } else {
         Finding::No(format!("{queued} of {PROBE_BYTES} bytes"))
     };
     report.splice_reads_redirected = probe_splice(&server);
+    // The receiver now holds twice the probe's limit: the next message
+    // goes plain.
+    client
+        .write_all(&[PROBE_LAST_BYTE])
+        .map_err(|e| Error::io("write", "probe socket", e))?;
+    let stats = guard.stats()?;
+    report.receive_queue_bound = probe_receive_queue_bound(report, &stats);
 
     drop(client);
-    let mut got = Vec::with_capacity(PROBE_BYTES);
+    let mut got = Vec::with_capacity(PROBE_BYTES + 1);
     server
         .read_to_end(&mut got)
         .map_err(|e| Error::io("read", "probe socket", e))?;
-    let spliced = PROBE_BYTES - got.len(); // taken by a working splice
-    report.redirect = if redirected == PROBE_BYTES as u64 && data[spliced..] == got[..] {
+    let sent = [&data[..], &[PROBE_LAST_BYTE]].concat();
+    let spliced = sent.len().saturating_sub(got.len()); // taken by a working splice
+    let intact = sent[spliced..] == got[..];
+    let redirected = stats.bytes_redirected;
+    // The last byte is redirected too where the bound does not act.
+    report.redirect = if redirected >= PROBE_BYTES as u64 && intact {
         Finding::Yes(format!("{redirected} bytes redirected, intact"))
     } else {
         Finding::No(format!(
-            "{redirected} of {PROBE_BYTES} bytes redirected; intact: {}",
-            data[spliced..] == got[..]
+            "{redirected} of {PROBE_BYTES} bytes redirected; intact: {intact}"
         ))
     };
     drop(guard);
     child.remove()
+}
+
+/// The receive queue limit the probe attaches with: half of what it sends.
+const PROBE_QUEUE_LIMIT: u32 = PROBE_BYTES as u32 / 2;
+const PROBE_LAST_BYTE: u8 = 0xfe;
+
+fn probe_receive_queue_bound(report: &ProbeReport, stats: &crate::Stats) -> Finding {
+    if stats.queue_limit_fallbacks == 1 {
+        return Finding::Yes(format!(
+            "a send went plain while its peer held {PROBE_BYTES} bytes (limit {PROBE_QUEUE_LIMIT})"
+        ));
+    }
+    Finding::No(if report.both_mode.is_yes() {
+        format!(
+            "a peer holding {PROBE_BYTES} unread bytes did not pass the limit of \
+             {PROBE_QUEUE_LIMIT}: this kernel does not charge redirected bytes to the \
+             receiver (6.12.8); a receiver that stops reading lets its peer queue without limit"
+        )
+    } else {
+        "needs the bpf_cast_to_kern_ctx kfunc (6.2); a receiver that stops reading lets \
+         its peer queue without limit"
+            .into()
+    })
 }
 
 /// Attaches (only for the probe's own port) and opens one connection from
@@ -351,6 +393,7 @@ fn probe_sockets(
         .splice_guard(SpliceGuard::Off)
         // Its own sockets are blocking, one thread each: no EAGAIN risk.
         .blocking_sockets(crate::BlockingSockets::Accelerate)
+        .receive_queue_limit(PROBE_QUEUE_LIMIT)
         .capacity(2)
         .attach();
     let guard = match attached {

@@ -29,6 +29,8 @@ pub(crate) struct LoadConfig {
     pub owners_required: bool,
     /// Keep connections from sockets blocking at connect() plain.
     pub keep_blocking_plain: bool,
+    /// Receive memory (bytes) above which a peer stops redirecting; 0: none.
+    pub receive_queue_limit: u32,
 }
 
 impl LoadConfig {
@@ -41,6 +43,7 @@ impl LoadConfig {
             record_owners: true,
             owners_required: false,
             keep_blocking_plain: true,
+            receive_queue_limit: 0,
         }
     }
 
@@ -193,6 +196,7 @@ impl Programs {
             .expect(".rodata is mmapped");
         rodata.record_owners = u32::from(config.record_owners);
         rodata.keep_blocking_plain = u32::from(config.keep_blocking_plain);
+        rodata.receive_queue_limit = config.receive_queue_limit;
         open.load().map_err(|err| {
             Error::bpf(
                 "loading the BPF object (bpf_object__load: creating maps, verifying the programs)",

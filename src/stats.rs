@@ -106,6 +106,17 @@ counters! {
     /// on the shortcut, where a blocking read can fail with EAGAIN while
     /// another thread writes to the socket (README "Known limits").
     blocking_paired,
+    /// Times a paired socket switched to plain TCP because its peer held
+    /// more than
+    /// [`receive_queue_limit`](crate::AcceleratorBuilder::receive_queue_limit)
+    /// of unread bytes: TCP's flow control then pushes back on the sender.
+    queue_limit_fallbacks,
+    /// Times such a socket went back to the shortcut: its peer had drained
+    /// to half the limit and read every plain byte.
+    queue_limit_resumed,
+    /// Sends failed (EACCES) because a socket over the limit could not send
+    /// plain; not expected while the socket is open.
+    queue_limit_dropped,
 }
 
 impl Stats {
@@ -120,7 +131,7 @@ impl Stats {
 impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (name, value) in self.counters() {
-            writeln!(f, "{name:>18}  {value}")?;
+            writeln!(f, "{name:>21}  {value}")?;
         }
         Ok(())
     }

@@ -29,7 +29,7 @@ fn fixed_tuple_pair() -> (TcpStream, TcpStream) {
 #[test]
 fn identical_tuples_in_two_netns_never_meet() {
     let Some(env) = privileged_env() else { return };
-    let guard = env.attach(|b| b);
+    let guard = env.attach(unbounded_queue);
     let (ns1, ns2) = (new_netns(), new_netns());
     // Both connections exist at once, with the same addresses and ports.
     let (c1, s1) = ns1.run(fixed_tuple_pair);
@@ -59,7 +59,7 @@ fn identical_tuples_in_two_netns_never_meet() {
 fn detach_mid_transfer_loses_nothing_and_the_pair_stays_on_the_shortcut() {
     let Some(env) = privileged_env() else { return };
     let baseline = loaded_programs();
-    let guard = env.attach(|b| b);
+    let guard = env.attach(unbounded_queue);
     let reader = guard.stats_reader().unwrap();
     let (client, mut server) = connected_pair("127.0.0.1:0");
     const SIZE: usize = 16 << 20;

@@ -44,7 +44,8 @@ const SERVER: &str = "10.201.0.2:7000";
 fn connections_between_grouped_namespaces_are_accelerated() {
     let Some(env) = privileged_env() else { return };
     let (a, b) = joined();
-    let guard = env.attach(|builder| builder.namespace_group([a.path(), b.path()]));
+    let guard =
+        env.attach(|builder| unbounded_queue(builder.namespace_group([a.path(), b.path()])));
     let before = guard.stats().unwrap();
     let (client, server) = pair_across(&a, &b, None, SERVER.parse().unwrap());
     // Every byte takes the shortcut across the veth.

@@ -219,6 +219,13 @@ impl Env {
     }
 }
 
+/// No receive-queue bound: for tests that count every byte as redirected
+/// while a reader lags behind by more than the default limit (the bound
+/// has its own tests, tests/backpressure.rs).
+pub fn unbounded_queue(builder: AcceleratorBuilder) -> AcceleratorBuilder {
+    builder.receive_queue_limit(u32::MAX)
+}
+
 #[path = "../../examples/support/netns.rs"]
 mod netns;
 pub use netns::NetNs;

@@ -1,0 +1,293 @@
+//! Back-pressure: redirected bytes bypass TCP's flow control, so without a
+//! bound a receiver that stops reading lets its local peer queue until the
+//! kernel's TCP memory runs out. With `receive_queue_limit` the sender goes
+//! plain past the limit (TCP then pushes back) and returns to the shortcut
+//! once the receiver has caught up. Each test compares with plain TCP in
+//! the same run and checks every byte and the counters. Where `probe()`
+//! finds that the kernel cannot bound the queue (6.1), the tests assert the
+//! unbounded behaviour instead, so they fail if either finding is wrong.
+
+mod common;
+use common::*;
+
+use std::io::{ErrorKind, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use sockmap_fastpath::{AcceleratorBuilder, Stats};
+
+const ADDRS: [&str; 2] = ["127.0.0.1:0", "[::1]:0"];
+const LIMIT: usize = AcceleratorBuilder::DEFAULT_RECEIVE_QUEUE_LIMIT as usize;
+const CHUNK: usize = 64 << 10;
+/// What a sender without any push-back queues in these tests.
+const UNBOUNDED_CAP: usize = 64 << 20;
+
+fn kernel_bounds_queue() -> bool {
+    kernel().receive_queue_bound.is_yes()
+}
+
+/// Receive memory the kernel charges to a socket
+/// (`SO_MEMINFO[SK_MEMINFO_RMEM_ALLOC]`).
+fn receive_memory(s: &TcpStream) -> u32 {
+    use nix::libc;
+    use std::os::fd::AsRawFd;
+    let mut info = [0u32; 9];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "SO_MEMINFO: {}", std::io::Error::last_os_error());
+    info[0]
+}
+
+/// The tests below take their expectation from probe(); this checks the
+/// probe against what the bound depends on, measured without it: the
+/// kfuncs (both mode loads) and redirected bytes charged to the receiver.
+#[test]
+fn the_probe_finds_the_bound_wherever_the_kernel_allows_it() {
+    let Some(env) = privileged_env() else { return };
+    let guard = env.attach(|b| b.receive_queue_limit(u32::MAX));
+    let (mut c, mut s) = connected_pair("127.0.0.1:0");
+    let data = random_bytes(1 << 20, 6);
+    c.write_all(&data).unwrap();
+    let charged = receive_memory(&s) as usize >= data.len();
+    let stats = guard.stats().unwrap();
+    drop(c);
+    assert_eq!(read_all(&mut s), data);
+    assert_eq!(stats.bytes_redirected as usize, data.len(), "{stats}");
+    assert_eq!(
+        kernel_bounds_queue(),
+        charged && kernel().both_mode.is_yes(),
+        "redirected bytes charged: {charged}; {}",
+        kernel()
+    );
+}
+
+/// Writes `data` from a non-blocking socket until EAGAIN or the end;
+/// returns how much went.
+fn write_until_eagain(s: &TcpStream, data: &[u8]) -> usize {
+    let mut sent = 0;
+    while sent < data.len() {
+        let end = (sent + CHUNK).min(data.len());
+        match (&*s).write(&data[sent..end]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => panic!("write after {sent} bytes: {e}"),
+        }
+    }
+    sent
+}
+
+/// A non-blocking sender into a receiver that does not read: how much it
+/// queues before EAGAIN; then the receiver reads while the sender sends the
+/// rest (`data.len()` in all). Returns (queued before EAGAIN, bytes intact).
+fn queue_then_drain(addr: &str, data: &[u8]) -> (usize, bool) {
+    let (c, mut s) = connected_pair(addr);
+    c.set_nonblocking(true).unwrap();
+    let queued = write_until_eagain(&c, data);
+    let reader = thread::spawn(move || read_all(&mut s));
+    c.set_nonblocking(false).unwrap();
+    (&c).write_all(&data[queued..]).expect("write the rest");
+    c.shutdown(Shutdown::Write).unwrap();
+    let got = reader.join().unwrap();
+    (queued, got == data)
+}
+
+fn assert_went_both_ways(stats: &Stats, total: usize, what: &str) {
+    assert!(stats.queue_limit_fallbacks >= 1, "{what}: {stats}");
+    assert_eq!(stats.queue_limit_dropped, 0, "{what}: {stats}");
+    assert!(stats.bytes_passed > 0, "{what}: nothing plain: {stats}");
+    assert!(
+        stats.bytes_redirected as usize >= LIMIT,
+        "{what}: the limit's worth redirected first: {stats}"
+    );
+    // At least: a plain send cut short by EAGAIN counts its whole message,
+    // and its retry counts the rest again.
+    assert!(
+        (stats.bytes_redirected + stats.bytes_passed) as usize >= total,
+        "{what}: {stats}"
+    );
+}
+
+#[test]
+fn a_receiver_that_stops_reading_pushes_back_on_a_non_blocking_sender() {
+    let Some(env) = privileged_env() else { return };
+    let data = random_bytes(UNBOUNDED_CAP + (16 << 20), 3);
+    for addr in ADDRS {
+        let (plain, plain_intact) = queue_then_drain(addr, &data);
+        assert!(
+            plain_intact && plain < UNBOUNDED_CAP,
+            "{addr}: plain {plain}"
+        );
+        let guard = env.attach(|b| b);
+        let (queued, intact) = queue_then_drain(addr, &data);
+        let stats = guard.stats().unwrap();
+        drop(guard);
+        eprintln!(
+            "{addr}: queued before EAGAIN: plain {} KiB, accelerated {} KiB (limit {} KiB)",
+            plain >> 10,
+            queued >> 10,
+            LIMIT >> 10
+        );
+        assert!(intact, "{addr}: bytes lost or reordered: {stats}");
+        assert_eq!(stats.sockets_inserted, 2, "{addr}: {stats}");
+        if kernel_bounds_queue() {
+            // The limit on the shortcut, then what plain TCP allows, plus
+            // the message under way when the limit was passed.
+            assert!(
+                queued <= LIMIT + plain + CHUNK,
+                "{addr}: {queued} queued, plain {plain}: {stats}"
+            );
+            assert_went_both_ways(&stats, data.len(), addr);
+        } else {
+            assert!(queued >= UNBOUNDED_CAP, "{addr}: {queued}: {stats}");
+            assert_eq!(stats.queue_limit_fallbacks, 0, "{addr}: {stats}");
+        }
+    }
+}
+
+/// A blocking sender's progress until it stops moving (1 s without a
+/// byte) or finishes: how much it had written.
+fn progress_when_stalled(progress: &AtomicUsize, total: usize) -> usize {
+    let mut last = progress.load(Ordering::SeqCst);
+    let mut since = Instant::now();
+    loop {
+        thread::sleep(Duration::from_millis(50));
+        let now = progress.load(Ordering::SeqCst);
+        if now >= total {
+            return now;
+        }
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() > Duration::from_secs(1) {
+            return now;
+        }
+    }
+}
+
+/// A blocking sender into a receiver that does not read: where it stops,
+/// then everything read. Returns (written when stalled, bytes intact).
+fn block_then_drain(addr: &str, data: &Arc<Vec<u8>>) -> (usize, bool) {
+    let (mut c, mut s) = connected_pair(addr);
+    let progress = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (data, progress) = (Arc::clone(data), Arc::clone(&progress));
+        thread::spawn(move || {
+            for chunk in data.chunks(CHUNK) {
+                c.write_all(chunk).expect("write");
+                progress.fetch_add(chunk.len(), Ordering::SeqCst);
+            }
+            c.shutdown(Shutdown::Write).unwrap();
+        })
+    };
+    let stalled = progress_when_stalled(&progress, data.len());
+    let got = read_all(&mut s);
+    writer.join().unwrap();
+    (stalled, got[..] == data[..])
+}
+
+#[test]
+fn a_receiver_that_stops_reading_blocks_a_blocking_sender() {
+    let Some(env) = privileged_env() else { return };
+    let data = Arc::new(random_bytes(UNBOUNDED_CAP, 4));
+    for addr in ADDRS {
+        let (plain, plain_intact) = block_then_drain(addr, &data);
+        assert!(plain_intact && plain < data.len(), "{addr}: plain {plain}");
+        let guard = env.attach(|b| b);
+        let (stalled, intact) = block_then_drain(addr, &data);
+        let stats = guard.stats().unwrap();
+        drop(guard);
+        eprintln!(
+            "{addr}: written when the sender blocked: plain {} KiB, accelerated {} KiB",
+            plain >> 10,
+            stalled >> 10
+        );
+        assert!(intact, "{addr}: bytes lost or reordered: {stats}");
+        if kernel_bounds_queue() {
+            assert!(
+                stalled <= LIMIT + plain + CHUNK,
+                "{addr}: {stalled} written, plain {plain}: {stats}"
+            );
+            assert_went_both_ways(&stats, data.len(), addr);
+        } else {
+            assert_eq!(stalled, data.len(), "{addr}: never blocked: {stats}");
+        }
+    }
+}
+
+/// TCP memory in use, in pages (`/proc/net/sockstat`, `TCP: ... mem N`).
+fn tcp_memory_pages() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap();
+    let line = text.lines().find(|l| l.starts_with("TCP:")).unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "mem").unwrap();
+    words[at + 1].parse().unwrap()
+}
+
+/// `connections` connections whose receivers never read, each sender
+/// queueing until EAGAIN (at most 16 MiB): the TCP memory they hold (pages
+/// above the count before), and whether every byte then arrived.
+fn stalled_connections(connections: usize) -> (u64, bool) {
+    let before = tcp_memory_pages();
+    let data = random_bytes(UNBOUNDED_CAP / 4, 5);
+    let pairs: Vec<(TcpStream, TcpStream, usize)> = (0..connections)
+        .map(|_| {
+            let (c, s) = connected_pair("127.0.0.1:0");
+            c.set_nonblocking(true).unwrap();
+            let queued = write_until_eagain(&c, &data);
+            c.shutdown(Shutdown::Write).unwrap();
+            (c, s, queued)
+        })
+        .collect();
+    let held = tcp_memory_pages().saturating_sub(before);
+    let intact = pairs
+        .into_iter()
+        .all(|(_c, mut s, queued)| read_all(&mut s) == data[..queued]);
+    (held, intact)
+}
+
+#[test]
+fn a_hundred_receivers_that_never_read_hold_about_what_plain_tcp_holds() {
+    let Some(env) = privileged_env() else { return };
+    // Without the bound, 100 connections would queue 1.6 GiB: where the
+    // kernel cannot bound the queue, 10 show the difference instead.
+    let connections = if kernel_bounds_queue() { 100 } else { 10 };
+    let (plain, plain_intact) = stalled_connections(connections);
+    assert!(plain_intact);
+    let guard = env.attach(|b| b);
+    let (accelerated, intact) = stalled_connections(connections);
+    let stats = guard.stats().unwrap();
+    drop(guard);
+    eprintln!(
+        "TCP memory held by {connections} stalled connections: plain {} MiB, accelerated {} MiB",
+        (plain * 4096) >> 20,
+        (accelerated * 4096) >> 20
+    );
+    assert!(intact, "{stats}");
+    assert_eq!(stats.sockets_inserted as usize, 2 * connections, "{stats}");
+    if kernel_bounds_queue() {
+        // The limit plus plain TCP's share per connection.
+        let bound = plain + (connections * (LIMIT + CHUNK) / 4096) as u64;
+        assert!(
+            accelerated <= bound,
+            "{accelerated} > {bound} pages: {stats}"
+        );
+        assert_eq!(stats.queue_limit_fallbacks as usize, connections, "{stats}");
+    } else {
+        assert!(
+            accelerated > 2 * plain,
+            "{accelerated} pages, plain {plain}: {stats}"
+        );
+        assert_eq!(stats.queue_limit_fallbacks, 0, "{stats}");
+    }
+}
