@@ -875,11 +875,15 @@ int fp_sk_msg_both(struct sk_msg_md *msg)
 	/* A failed redirect leaves the message redirected to the peer. */
 	if (!dir || bpf_msg_redirect_hash(msg, &fwd_map, &pair->up_cookie, 0) != SK_PASS)
 		return count_msg(s, st, MSG_REDIRECTED, size);
-	if (!redirect_target_has_room(msg, size))
-		return count_msg(s, st, redirect_to_peer(msg, st, s, 0), size);
-	/* Counted as forwarded from the downstream side: Forwarding::wait
-	 * passes the application's FIN on only after these reached the
-	 * upstream send queue. */
+	if (!redirect_target_has_room(msg, size) &&
+	    redirect_to_peer(msg, st, s, 0) == MSG_REDIRECTED)
+		return count_msg(s, st, MSG_REDIRECTED, size);
+	/* Room upstream, or the peer left the map between the two redirects:
+	 * a redirect that misses leaves the upstream socket as the target, so
+	 * the message leaves there and is counted so (the socket sends plain
+	 * from then on, behind it). Counted as forwarded from the downstream
+	 * side: Forwarding::wait passes the application's FIN on only after
+	 * these reached the upstream send queue. */
 	__sync_fetch_and_add(&dir->bytes, size);
 	return count_msg(s, st, MSG_DIRECT, size);
 }
