@@ -810,17 +810,17 @@ struct sk_psock {
 
 #define SK_USER_DATA_PTRMASK 7UL
 
-/* Whether messages wait in the receive queue of the socket this message was
- * just redirected to (with BPF_F_INGRESS). The list itself, not the psock's
- * msg_tot_len: that byte count came with the 2026 sockmap FIONREAD change
- * and is missing from kernels without it (mainline 6.10-6.17, older stable
- * releases), where reading it fails the load. */
-static __always_inline int redirect_target_has_queue(struct sk_msg_md *msg)
+/* Whether messages wait in a socket's own psock receive queue (redirected
+ * into it with BPF_F_INGRESS, or passed by its stream verdict). The list
+ * itself, not the psock's msg_tot_len: that byte count came with the 2026
+ * sockmap FIONREAD change and is missing from kernels without it (mainline
+ * 6.10-6.17, older stable releases), where reading it fails the load. */
+static __always_inline int psock_has_queue(struct sock *sk)
 {
 	struct sk_psock *psock;
 	unsigned long data;
 
-	data = (unsigned long)redirect_target(msg)->sk_user_data & ~SK_USER_DATA_PTRMASK;
+	data = (unsigned long)sk->sk_user_data & ~SK_USER_DATA_PTRMASK;
 	if (!data)
 		return 1; /* no psock: treat as busy, stay on the queue path */
 	psock = bpf_rdonly_cast((void *)data, bpf_core_type_id_kernel(struct sk_psock));
@@ -869,7 +869,7 @@ int fp_sk_msg_both(struct sk_msg_md *msg)
 	pair = bpf_map_lookup_elem(&proxy_pairs, &st->peer);
 	outcome = redirect_to_peer(msg, st, s, 0);
 	if (!pair || pair->upstream_accelerated || outcome != MSG_REDIRECTED ||
-	    redirect_target_has_queue(msg))
+	    psock_has_queue(redirect_target(msg)))
 		return count_msg(s, st, outcome, size);
 	dir = bpf_map_lookup_elem(&fwd_dirs, &pair->down_cookie);
 	/* A failed redirect leaves the message redirected to the peer. */
@@ -888,6 +888,25 @@ int fp_sk_msg_both(struct sk_msg_md *msg)
 	return count_msg(s, st, MSG_DIRECT, size);
 }
 
+struct sk_buff {
+	struct sock *sk;
+} __attribute__((preserve_access_index));
+
+/* Whether the receiving socket's own psock queue holds bytes (needs the
+ * kfunc, 6.2; on older kernels segments that arrive while forward() is
+ * between its two inserts can still be overtaken). */
+static __always_inline int own_queue_holds_bytes(struct __sk_buff *skb)
+{
+	struct sk_buff *kskb;
+	struct sock *sk;
+
+	if (!bpf_ksym_exists(bpf_cast_to_kern_ctx))
+		return 0;
+	kskb = bpf_cast_to_kern_ctx(skb);
+	sk = kskb->sk;
+	return sk && psock_has_queue(sk);
+}
+
 SEC("sk_skb/stream_verdict")
 int fp_fwd_verdict(struct __sk_buff *skb)
 {
@@ -902,9 +921,20 @@ int fp_fwd_verdict(struct __sk_buff *skb)
 	 * with bytes still queued. Forwarding::wait passes the half-close on. */
 	if (len == 0)
 		return SK_DROP;
-	/* No peer (it closed, or the pair is not set up): the bytes stay
-	 * with this socket, readable by the proxy as usual. */
-	if (!dir || bpf_sk_redirect_hash(skb, &fwd_map, &dir->peer_cookie, 0) != SK_PASS) {
+	/* No peer (it closed, or the pair is not set up: forward() inserts
+	 * one socket, then the other): the bytes stay with this socket, and
+	 * Forwarding::wait copies them to the peer. */
+	if (!dir) {
+		COUNT(fwd_unpaired, 1);
+		return SK_PASS;
+	}
+	/* Bytes an earlier verdict kept here wait for that copy: later ones
+	 * queue behind them, or they would overtake them. */
+	if (own_queue_holds_bytes(skb)) {
+		COUNT(fwd_queued_behind, 1);
+		return SK_PASS;
+	}
+	if (bpf_sk_redirect_hash(skb, &fwd_map, &dir->peer_cookie, 0) != SK_PASS) {
 		COUNT(fwd_unpaired, 1);
 		return SK_PASS;
 	}

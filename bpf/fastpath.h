@@ -56,6 +56,8 @@ struct fp_stats {
 				      * drained and read every plain byte */
 	__u64 queue_limit_dropped;   /* sends failed: could go neither way (never
 				      * expected) */
+	__u64 fwd_queued_behind;     /* egress/both: received segments kept behind
+				      * bytes waiting to be copied by Forwarding */
 };
 
 /* Egress mode: one direction of a forwarded pair, keyed by the socket

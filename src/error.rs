@@ -238,11 +238,50 @@ impl Error {
 
     /// Converts a libbpf-rs error from `call`, keeping its errno.
     pub(crate) fn bpf(call: &'static str, err: libbpf_rs::Error) -> Self {
+        Error::bpf_saying(call, err, &[])
+    }
+
+    /// [`Error::bpf`], with what libbpf logged during the call: the failing
+    /// program and the end of the verifier's log join the cause's message
+    /// (the whole log goes to the `log` facade, target `libbpf`).
+    pub(crate) fn bpf_saying(call: &'static str, err: libbpf_rs::Error, said: &[String]) -> Self {
+        let source = libbpf_to_io(&err);
+        let summary = libbpf_summary(said);
+        if summary.is_empty() {
+            return Error::Bpf { call, source };
+        }
         Error::Bpf {
             call,
-            source: libbpf_to_io(&err),
+            source: io::Error::new(source.kind(), format!("{source}; libbpf: {summary}")),
         }
     }
+}
+
+/// The lines of libbpf's output that say what failed: which program failed
+/// to load, and the last lines of its verifier log (where the verifier
+/// names the instruction it refused), joined with " | ".
+fn libbpf_summary(said: &[String]) -> String {
+    const VERIFIER_TAIL: usize = 4;
+    let lines: Vec<&str> = said
+        .iter()
+        .flat_map(|m| m.lines())
+        .map(|l| l.trim().trim_start_matches("libbpf: "))
+        .filter(|l| !l.is_empty() && !l.contains("skipping optional"))
+        .collect();
+    let mut picked: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.contains("failed") && !l.contains("LOAD LOG"))
+        .take(2)
+        .collect();
+    if let Some(end) = lines.iter().position(|l| l.contains("END PROG LOAD LOG")) {
+        let start = lines[..end]
+            .iter()
+            .rposition(|l| l.contains("BEGIN PROG LOAD LOG"))
+            .map_or(0, |b| b + 1);
+        picked.extend(&lines[end.saturating_sub(VERIFIER_TAIL).max(start)..end]);
+    }
+    picked.join(" | ")
 }
 
 /// The errno inside a libbpf-rs error, as an `io::Error` whose message keeps
@@ -300,6 +339,38 @@ mod tests {
             assert_eq!(full.matches(&cause).count(), 1, "{full}");
             assert!(full.starts_with(&err.to_string()), "{full}");
         }
+    }
+
+    /// A load failure names the program and the instruction the verifier
+    /// refused (the end of its log), keeping the errno's kind.
+    #[test]
+    fn a_load_failure_carries_what_the_verifier_said() {
+        let said = [
+            "libbpf: object 'fastpath_bpf': failed (-22) to create BPF token from '/sys/fs/bpf', \
+             skipping optional step..."
+                .to_owned(),
+            "libbpf: prog 'fp_x': BPF program load failed: -EACCES".to_owned(),
+            "libbpf: prog 'fp_x': -- BEGIN PROG LOAD LOG --\n0: (b7) r0 = 0\n1: (79) r8 = \
+             *(u64 *)(r1 +656)\nR1 invalid mem access 'rcu_ptr_or_null_'\nprocessed 2 insns\n\
+             -- END PROG LOAD LOG --"
+                .to_owned(),
+            "libbpf: failed to load object 'fastpath_bpf'".to_owned(),
+        ];
+        let err = Error::bpf_saying(
+            "loading",
+            libbpf_rs::Error::from(io::Error::from_raw_os_error(nix::libc::EACCES)),
+            &said,
+        );
+        let full = err.with_causes();
+        assert_eq!(err.kind(), ErrorKind::Permission, "{full}");
+        for part in [
+            "prog 'fp_x': BPF program load failed",
+            "R1 invalid mem access",
+            "(os error 13)",
+        ] {
+            assert!(full.contains(part), "{part}: {full}");
+        }
+        assert!(!full.contains("token"), "{full}");
     }
 
     /// On architectures whose syscall numbers the guard does not know, the

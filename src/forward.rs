@@ -13,8 +13,13 @@
 //!    the pair has ended, then drop your streams.
 //!
 //! Bytes already queued on a socket when it is handed over are forwarded
-//! too. A FIN is passed on only after every byte received before it has
-//! entered the other socket's send queue, so nothing is cut off.
+//! too. A segment that arrives while `forward()` has put one socket into
+//! the map and not yet the other stays in the receiving socket's queue,
+//! later ones queue behind it (from Linux 6.2; `Stats::fwd_queued_behind`),
+//! and `wait()` copies them to the other socket, consuming each chunk only
+//! after it was written. A FIN is passed on only after every byte received
+//! before it has entered the other socket's send queue, so nothing is cut
+//! off.
 //!
 //! # Both mode
 //! In [`RedirectMode::Both`](crate::RedirectMode::Both) the downstream
@@ -303,9 +308,11 @@ impl Forwarding {
     }
 
     fn run_until_end(&mut self) -> Result<ForwardEnd> {
-        // Both mode: bytes redirected into either socket's queue (around
-        // the forwarding program) are copied to the other socket; while the
-        // other socket is full, wait for room there instead.
+        // Bytes waiting in either socket's own queue (both mode: redirected
+        // there around the forwarding program; every mode: kept there by
+        // the forwarding program while the pair was being inserted) are
+        // copied to the other socket; while the other socket is full, wait
+        // for room there instead.
         let mut blocked = [false; 2];
         let mut buf = vec![0u8; 64 << 10];
         loop {
@@ -315,7 +322,7 @@ impl Forwarding {
             let fds = self.sides.each_ref().map(|s| s.stream.as_fd());
             let events = [DOWN, UP].map(|i| {
                 let mut events = RDHUP;
-                if self.direct.is_some() && !blocked[i] {
+                if !blocked[i] {
                     events |= PollFlags::POLLIN;
                 }
                 if blocked[1 - i] {
@@ -362,13 +369,11 @@ impl Forwarding {
     /// Shuts down the other side's sending half once every byte received on
     /// `from` before its FIN has entered the other side's send queue.
     fn try_pass_fin(&mut self, from: usize) -> Result<bool> {
-        if self.direct.is_some() {
-            // Copied by the loop first (POLLIN).
-            if has_unread_bytes(self.sides[from].stream.as_raw_fd())
-                .map_err(io_err("recv(MSG_PEEK)", "forwarded socket"))?
-            {
-                return Ok(false);
-            }
+        // Copied by the loop first (POLLIN).
+        if has_unread_bytes(self.sides[from].stream.as_raw_fd())
+            .map_err(io_err("recv(MSG_PEEK)", "forwarded socket"))?
+        {
+            return Ok(false);
         }
         let to = 1 - from;
         let target = self.sides[to].sent_before
@@ -413,7 +418,7 @@ impl Forwarding {
         RESET_BY[from]
     }
 
-    /// Both mode: copies the bytes queued on side `from` to the other side
+    /// Copies the bytes queued on side `from` to the other side
     /// without blocking, consuming each chunk only after it was written (the
     /// BPF side sends straight upstream only while this queue is empty).
     /// Returns whether bytes are left because the other side had no room.

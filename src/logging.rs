@@ -7,7 +7,7 @@
 //! that tell a missing kernel feature from a bug) are logged at debug
 //! level only: they are findings, not problems.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::sync::Once;
 
 use libbpf_rs::PrintLevel;
@@ -15,6 +15,8 @@ use libbpf_rs::PrintLevel;
 thread_local! {
     /// Nesting depth of [`expecting_failures`] on this thread.
     static PROBING: Cell<u32> = const { Cell::new(0) };
+    /// libbpf's messages on this thread while [`capturing`] runs.
+    static CAPTURED: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
 }
 
 /// Routes libbpf's output to `log` (once per process). A libbpf print
@@ -35,8 +37,23 @@ pub(crate) fn expecting_failures<T>(attempt: impl FnOnce() -> T) -> T {
     result
 }
 
+/// Runs `attempt` and returns, with its result, what libbpf said meanwhile
+/// on this thread (still logged as usual), so an error can carry it.
+pub(crate) fn capturing<T>(attempt: impl FnOnce() -> T) -> (T, Vec<String>) {
+    route_libbpf_output();
+    let outer = CAPTURED.with(|c| c.replace(Some(Vec::new())));
+    let result = attempt();
+    let said = CAPTURED.with(|c| c.replace(outer)).unwrap_or_default();
+    (result, said)
+}
+
 fn to_log(level: PrintLevel, message: String) {
     let message = message.trim_end();
+    CAPTURED.with(|c| {
+        if let Some(said) = c.borrow_mut().as_mut() {
+            said.push(message.to_owned());
+        }
+    });
     if PROBING.with(Cell::get) > 0 {
         log::debug!(target: "libbpf", "{message} (while probing; expected)");
         return;

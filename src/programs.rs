@@ -197,10 +197,12 @@ impl Programs {
         rodata.record_owners = u32::from(config.record_owners);
         rodata.keep_blocking_plain = u32::from(config.keep_blocking_plain);
         rodata.receive_queue_limit = config.receive_queue_limit;
-        open.load().map_err(|err| {
-            Error::bpf(
+        let (loaded, libbpf_said) = crate::logging::capturing(|| open.load());
+        loaded.map_err(|err| {
+            Error::bpf_saying(
                 "loading the BPF object (bpf_object__load: creating maps, verifying the programs)",
                 err,
+                &libbpf_said,
             )
         })
     }

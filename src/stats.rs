@@ -117,6 +117,10 @@ counters! {
     /// Sends failed (EACCES) because a socket over the limit could not send
     /// plain; not expected while the socket is open.
     queue_limit_dropped,
+    /// Egress and both modes: received segments kept in the receiving
+    /// socket's queue behind bytes waiting there (kept because the peer was
+    /// not in the map yet), for `Forwarding::wait` to copy in order.
+    fwd_queued_behind,
 }
 
 impl Stats {

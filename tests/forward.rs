@@ -483,3 +483,55 @@ fn forwards_tokio_streams() {
     assert_eq!(stats.downstream_to_upstream, 4 << 20);
     assert_eq!(guard.stats().unwrap().fwd_bytes, 8 << 20);
 }
+
+/// Segments that arrive while `forward()` puts the pair into the map (the
+/// first socket is in, its partner not yet) must still arrive, in order:
+/// a client writes small chunks throughout each of many hand-overs.
+#[test]
+fn a_client_writing_during_many_hand_overs_loses_nothing() {
+    let Some((_env, guard, upstream)) = egress_env() else {
+        return;
+    };
+    const HAND_OVERS: usize = 200;
+    const CHUNK: usize = 100;
+    let data = random_bytes(4000 * CHUNK, 31);
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    for round in 0..HAND_OVERS {
+        let mut client = connect(front.local_addr().unwrap());
+        let (down, _) = front.accept().unwrap();
+        let up = connect(upstream.local_addr().unwrap());
+        let (mut server, _) = upstream.accept().unwrap();
+        let writer = {
+            let data = data.clone();
+            thread::spawn(move || {
+                for chunk in data.chunks(CHUNK) {
+                    client.write_all(chunk).unwrap();
+                }
+                client.shutdown(Shutdown::Write).unwrap();
+                client
+            })
+        };
+        // The writer is under way once its first bytes are queued here.
+        while down.peek(&mut [0u8]).unwrap() == 0 {}
+        let forwarding = guard.forward(&down, &up).expect("forward");
+        let proxy = thread::spawn(move || {
+            let stats = forwarding.wait().expect("wait");
+            drop((down, up));
+            stats
+        });
+        let got = read_all(&mut server);
+        assert!(
+            got == data,
+            "round {round}: {} of {} bytes, in order: {}; {}",
+            got.len(),
+            data.len(),
+            data.starts_with(&got),
+            guard.stats().unwrap()
+        );
+        server.shutdown(Shutdown::Write).unwrap();
+        drop(writer.join().unwrap());
+        assert_eq!(proxy.join().unwrap().end, ForwardEnd::Closed);
+    }
+    let counters = guard.stats().unwrap();
+    eprintln!("{HAND_OVERS} hand-overs during writes: {counters}");
+}
