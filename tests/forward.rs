@@ -492,6 +492,12 @@ fn a_client_writing_during_many_hand_overs_loses_nothing() {
     let Some((_env, guard, upstream)) = egress_env() else {
         return;
     };
+    if !kernel().both_mode.is_yes() {
+        // Keeping later segments behind needs the kfunc both mode needs
+        // (6.2); README "Known limits" says what remains on older kernels.
+        eprintln!("not run: no kfuncs here (probe(): both mode), see README");
+        return;
+    }
     const HAND_OVERS: usize = 200;
     const CHUNK: usize = 100;
     let data = random_bytes(4000 * CHUNK, 31);
