@@ -58,9 +58,18 @@ struct socket {
 	struct sock *sk;
 	struct file *file;
 } __attribute__((preserve_access_index));
+/* The kernel's TCP memory in use, in pages: struct proto's counter, an
+ * atomic_long_t, read as the long it holds. */
+struct proto {
+	long *memory_allocated;
+} __attribute__((preserve_access_index));
+struct sock_common {
+	struct proto *skc_prot;
+} __attribute__((preserve_access_index));
 /* The fields of struct sock read here. sk_rmem_alloc is a macro for
- * sk_backlog.rmem_alloc, an atomic_t. */
+ * sk_backlog.rmem_alloc, an atomic_t; sk_prot for __sk_common.skc_prot. */
 struct sock {
+	struct sock_common __sk_common;
 	struct socket *sk_socket;
 	void *sk_user_data;
 	int sk_sndbuf;
@@ -309,6 +318,12 @@ const volatile __u32 keep_blocking_plain = 1;
  * local peer stops redirecting into it and sends plain TCP, where TCP's flow
  * control pushes back (AcceleratorBuilder::receive_queue_limit); 0: none. */
 const volatile __u32 receive_queue_limit = 0;
+
+/* Set before load: the kernel's TCP memory pressure threshold in pages
+ * (tcp_mem[1] at attach); 0: not known. Above it redirected bytes go plain
+ * too: at the hard limit the receiver's memory charge fails and the sender
+ * gets ENOMEM, where plain TCP waits for memory. */
+const volatile __u64 tcp_memory_pressure_pages = 0;
 
 /* Whether the socket's file is in blocking mode (no O_NONBLOCK) now. A
  * blocking read of a socket in a socket map returns EAGAIN when another
@@ -742,14 +757,17 @@ static __always_inline enum msg_outcome bound_receive_queue(struct sk_msg_md *ms
 {
 	struct sock *target = redirect_target(msg);
 	__u32 held = target->sk_backlog.rmem_alloc.counter;
+	int pressure = tcp_memory_pressure_pages &&
+		       *target->__sk_common.skc_prot->memory_allocated >
+			       (long)tcp_memory_pressure_pages;
 	struct tcp_sock *self, *peer;
 
 	if (!(st->flags & FP_QUEUE_LIMITED)) {
-		if (held <= receive_queue_limit)
+		if (held <= receive_queue_limit && !pressure)
 			return MSG_REDIRECTED;
 		st->flags |= FP_QUEUE_LIMITED;
 		s->queue_limit_fallbacks += 1;
-	} else if (held <= receive_queue_limit / 2) {
+	} else if (held <= receive_queue_limit / 2 && !pressure) {
 		self = bpf_skc_to_tcp_sock(msg->sk);
 		peer = bpf_rdonly_cast(target, bpf_core_type_id_kernel(struct tcp_sock));
 		if (self && peer->copied_seq == self->write_seq) {

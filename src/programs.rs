@@ -33,6 +33,15 @@ pub(crate) struct LoadConfig {
     pub receive_queue_limit: u32,
 }
 
+/// The kernel's TCP memory pressure threshold in pages (`tcp_mem[1]`), or 0
+/// if it cannot be read.
+fn tcp_memory_pressure_pages() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem")
+        .ok()
+        .and_then(|text| text.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
 impl LoadConfig {
     pub fn new(mode: RedirectMode, capacity: u32, splice_guard: bool) -> Self {
         LoadConfig {
@@ -197,6 +206,7 @@ impl Programs {
         rodata.record_owners = u32::from(config.record_owners);
         rodata.keep_blocking_plain = u32::from(config.keep_blocking_plain);
         rodata.receive_queue_limit = config.receive_queue_limit;
+        rodata.tcp_memory_pressure_pages = tcp_memory_pressure_pages();
         let (loaded, libbpf_said) = crate::logging::capturing(|| open.load());
         loaded.map_err(|err| {
             Error::bpf_saying(
