@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 out=$1; shift
 # Prebuilt copies (scripts/vmtest.sh): a rebuild on the host meanwhile
 # cannot change what the guest runs.
-export CI=true FASTPATH_TEST_DEADLINE_SECS=1200 FASTPATH_PREBUILT=1
+export CI=true FASTPATH_TEST_DEADLINE_SECS=600 FASTPATH_PREBUILT=1
 export FASTPATH_EXAMPLES=$PWD/target/vmtest/examples
 uname -r > "$out/kernel"
 # The demo prints probe() and then shows the shortcut at work.

@@ -108,8 +108,9 @@ fn watch(cgroup: &TestCgroup) {
                 &mut std::io::stderr(),
                 format!(
                     "FAILED: test {} still running after {deadline:?} (hung?); ending the test \
-                     binary\n",
-                    r.test
+                     binary. Its threads:\n{}",
+                    r.test,
+                    thread_states()
                 )
                 .as_bytes(),
             );
@@ -120,6 +121,35 @@ fn watch(cgroup: &TestCgroup) {
             std::process::exit(124);
         });
     });
+}
+
+/// Each thread of this process: name, state, where it waits in the kernel
+/// (`/proc/self/task/*`), to tell a hang in the kernel from one in the test.
+fn thread_states() -> String {
+    let mut text = String::new();
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let read = |file: &str| std::fs::read_to_string(task.path().join(file)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next()
+            .unwrap_or("?");
+        text.push_str(&format!(
+            "  {} {} {state} wchan={}\n{}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan"),
+            read("stack")
+        ));
+    }
+    text
 }
 
 fn missing_privilege() -> Option<String> {
