@@ -31,6 +31,10 @@
 //! - [`BlockingSockets`]: connections whose connecting socket is blocking at
 //!   `connect()` stay on plain TCP by default, since a blocking read on the
 //!   shortcut can fail with EAGAIN; event loops are accelerated.
+//! - [`AcceleratorBuilder::receive_queue_limit`]: a receiver more than the
+//!   limit behind (4 MiB by default), or a kernel short of TCP memory, makes
+//!   its peer send plain TCP until it has caught up, so TCP's flow control
+//!   pushes back as without the shortcut (ingress mode, 6.12.8 and newer).
 //! - [`probe`] tells what the running kernel can do, by trying it.
 //!
 //! See the crate README for what is accelerated, the guarantees, the
