@@ -858,6 +858,21 @@ static __always_inline int redirect_target_has_room(struct sk_msg_md *msg, __u32
 	return (__s64)sk->sk_wmem_queued + 2 * (__s64)size <= (__s64)sk->sk_sndbuf;
 }
 
+/* Whether the socket this message was just redirected to (a forwarded
+ * upstream socket) is itself paired with a local server, or waiting to be:
+ * its own sends (the bytes Forwarding copies) are then redirected into that
+ * server's queue, which the server reads before its TCP queue, so a direct
+ * send through its TCP path could be read after later bytes. Decided per
+ * message from the socket's own state: it is waiting from the moment its
+ * connect() completes, and once it has left the map it never pairs again,
+ * so a direct send is never followed by the socket pairing. */
+static __always_inline int redirect_target_on_shortcut(struct sk_msg_md *msg)
+{
+	struct fp_sock_state *up = bpf_sk_storage_get(&sock_state, redirect_target(msg), 0, 0);
+
+	return up && (up->flags & (FP_PAIRED | FP_WAITING));
+}
+
 /* Both mode: like fp_sk_msg, except that a message to a proxy's forwarded
  * downstream socket leaves straight through the paired upstream socket when
  * (1) nothing waits in the downstream socket's queue: Forwarding
@@ -865,10 +880,8 @@ static __always_inline int redirect_target_has_room(struct sk_msg_md *msg, __u32
  * after they are written, so an empty queue means nothing sent earlier can
  * be overtaken; (2) the upstream socket has room, so the sender never
  * waits on a socket it does not own; and (3) the upstream socket is not
- * accelerated itself: its other bytes (copied by Forwarding) go through
- * its own sk_msg program into its local peer's queue, and a direct send
- * would take the TCP path and be read after them. Otherwise it joins the
- * queue. */
+ * paired (or waiting to pair) with a local server itself (see
+ * redirect_target_on_shortcut). Otherwise it joins the queue. */
 SEC("sk_msg")
 int fp_sk_msg_both(struct sk_msg_md *msg)
 {
@@ -886,14 +899,13 @@ int fp_sk_msg_both(struct sk_msg_md *msg)
 		return count_msg(s, NULL, MSG_PASSED, size);
 	pair = bpf_map_lookup_elem(&proxy_pairs, &st->peer);
 	outcome = redirect_to_peer(msg, st, s, 0);
-	if (!pair || pair->upstream_accelerated || outcome != MSG_REDIRECTED ||
-	    psock_has_queue(redirect_target(msg)))
+	if (!pair || outcome != MSG_REDIRECTED || psock_has_queue(redirect_target(msg)))
 		return count_msg(s, st, outcome, size);
 	dir = bpf_map_lookup_elem(&fwd_dirs, &pair->down_cookie);
 	/* A failed redirect leaves the message redirected to the peer. */
 	if (!dir || bpf_msg_redirect_hash(msg, &fwd_map, &pair->up_cookie, 0) != SK_PASS)
 		return count_msg(s, st, MSG_REDIRECTED, size);
-	if (!redirect_target_has_room(msg, size) &&
+	if ((!redirect_target_has_room(msg, size) || redirect_target_on_shortcut(msg)) &&
 	    redirect_to_peer(msg, st, s, 0) == MSG_REDIRECTED)
 		return count_msg(s, st, MSG_REDIRECTED, size);
 	/* Room upstream, or the peer left the map between the two redirects:

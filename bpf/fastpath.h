@@ -74,11 +74,6 @@ struct fp_fwd_dir {
 struct fp_proxy_pair {
 	__u64 down_cookie; /* the proxy's downstream socket */
 	__u64 up_cookie;   /* the proxy's upstream socket, in fwd_map */
-	/* The upstream socket's server is a local socket in sock_map, so the
-	 * upstream socket's own sends are redirected into that server's queue:
-	 * its bytes must all take that path, so no direct sends. */
-	__u32 upstream_accelerated;
-	__u32 pad;
 };
 
 /* Per-socket state in socket-local storage. */

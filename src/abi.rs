@@ -112,7 +112,7 @@ mod tests {
         assert_eq!(size_of::<fp_cidr_key>(), 4 + 16);
         assert_eq!(size_of::<fp_sock_key>(), 4 * 4 * 2 + 4 + 4 + 8);
         assert_eq!(size_of::<fp_stats>() % 8, 0);
-        assert_eq!(size_of::<fp_proxy_pair>(), 8 + 8 + 4 + 4);
+        assert_eq!(size_of::<fp_proxy_pair>(), 8 + 8);
         assert_eq!(
             size_of::<fp_sock_state>(),
             4 + 4 + FP_COMM_LEN + size_of::<fp_sock_key>() + 8

@@ -116,8 +116,6 @@ pub(crate) struct DirectMaps {
     pub sock_state: MapHandle,
     /// `netns_spaces`: what keys use in place of a namespace's cookie.
     pub netns_spaces: MapHandle,
-    /// `sock_map`: the accelerated sockets, by key.
-    pub sock_map: MapHandle,
 }
 
 /// Both mode: this pair's entry in `proxy_pairs`.
@@ -125,9 +123,6 @@ struct Direct {
     maps: DirectMaps,
     /// The downstream socket's key.
     key: fp_sock_key,
-    /// The upstream socket's server is a local socket in the map, so the
-    /// upstream socket's own sends are redirected (see `fp_proxy_pair`).
-    upstream_accelerated: bool,
 }
 
 const DOWN: usize = 0;
@@ -175,20 +170,10 @@ impl Forwarding {
             side(up.as_fd(), "upstream socket")?,
         );
         let direct = match direct {
-            Some(maps) => {
-                // The upstream socket's sends go into its server's queue if
-                // that server is a local socket in the map.
-                let server_key = socket_key(&up.stream, &maps.netns_spaces, Whose::Peer)?;
-                let upstream_accelerated = matches!(
-                    maps.sock_map.lookup(server_key.as_bytes(), MapFlags::ANY),
-                    Ok(Some(_))
-                );
-                Some(Direct {
-                    key: socket_key(&down.stream, &maps.netns_spaces, Whose::Own)?,
-                    upstream_accelerated,
-                    maps,
-                })
-            }
+            Some(maps) => Some(Direct {
+                key: socket_key(&down.stream, &maps.netns_spaces)?,
+                maps,
+            }),
             None => None,
         };
         let mut forwarding = Forwarding {
@@ -248,8 +233,6 @@ impl Forwarding {
                 let pair = fp_proxy_pair {
                     down_cookie: self.sides[DOWN].cookie,
                     up_cookie: self.sides[UP].cookie,
-                    upstream_accelerated: u32::from(direct.upstream_accelerated),
-                    ..Default::default()
                 };
                 direct
                     .maps
@@ -468,8 +451,8 @@ fn has_unread_bytes(fd: std::os::fd::RawFd) -> std::io::Result<bool> {
     }
 }
 
-/// The key the BPF side gives a socket (`Own`) or its local peer (`Peer`).
-fn socket_key(stream: &TcpStream, netns_spaces: &MapHandle, whose: Whose) -> Result<fp_sock_key> {
+/// The key the BPF side gives a socket.
+fn socket_key(stream: &TcpStream, netns_spaces: &MapHandle) -> Result<fp_sock_key> {
     let what = "forwarded socket";
     let local = stream.local_addr().map_err(io_err("getsockname", what))?;
     let remote = stream.peer_addr().map_err(io_err("getpeername", what))?;
@@ -482,14 +465,5 @@ fn socket_key(stream: &TcpStream, netns_spaces: &MapHandle, whose: Whose) -> Res
         .flatten()
         .and_then(|v| v.try_into().ok().map(u64::from_ne_bytes))
         .unwrap_or(cookie);
-    Ok(match whose {
-        Whose::Own => fp_sock_key::of_socket(local, remote, space),
-        Whose::Peer => fp_sock_key::of_socket(remote, local, space),
-    })
-}
-
-#[derive(Clone, Copy)]
-enum Whose {
-    Own,
-    Peer,
+    Ok(fp_sock_key::of_socket(local, remote, space))
 }

@@ -94,7 +94,6 @@ impl FastpathGuard {
                 pairs: dup(&maps.proxy_pairs, "dup of the proxy_pairs fd")?,
                 sock_state: dup(&maps.sock_state, "dup of the sock_state fd")?,
                 netns_spaces: dup(&maps.netns_spaces, "dup of the netns_spaces fd")?,
-                sock_map: dup(&maps.sock_map, "dup of the sock_map fd")?,
             }),
             _ => None,
         };
