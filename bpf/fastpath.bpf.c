@@ -502,12 +502,13 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int passi
 	struct bpf_sock *sk;
 	__u64 netns_cookie;
 	__u64 bytes_received; /* 64-bit: a multiple of 4 GiB must not read as 0 */
-	__u32 data_segs_out;
+	__u32 data_segs_out, snd_nxt;
 	int selected;
 
 	READ_ENDPOINT_FIELDS(skops, &f);
 	bytes_received = skops->bytes_received;
 	data_segs_out = skops->data_segs_out;
+	snd_nxt = skops->snd_nxt;
 	sk = skops->sk;
 	if (!sk || live.paused)
 		return;
@@ -520,6 +521,9 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int passi
 		return;
 	}
 	make_key(&f, netns_cookie, 1, &st->peer);
+	/* Nothing is queued yet (may_insert refuses sockets that moved data):
+	 * its write_seq is snd_nxt. */
+	st->expected_write_seq = snd_nxt;
 	selected = may_insert(skops, &key, st, bytes_received, data_segs_out);
 	if (passive)
 		accept_side_established(skops, &key, st, selected);
@@ -676,6 +680,27 @@ static __always_inline int settle_pair(struct fp_sock_state *st, struct fp_stats
 	return 0;
 }
 
+/* Sequence numbers of a TCP socket (CO-RE). A receiver's copied_seq counts
+ * the plain TCP bytes its application has read, in its peer's sequence
+ * space; redirected bytes move neither. */
+struct tcp_sock {
+	__u32 write_seq;
+	__u32 copied_seq;
+} __attribute__((preserve_access_index));
+
+/* Whether `send()`s that did not pass through the sk_msg program queued
+ * plain bytes on the socket since it was last known to have none the peer
+ * might not have read (a send() made while connecting picks the plain send
+ * path before the socket joins the map; with MSG_MORE, TCP may not even
+ * have sent them yet): redirected bytes would overtake them. Redirected
+ * bytes do not move write_seq. */
+static __always_inline int plain_bytes_queued(struct sk_msg_md *msg, struct fp_sock_state *st)
+{
+	struct tcp_sock *self = bpf_skc_to_tcp_sock(msg->sk);
+
+	return self && !(st->flags & FP_QUEUE_LIMITED) && self->write_seq != st->expected_write_seq;
+}
+
 /* The socket's state if its messages may be redirected, or NULL if they
  * go plain. */
 static __always_inline struct fp_sock_state *paired_state(struct sk_msg_md *msg,
@@ -690,6 +715,11 @@ static __always_inline struct fp_sock_state *paired_state(struct sk_msg_md *msg,
 		return NULL;
 	if (!(st->flags & FP_PAIRED) && !((st->flags & FP_WAITING) && settle_pair(st, s)))
 		return NULL;
+	if (plain_bytes_queued(msg, st)) {
+		st->flags |= FP_FELL_BACK;
+		s->late_plain += 1;
+		return NULL;
+	}
 	/* Counted, not changed: a paired socket cannot leave the map without
 	 * losing what is queued for it. */
 	if (!(st->flags & FP_SEEN_SEND)) {
@@ -720,14 +750,6 @@ static __always_inline struct sock *redirect_target(struct sk_msg_md *msg)
 
 	return kmsg->sk_redir;
 }
-
-/* Sequence numbers of a TCP socket (CO-RE). A receiver's copied_seq counts
- * the plain TCP bytes its application has read, in its peer's sequence
- * space; redirected bytes move neither. */
-struct tcp_sock {
-	__u32 write_seq;
-	__u32 copied_seq;
-} __attribute__((preserve_access_index));
 
 /* Sends the message plain: an egress redirect to the sending socket itself,
  * which replaces the redirect to the peer (a verdict cannot take one back)
@@ -772,6 +794,7 @@ static __always_inline enum msg_outcome bound_receive_queue(struct sk_msg_md *ms
 		peer = bpf_rdonly_cast(target, bpf_core_type_id_kernel(struct tcp_sock));
 		if (self && peer->copied_seq == self->write_seq) {
 			st->flags &= ~FP_QUEUE_LIMITED;
+			st->expected_write_seq = self->write_seq;
 			s->queue_limit_resumed += 1;
 			return MSG_REDIRECTED;
 		}

@@ -112,6 +112,12 @@ struct fp_sock_state {
 	 * straight out of an upstream socket): Forwarding::wait adds them to
 	 * what entered the TCP send queue to know what the socket has sent. */
 	__u64 bytes_redirected;
+	/* Its TCP write_seq while every byte it sent went by the shortcut or
+	 * was read by its peer (set at insertion, and when redirecting resumes
+	 * after the receive-queue bound): a different write_seq at a send means
+	 * plain bytes it queued could be overtaken. */
+	__u32 expected_write_seq;
+	__u32 pad;
 };
 
 /* Key of the CIDR LPM trie: IPv6 or IPv4-mapped IPv6. */

@@ -115,7 +115,7 @@ mod tests {
         assert_eq!(size_of::<fp_proxy_pair>(), 8 + 8);
         assert_eq!(
             size_of::<fp_sock_state>(),
-            4 + 4 + FP_COMM_LEN + size_of::<fp_sock_key>() + 8
+            4 + 4 + FP_COMM_LEN + size_of::<fp_sock_key>() + 8 + 4 + 4
         );
     }
 }

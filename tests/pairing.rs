@@ -474,3 +474,71 @@ fn peer_across_a_veth_in_another_namespace() {
         same_as_plain_and_counted(&env, &guard, plain_addr, &make, (1, 1, 1));
     }
 }
+
+/// Bytes a `send()` queued as plain TCP while the socket was still
+/// connecting (the kernel picks the send path before the socket joins the
+/// map) and that TCP has not sent yet (`MSG_MORE` holds them) must not be
+/// overtaken by the next `send()`, which takes the shortcut. The client's
+/// SYN is held back by a full accept queue, so its first `send()` waits in
+/// the connect and then queues plain bytes.
+#[test]
+fn bytes_corked_by_a_send_made_while_connecting_are_not_overtaken() {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let Some(env) = privileged_env() else { return };
+    for addr in ADDRS {
+        let guard = env.attach(|b| b);
+        let listener = socket2::Socket::new(
+            Domain::for_address(addr.parse::<SocketAddr>().unwrap()),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )
+        .unwrap();
+        listener
+            .bind(&addr.parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        listener.listen(0).unwrap();
+        let listener = TcpListener::from(listener);
+        let to = listener.local_addr().unwrap();
+        // Fills the accept queue: the next SYN is dropped, then retried.
+        let filler = connect(to);
+        thread::sleep(Duration::from_millis(50));
+        let client =
+            Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP)).unwrap();
+        client.set_nonblocking(true).unwrap();
+        match client.connect(&to.into()) {
+            Err(e) if e.raw_os_error() == Some(nix::libc::EINPROGRESS) => {}
+            other => panic!("{addr}: connect: {other:?}"),
+        }
+        client.set_nonblocking(false).unwrap();
+        let sender = thread::spawn(move || {
+            // Waits for the connection, then queues plain bytes, held.
+            client
+                .send_with_flags(b"first ", nix::libc::MSG_MORE)
+                .unwrap();
+            // The connection's last ACK waited to ride on these bytes (a
+            // writer was pending); it leaves on its own within 200 ms, and
+            // the server's socket then joins.
+            thread::sleep(Duration::from_millis(300));
+            client.send(b"second").unwrap();
+            client.shutdown(Shutdown::Write).unwrap();
+        });
+        thread::sleep(Duration::from_millis(100));
+        drop(listener.accept().unwrap());
+        drop(filler);
+        let (mut server, _) = listener.accept().unwrap();
+        sender.join().unwrap();
+        let got = read_all(&mut server);
+        let stats = guard.stats().unwrap();
+        drop(guard);
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            "first second",
+            "{addr}: {stats}"
+        );
+        // The second send went plain: as late_plain once the server had
+        // joined (reordered before the fix), or as peer_missing if it had
+        // not yet (a slow machine).
+        assert_eq!(stats.late_plain + stats.peer_missing, 1, "{addr}: {stats}");
+        assert_eq!(stats.msgs_redirected, 0, "{addr}: {stats}");
+    }
+}
