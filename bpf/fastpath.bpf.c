@@ -41,9 +41,15 @@
 
 #include "fastpath.h"
 
-/* The two task_struct fields we read, relocated against the running
- * kernel's BTF (CO-RE), so no vmlinux.h is needed. */
+/* x86: the thread's status, whose TS_COMPAT bit marks a 32-bit syscall. */
+struct thread_info {
+	__u32 status;
+} __attribute__((preserve_access_index));
+
+/* The task_struct fields we read, relocated against the running kernel's
+ * BTF (CO-RE), so no vmlinux.h is needed. */
 struct task_struct {
+	struct thread_info thread_info;
 	struct task_struct *group_leader;
 	char comm[FP_COMM_LEN];
 } __attribute__((preserve_access_index));
@@ -90,6 +96,10 @@ struct pt_regs {
 #define SYSCALL_NR(regs) ((regs)->orig_ax)
 #define NR_SENDFILE 40
 #define NR_SPLICE 275
+/* 32-bit programs (IA32 emulation) number them differently. */
+#define TS_COMPAT 0x0002
+#define IN_COMPAT_SYSCALL(task) ((task)->thread_info.status & TS_COMPAT)
+#define IS_COMPAT_SPLICE(nr) ((nr) == 187 || (nr) == 239 || (nr) == 313)
 #elif defined(__TARGET_ARCH_arm64)
 struct pt_regs {
 	int syscallno;
@@ -97,6 +107,9 @@ struct pt_regs {
 #define SYSCALL_NR(regs) ((regs)->syscallno)
 #define NR_SENDFILE 71
 #define NR_SPLICE 76
+/* 32-bit (AArch32) programs are not recognised: README "Known limits". */
+#define IN_COMPAT_SYSCALL(task) ((void)(task), 0)
+#define IS_COMPAT_SPLICE(nr) ((void)(nr), 0)
 #else
 /* Elsewhere the guard cannot tell splice(2) from read(2): the Rust side
  * refuses SpliceGuard::On (splice_guard::ARCH_SUPPORTED) and never loads
@@ -107,6 +120,8 @@ struct pt_regs {
 #define SYSCALL_NR(regs) ((void)(regs), 0UL)
 #define NR_SENDFILE (~0UL)
 #define NR_SPLICE (~0UL)
+#define IN_COMPAT_SYSCALL(task) ((void)(task), 0)
+#define IS_COMPAT_SPLICE(nr) ((void)(nr), 0)
 #endif
 
 #define MAY_READ 4
@@ -1002,6 +1017,7 @@ int fp_fwd_verdict(struct __sk_buff *skb)
 SEC("lsm/file_permission")
 int BPF_PROG(fp_splice_guard, struct file *file, int mask, int ret)
 {
+	struct task_struct *task = bpf_get_current_task_btf();
 	struct fp_sock_state *st;
 	struct pt_regs *regs;
 	struct socket *sock;
@@ -1012,9 +1028,9 @@ int BPF_PROG(fp_splice_guard, struct file *file, int mask, int ret)
 	if (ret || !(mask & MAY_READ))
 		return ret;
 	/* Only reads made by splice(2) or sendfile(2): read(2) passes here too. */
-	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	regs = (struct pt_regs *)bpf_task_pt_regs(task);
 	nr = SYSCALL_NR(regs);
-	if (nr != NR_SPLICE && nr != NR_SENDFILE)
+	if (IN_COMPAT_SYSCALL(task) ? !IS_COMPAT_SPLICE(nr) : nr != NR_SPLICE && nr != NR_SENDFILE)
 		return 0;
 	sock = bpf_sock_from_file(file);
 	if (!sock || !sock->sk)

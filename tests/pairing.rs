@@ -536,9 +536,18 @@ fn bytes_corked_by_a_send_made_while_connecting_are_not_overtaken() {
             "{addr}: {stats}"
         );
         // The second send went plain: as late_plain once the server had
-        // joined (reordered before the fix), or as peer_missing if it had
-        // not yet (a slow machine).
-        assert_eq!(stats.late_plain + stats.peer_missing, 1, "{addr}: {stats}");
+        // joined (what reordered before the fix, seen on this host), or,
+        // when the timing differs, because the pair was never formed
+        // (peer_missing, or the client taken out: unpaired_removed).
         assert_eq!(stats.msgs_redirected, 0, "{addr}: {stats}");
+        assert_eq!(
+            stats.late_plain + stats.peer_missing + stats.unpaired_removed,
+            1,
+            "{addr}: {stats}"
+        );
+        eprintln!(
+            "{addr}: late_plain {}, peer_missing {}, unpaired_removed {}",
+            stats.late_plain, stats.peer_missing, stats.unpaired_removed
+        );
     }
 }
