@@ -106,7 +106,7 @@ impl AcceleratorBuilder {
 
     /// Default [`receive_queue_limit`](Self::receive_queue_limit): 4 MiB,
     /// about what plain TCP on loopback let a sender queue into a receiver
-    /// that does not read (3.8 MiB measured, `tests/behaviour.rs`).
+    /// that does not read (3.8 MiB measured, `tests/backpressure.rs`).
     pub const DEFAULT_RECEIVE_QUEUE_LIMIT: u32 = 4 << 20;
 
     /// The cgroup whose sockets are in scope (required). Sockets belong to
@@ -189,12 +189,16 @@ impl AcceleratorBuilder {
     /// [`DEFAULT_RECEIVE_QUEUE_LIMIT`](Self::DEFAULT_RECEIVE_QUEUE_LIMIT)).
     /// Redirected bytes bypass TCP's flow control: without a bound, a
     /// receiver that stops reading lets a sender queue until the kernel's
-    /// global TCP memory runs out. Past the limit the sender finishes the
-    /// message under way on the shortcut, then sends plain TCP for the rest
-    /// of the connection (behind the redirected bytes, which its peer reads
-    /// first), so it blocks, or gets EAGAIN, as on plain TCP;
+    /// global TCP memory runs out. Past the limit (or while the kernel's
+    /// TCP memory is above `tcp_mem[1]`, read at attach) the sender's
+    /// messages go plain TCP, behind the redirected bytes, which its peer
+    /// reads first, so it blocks, or gets EAGAIN, as on plain TCP; it
+    /// returns to the shortcut once the peer holds at most half the limit
+    /// and has read every plain byte.
     /// [`Stats::queue_limit_fallbacks`](crate::Stats::queue_limit_fallbacks)
-    /// counts it. `u32::MAX` means no bound.
+    /// and `queue_limit_resumed` count the switches. `u32::MAX` means no
+    /// bound. Ingress mode only: in [`RedirectMode::Both`] the limit does
+    /// not act (a proxy forwards plain bytes at once, ahead of queued ones).
     ///
     /// `attach()` refuses 0 with [`Error::ZeroReceiveQueueLimit`].
     ///
