@@ -158,7 +158,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32); /* port, host byte order */
 	__type(value, __u8);
-	__uint(max_entries, 1024);
+	__uint(max_entries, FP_MAX_PORTS);
 } policy_ports SEC(".maps");
 
 struct {
@@ -166,14 +166,14 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct fp_cidr_key);
 	__type(value, __u8);
-	__uint(max_entries, 1024);
+	__uint(max_entries, FP_MAX_CIDRS);
 } policy_cidrs SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, char[FP_COMM_LEN]);
 	__type(value, __u8);
-	__uint(max_entries, 256);
+	__uint(max_entries, FP_MAX_COMMS);
 } policy_comms SEC(".maps");
 
 /* Namespace groups (src/netns.rs): netns cookie -> the id of the address
@@ -183,7 +183,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u64);
 	__type(value, __u64);
-	__uint(max_entries, 256); /* MAX_GROUPED_NAMESPACES in src/netns.rs */
+	__uint(max_entries, FP_MAX_GROUPED_NAMESPACES);
 } netns_spaces SEC(".maps");
 
 /* Egress mode: a proxy's forwarded sockets, by socket cookie. */
@@ -223,7 +223,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, __u32);
 	__type(value, __u64);
-	__uint(max_entries, 4096);
+	__uint(max_entries, FP_MAX_SPLICE_EXCLUDED);
 } splice_excluded SEC(".maps");
 
 static __always_inline struct fp_stats *this_cpu_stats(void)

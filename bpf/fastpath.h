@@ -13,6 +13,15 @@
 
 #define FP_COMM_LEN 16
 
+/* Fixed map sizes, the one definition of each limit: the Rust side
+ * refuses larger inputs before load with these numbers (src/abi.rs, whose
+ * test checks them against this header and the compiled object). */
+#define FP_MAX_PORTS 1024
+#define FP_MAX_CIDRS 1024
+#define FP_MAX_COMMS 256
+#define FP_MAX_GROUPED_NAMESPACES 256
+#define FP_MAX_SPLICE_EXCLUDED 4096
+
 /* One TCP endpoint, seen from the socket that owns it. IPv4 addresses are
  * stored as IPv4-mapped IPv6 (::ffff:a.b.c.d) so that an IPv4 client of a
  * dual-stack listener finds its peer. The netns cookie keeps identical

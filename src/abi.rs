@@ -2,8 +2,9 @@
 //!
 //! `bpf/fastpath.h` is the single definition: the structs below are the
 //! ones libbpf-cargo generates from the compiled object's BTF, so their
-//! layout cannot drift. The flag constants are not in BTF; the test at the
-//! bottom checks them against the header text.
+//! layout cannot drift. The flag constants and map limits are not in BTF;
+//! the tests at the bottom check them against the header text and the
+//! limits also against the compiled object's maps.
 
 pub(crate) use crate::skel::types::{
     fp_cidr_key, fp_fwd_dir, fp_live, fp_proxy_pair, fp_sock_key, fp_sock_state, fp_stats,
@@ -15,6 +16,14 @@ pub(crate) const FP_COMM_LEN: usize = 16;
 pub(crate) const FP_MATCH_PORTS: u32 = 1;
 pub(crate) const FP_MATCH_CIDRS: u32 = 2;
 pub(crate) const FP_MATCH_COMMS: u32 = 4;
+
+/// Fixed map sizes (`FP_MAX_*` in the header): inputs larger than these are
+/// refused before anything is loaded.
+pub(crate) const FP_MAX_PORTS: usize = 1024;
+pub(crate) const FP_MAX_CIDRS: usize = 1024;
+pub(crate) const FP_MAX_COMMS: usize = 256;
+pub(crate) const FP_MAX_GROUPED_NAMESPACES: usize = 256;
+pub(crate) const FP_MAX_SPLICE_EXCLUDED: usize = 4096;
 
 /// Types that are plain bytes: `#[repr(C)]`, integers and integer arrays
 /// only, no padding.
@@ -105,6 +114,46 @@ mod tests {
         assert_eq!(header_value("FP_MATCH_PORTS"), FP_MATCH_PORTS);
         assert_eq!(header_value("FP_MATCH_CIDRS"), FP_MATCH_CIDRS);
         assert_eq!(header_value("FP_MATCH_COMMS"), FP_MATCH_COMMS);
+    }
+
+    #[test]
+    fn map_limits_match_header_and_object() {
+        use libbpf_rs::skel::SkelBuilder;
+        let mut storage = std::mem::MaybeUninit::uninit();
+        let open = crate::skel::FastpathSkelBuilder::default()
+            .open(&mut storage)
+            .expect("opening the compiled object needs no privilege");
+        let maps = &open.maps;
+        for (name, rust, object) in [
+            (
+                "FP_MAX_PORTS",
+                FP_MAX_PORTS,
+                maps.policy_ports.max_entries(),
+            ),
+            (
+                "FP_MAX_CIDRS",
+                FP_MAX_CIDRS,
+                maps.policy_cidrs.max_entries(),
+            ),
+            (
+                "FP_MAX_COMMS",
+                FP_MAX_COMMS,
+                maps.policy_comms.max_entries(),
+            ),
+            (
+                "FP_MAX_GROUPED_NAMESPACES",
+                FP_MAX_GROUPED_NAMESPACES,
+                maps.netns_spaces.max_entries(),
+            ),
+            (
+                "FP_MAX_SPLICE_EXCLUDED",
+                FP_MAX_SPLICE_EXCLUDED,
+                maps.splice_excluded.max_entries(),
+            ),
+        ] {
+            assert_eq!(header_value(name) as usize, rust, "{name} in the header");
+            assert_eq!(object as usize, rust, "{name} in the compiled object");
+        }
     }
 
     #[test]

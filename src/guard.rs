@@ -137,7 +137,8 @@ impl FastpathGuard {
     }
 
     /// Process ids the splice guard caught splicing from an accelerated
-    /// socket; their connections made since stay on plain TCP.
+    /// socket; their connections made since stay on plain TCP. At most
+    /// [`SpliceGuard::MAX_EXCLUDED_PROCESSES`](crate::SpliceGuard::MAX_EXCLUDED_PROCESSES).
     pub fn splice_excluded_processes(&self) -> Vec<u32> {
         splice_guard::excluded_processes(&self.programs.skel().maps.splice_excluded)
     }

@@ -22,9 +22,8 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::sys;
 
-/// Most namespaces in all groups together (the `netns_spaces` map's size
-/// in bpf/fastpath.bpf.c).
-pub(crate) const MAX_GROUPED_NAMESPACES: usize = 256;
+// Most namespaces in all groups together (the `netns_spaces` map's size).
+use crate::abi::FP_MAX_GROUPED_NAMESPACES as MAX_GROUPED_NAMESPACES;
 
 /// The namespaces of each group, as given to the builder.
 pub(crate) type Groups = Vec<Vec<PathBuf>>;

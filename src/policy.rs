@@ -18,13 +18,11 @@ use std::str::FromStr;
 
 use libbpf_rs::{MapCore, MapFlags};
 
-use crate::abi::{fp_cidr_key, Plain, FP_COMM_LEN};
+use crate::abi::{
+    fp_cidr_key, Plain, FP_COMM_LEN, FP_MAX_CIDRS as MAX_CIDRS, FP_MAX_COMMS as MAX_COMMS,
+    FP_MAX_PORTS as MAX_PORTS,
+};
 use crate::error::{Error, Result};
-
-/// Limits of the policy maps in bpf/fastpath.bpf.c.
-const MAX_PORTS: usize = 1024;
-const MAX_CIDRS: usize = 1024;
-const MAX_COMMS: usize = 256;
 
 /// An IPv4 or IPv6 prefix such as `10.0.0.0/8` or `fd00::/8`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -31,6 +31,11 @@ pub enum SpliceGuard {
 }
 
 impl SpliceGuard {
+    /// How many caught processes the guard remembers (an LRU map): past
+    /// that it forgets the one least recently caught or checked, whose later
+    /// connections may then be accelerated and caught again.
+    pub const MAX_EXCLUDED_PROCESSES: usize = crate::abi::FP_MAX_SPLICE_EXCLUDED;
+
     pub(crate) fn enabled(self) -> bool {
         self == SpliceGuard::On
     }
