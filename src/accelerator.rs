@@ -1,59 +1,18 @@
 //! The builder: what to accelerate, and `attach()`.
 
-use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 
-use crate::attachment::{Attachment, SockmapHook};
+use crate::attachment::Links;
 use crate::blocking::BlockingSockets;
 use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
 use crate::guard::FastpathGuard;
+use crate::kernel_support::require_capabilities;
+use crate::mode::RedirectMode;
 use crate::netns;
 use crate::policy::{Cidr, Policy};
 use crate::programs::{LoadConfig, Programs};
-use crate::splice_guard::{self, SpliceGuard};
-use crate::sys::{self, Capability};
-
-/// Where redirected bytes go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum RedirectMode {
-    /// Bytes a socket sends go straight into the receive queue of its local
-    /// peer socket (the other end of the same loopback connection), skipping
-    /// the TCP/IP stack. For any two local processes talking TCP. Selects
-    /// sockets in the builder's cgroup by its policy.
-    #[default]
-    Ingress,
-    /// For proxies: bytes arriving on one of a pair of the proxy's own
-    /// sockets leave through the other's send path (the peer may be on
-    /// another host). Nothing is selected automatically: the proxy hands
-    /// each pair over with [`FastpathGuard::forward`]; no cgroup is needed
-    /// and the policy knobs and splice guard do not apply.
-    Egress,
-    /// Both at once, for a proxy that runs in the cgroup beside its
-    /// applications (a sidecar): local pairs are accelerated as in
-    /// [`Ingress`](Self::Ingress), and pairs handed to
-    /// [`FastpathGuard::forward`] are forwarded as in
-    /// [`Egress`](Self::Egress). When the downstream socket of a forwarded
-    /// pair is itself accelerated (its client is a local application), the
-    /// application's bytes skip the proxy's downstream socket and leave
-    /// straight through the upstream socket whenever nothing waits on the
-    /// downstream socket and the upstream socket has room; the rest is
-    /// copied by [`Forwarding::wait`](crate::Forwarding::wait), in order.
-    /// The upstream's bytes go straight into the application's queue.
-    /// Needs a cgroup.
-    ///
-    /// # Minimum kernel version
-    /// 6.2: the `bpf_cast_to_kern_ctx` and `bpf_rdonly_cast` kfuncs and
-    /// kernel BTF, for the program reads the socket-map internals that tell
-    /// whether bytes still wait on the downstream socket (tested on 6.12
-    /// and 6.18; 6.1 refuses it with [`Error::KernelFeature`]). It reads
-    /// the queue's list, present since sockmap began, not the byte count
-    /// (`msg_tot_len`) only kernels with the 2026 sockmap FIONREAD change
-    /// have; no kernel between 6.2 and 6.11 has been run.
-    Both,
-}
+use crate::splice_guard::SpliceGuard;
 
 /// Entry point: `Accelerator::builder()`.
 #[derive(Debug)]
@@ -241,11 +200,7 @@ impl AcceleratorBuilder {
         }
         let cgroup = self.cgroup.clone().ok_or(Error::NoCgroup)?;
         self.policy.validate()?;
-        if self.capacity == 0 {
-            return Err(Error::ZeroCapacity {
-                default: Self::DEFAULT_CAPACITY,
-            });
-        }
+        self.validate_capacity()?;
         if self.receive_queue_limit == 0 {
             return Err(Error::ZeroReceiveQueueLimit {
                 default: Self::DEFAULT_RECEIVE_QUEUE_LIMIT,
@@ -262,156 +217,26 @@ impl AcceleratorBuilder {
         })?;
         programs.set_policy(&self.policy)?;
         programs.set_netns_spaces(&spaces)?;
-
-        let skel = programs.skel();
-        let guard_link = match self.splice_guard {
-            SpliceGuard::On => Some(splice_guard::attach(&skel.progs.fp_splice_guard)?),
-            SpliceGuard::Off => None,
-        };
-        let mut links = Vec::new();
-        if self.mode == RedirectMode::Both {
-            links.push(attach_verdict(&programs)?);
-        }
-        let (msg_prog, msg_call) = match self.mode {
-            RedirectMode::Both => (
-                &skel.progs.fp_sk_msg_both,
-                "detaching fp_sk_msg_both from sock_map",
-            ),
-            _ => (&skel.progs.fp_sk_msg, "detaching fp_sk_msg from sock_map"),
-        };
-        links.push(
-            Attachment::to_sockmap(
-                msg_prog,
-                skel.maps.sock_map.as_fd(),
-                SockmapHook::MsgVerdict,
-                msg_call,
-            )
-            .map_err(|source| classify_attach_error(AttachStep::SockmapLink, source))?,
-        );
-        let cgroup_dir =
-            File::open(cgroup.as_path()).map_err(|err| Error::io("open", cgroup.as_path(), err))?;
-        let ops_link = skel
-            .progs
-            .fp_sock_ops
-            .attach_cgroup(cgroup_dir.as_raw_fd())
-            .map_err(|err| {
-                classify_attach_error(AttachStep::CgroupLink, crate::error::libbpf_to_io(&err))
-            })?;
-        // Detached first: nothing new is selected while the rest goes.
-        links.insert(
-            0,
-            Attachment::link(
-                ops_link,
-                "bpf(BPF_LINK_DETACH) of fp_sock_ops from the cgroup",
-            ),
-        );
-        FastpathGuard::new(programs, links, guard_link, Some(cgroup), self.mode)
+        let links = Links::attach(&programs, self.mode, Some(&cgroup), self.splice_guard)?;
+        FastpathGuard::new(programs, links, Some(cgroup), self.mode)
     }
 
-    /// Egress mode: only the stream verdict program, linked to fwd_map.
+    /// Egress mode: only the stream verdict program, linked to fwd_map; no
+    /// cgroup, policy or splice guard.
     fn attach_egress(self) -> Result<FastpathGuard> {
+        self.validate_capacity()?;
+        require_capabilities("attaching an sk_skb program")?;
+        let programs = Programs::load(LoadConfig::new(self.mode, self.capacity, false))?;
+        let links = Links::attach(&programs, self.mode, None, SpliceGuard::Off)?;
+        FastpathGuard::new(programs, links, None, self.mode)
+    }
+
+    fn validate_capacity(&self) -> Result<()> {
         if self.capacity == 0 {
             return Err(Error::ZeroCapacity {
                 default: Self::DEFAULT_CAPACITY,
             });
         }
-        require_capabilities("attaching an sk_skb program")?;
-        let programs = Programs::load(LoadConfig::new(self.mode, self.capacity, false))?;
-        let links = vec![attach_verdict(&programs)?];
-        FastpathGuard::new(programs, links, None, self.cgroup, self.mode)
-    }
-}
-
-/// Attaches the forwarding verdict program to fwd_map.
-fn attach_verdict(programs: &Programs) -> Result<Attachment> {
-    let skel = programs.skel();
-    Attachment::to_sockmap(
-        &skel.progs.fp_fwd_verdict,
-        skel.maps.fwd_map.as_fd(),
-        SockmapHook::SkbVerdict,
-        "detaching fp_fwd_verdict from fwd_map",
-    )
-    .map_err(|source| classify_attach_error(AttachStep::SockmapLink, source))
-}
-
-/// Fails early, with a clear message, when capabilities are missing.
-pub(crate) fn require_capabilities(operation: &'static str) -> Result<()> {
-    let caps =
-        sys::effective_capabilities().map_err(|err| Error::io("read", "/proc/self/status", err))?;
-    let has =
-        |cap| sys::has_capability(caps, cap) || sys::has_capability(caps, Capability::SysAdmin);
-    if !has(Capability::Bpf) && !has(Capability::NetAdmin) {
-        return Err(Error::MissingCapability {
-            operation,
-            capability: "CAP_BPF and CAP_NET_ADMIN",
-        });
-    }
-    if !has(Capability::Bpf) {
-        return Err(Error::MissingCapability {
-            operation,
-            capability: "CAP_BPF",
-        });
-    }
-    if !has(Capability::NetAdmin) {
-        return Err(Error::MissingCapability {
-            operation,
-            capability: "CAP_NET_ADMIN",
-        });
-    }
-    Ok(())
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum AttachStep {
-    SockmapLink,
-    CgroupLink,
-}
-
-/// Names the missing kernel feature when an attach fails because the
-/// kernel does not know the attach type, otherwise reports the call.
-pub(crate) fn classify_attach_error(step: AttachStep, source: std::io::Error) -> Error {
-    match (step, sys::is_unsupported(&source)) {
-        (AttachStep::SockmapLink, true) => Error::KernelFeature {
-            feature: "sk_msg/sk_skb programs on socket maps (neither a BPF link nor \
-                      BPF_PROG_ATTACH was accepted)",
-            min_kernel: "4.17",
-            source,
-        },
-        (AttachStep::CgroupLink, true) => Error::KernelFeature {
-            feature: "cgroup BPF links for sock_ops programs",
-            min_kernel: "5.7",
-            source,
-        },
-        (AttachStep::SockmapLink, false) => Error::Bpf {
-            call: "attaching a program to a socket map (BPF_LINK_CREATE, then BPF_PROG_ATTACH)",
-            source,
-        },
-        (AttachStep::CgroupLink, false) => Error::Bpf {
-            call: "bpf(BPF_LINK_CREATE) attaching fp_sock_ops to the cgroup",
-            source,
-        },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unknown_attach_types_name_the_feature_and_kernel() {
-        let err = classify_attach_error(
-            AttachStep::SockmapLink,
-            std::io::Error::from_raw_os_error(nix::libc::EINVAL),
-        );
-        let text = err.to_string();
-        assert!(
-            text.contains("BPF_PROG_ATTACH") && text.contains("4.17"),
-            "{text}"
-        );
-        let err = classify_attach_error(
-            AttachStep::CgroupLink,
-            std::io::Error::from_raw_os_error(nix::libc::EBADF),
-        );
-        assert!(matches!(err, Error::Bpf { .. }), "{err}");
+        Ok(())
     }
 }

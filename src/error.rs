@@ -176,7 +176,7 @@ impl Error {
     /// else): the one failure a program known not to splice may answer by
     /// attaching again with `.splice_guard(SpliceGuard::Off)`.
     pub fn is_splice_guard_refused(&self) -> bool {
-        matches!(self, Error::KernelFeature { feature, .. } if *feature == crate::splice_guard::FEATURE)
+        matches!(self, Error::KernelFeature { feature, .. } if *feature == crate::kernel_support::SPLICE_GUARD_FEATURE)
     }
 
     /// The kind of failure, for matching.
@@ -331,7 +331,7 @@ mod tests {
                 source: errno(),
             },
             Error::io("open", "/sys/fs/cgroup/x", errno()),
-            crate::splice_guard::unsupported(errno()),
+            crate::kernel_support::splice_guard_unsupported(errno()),
         ] {
             assert!(!err.to_string().contains(&cause), "{err}");
             assert!(std::error::Error::source(&err).is_some(), "{err:?}");
@@ -377,7 +377,7 @@ mod tests {
     /// refusal is the splice guard's (callers may retry without it).
     #[test]
     fn the_guard_refused_for_the_architecture_says_so() {
-        let err = crate::splice_guard::arch_unsupported();
+        let err = crate::kernel_support::splice_guard_arch_unsupported();
         assert!(err.is_splice_guard_refused(), "{err}");
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         assert!(err.with_causes().contains("x86_64 and arm64"), "{err}");

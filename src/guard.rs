@@ -2,13 +2,11 @@
 
 use std::os::fd::AsFd;
 
-use libbpf_rs::{Link, MapHandle};
-
-use crate::accelerator::RedirectMode;
-use crate::attachment::{Attachment, SockmapAttachKind};
+use crate::attachment::Links;
 use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
-use crate::forward::{DirectMaps, Forwarding};
+use crate::forward::Forwarding;
+use crate::mode::RedirectMode;
 use crate::policy::{validate_cidrs, validate_comms, validate_ports, Cidr};
 use crate::programs::Programs;
 use crate::splice_guard;
@@ -27,8 +25,7 @@ use crate::stats::{Stats, StatsReader};
 #[must_use = "dropping the guard detaches the accelerator at once"]
 pub struct FastpathGuard {
     // Field order is drop order: links before the programs they reference.
-    links: Option<Vec<Attachment>>,
-    splice_guard: Option<Link>,
+    links: Links,
     stats: StatsReader,
     programs: Programs,
     cgroup: Option<Cgroup>,
@@ -40,7 +37,7 @@ impl std::fmt::Debug for FastpathGuard {
         f.debug_struct("FastpathGuard")
             .field("cgroup", &self.cgroup)
             .field("mode", &self.mode)
-            .field("attached", &self.links.is_some())
+            .field("attached", &self.links.is_attached())
             .finish()
     }
 }
@@ -48,14 +45,12 @@ impl std::fmt::Debug for FastpathGuard {
 impl FastpathGuard {
     pub(crate) fn new(
         programs: Programs,
-        links: Vec<Attachment>,
-        splice_guard: Option<Link>,
+        links: Links,
         cgroup: Option<Cgroup>,
         mode: RedirectMode,
     ) -> Result<Self> {
         Ok(FastpathGuard {
-            links: Some(links),
-            splice_guard,
+            links,
             stats: programs.stats_reader()?,
             programs,
             cgroup,
@@ -84,20 +79,10 @@ impl FastpathGuard {
         if self.mode == RedirectMode::Ingress {
             return Err(Error::NotEgressMode);
         }
-        let maps = &self.programs.skel().maps;
-        let dup = |map: &libbpf_rs::Map<'_>, call| {
-            MapHandle::try_from(map).map_err(|e| Error::bpf(call, e))
-        };
-        let dirs = dup(&maps.fwd_dirs, "dup of the fwd_dirs fd")?;
-        let direct = match self.mode {
-            RedirectMode::Both => Some(DirectMaps {
-                pairs: dup(&maps.proxy_pairs, "dup of the proxy_pairs fd")?,
-                sock_state: dup(&maps.sock_state, "dup of the sock_state fd")?,
-                netns_spaces: dup(&maps.netns_spaces, "dup of the netns_spaces fd")?,
-            }),
-            _ => None,
-        };
-        Forwarding::start(&maps.fwd_map, dirs, direct, downstream, upstream)
+        let maps = self
+            .programs
+            .forward_maps(self.mode == RedirectMode::Both)?;
+        Forwarding::start(maps, downstream, upstream)
     }
 
     /// The redirect mode.
@@ -124,10 +109,7 @@ impl FastpathGuard {
     /// Whether the programs on socket maps are attached with BPF links
     /// (Linux 6.10), rather than the older way.
     pub(crate) fn uses_sockmap_links(&self) -> bool {
-        self.links
-            .iter()
-            .flatten()
-            .all(|a| a.kind() != Some(SockmapAttachKind::MapProgram))
+        self.links.use_sockmap_links()
     }
 
     /// How many sockets are in the socket map now (two per accelerated
@@ -192,24 +174,7 @@ impl FastpathGuard {
 
     fn detach_links(&mut self) -> Result<()> {
         self.programs.pause();
-        let Some(mut links) = self.links.take() else {
-            return Ok(());
-        };
-        let mut first_error = None;
-        for link in &mut links {
-            if let Err(err) = link.detach() {
-                first_error.get_or_insert(err);
-            }
-        }
-        if let Some(link) = self.splice_guard.take() {
-            match MapHandle::try_from(&self.programs.skel().maps.sock_map) {
-                Ok(sock_map) => splice_guard::linger(link, sock_map),
-                Err(err) => {
-                    first_error.get_or_insert(Error::bpf("dup of the sock_map fd", err));
-                }
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        self.links.detach(&self.programs)
     }
 }
 

@@ -55,7 +55,9 @@ mod cgroup;
 mod error;
 pub mod forward;
 mod guard;
+mod kernel_support;
 mod logging;
+mod mode;
 pub mod netns;
 pub mod policy;
 mod probe;
@@ -77,12 +79,13 @@ mod skel {
     include!(concat!(env!("OUT_DIR"), "/fastpath.skel.rs"));
 }
 
-pub use accelerator::{Accelerator, AcceleratorBuilder, RedirectMode};
+pub use accelerator::{Accelerator, AcceleratorBuilder};
 pub use blocking::BlockingSockets;
 pub use cgroup::{cgroup2_mount, Cgroup, ChildCgroup};
 pub use error::{Error, ErrorKind, Result};
 pub use forward::{ForwardEnd, ForwardStats, Forwarding};
 pub use guard::FastpathGuard;
+pub use mode::RedirectMode;
 pub use policy::Cidr;
 pub use probe::{probe, Finding, ProbeReport};
 pub use splice_guard::SpliceGuard;

@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
 
-use crate::accelerator::{require_capabilities, Accelerator, RedirectMode};
+use crate::accelerator::Accelerator;
 use crate::cgroup::{cgroup2_mount, Cgroup};
 use crate::error::{Error, Result};
+use crate::kernel_support::require_capabilities;
+use crate::mode::RedirectMode;
 use crate::programs::{LoadConfig, Programs};
 use crate::splice_guard::{self, SpliceGuard};
 

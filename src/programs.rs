@@ -4,12 +4,17 @@ use std::mem::{ManuallyDrop, MaybeUninit};
 use std::ptr::NonNull;
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{MapCore, MapFlags, OpenObject};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject};
 
 use crate::abi::{fp_live, FP_MATCH_CIDRS, FP_MATCH_COMMS, FP_MATCH_PORTS};
-use crate::accelerator::RedirectMode;
 use crate::error::{Error, Result};
+use crate::forward::{DirectMaps, ForwardMaps};
+use crate::kernel_support::{
+    both_mode_unsupported, owners_unsupported, splice_guard_arch_unsupported,
+    splice_guard_unsupported, SPLICE_GUARD_ARCH_SUPPORTED,
+};
 use crate::logging::{expecting_failures, route_libbpf_output};
+use crate::mode::RedirectMode;
 use crate::policy::{cidr_keys, comm_keys, port_keys, sync_set, Cidr, Policy};
 use crate::skel::{FastpathSkel, FastpathSkelBuilder};
 use crate::stats::StatsReader;
@@ -81,8 +86,8 @@ unsafe impl Sync for Programs {}
 impl Programs {
     /// Opens, configures and loads the programs into the kernel.
     pub fn load(config: LoadConfig) -> Result<Self> {
-        if config.splice_guard && !crate::splice_guard::ARCH_SUPPORTED {
-            return Err(crate::splice_guard::arch_unsupported());
+        if config.splice_guard && !SPLICE_GUARD_ARCH_SUPPORTED {
+            return Err(splice_guard_arch_unsupported());
         }
         // The reloads below only classify a failure: quiet.
         let loads_without = |change: fn(&mut LoadConfig)| {
@@ -128,7 +133,7 @@ impl Programs {
             Err(Error::Bpf { source, .. })
                 if config.splice_guard && loads_without(|c| c.splice_guard = false) =>
             {
-                Err(crate::splice_guard::unsupported(source))
+                Err(splice_guard_unsupported(source))
             }
             // Ingress mode loads but both mode does not: the kfuncs or the
             // kernel internals fp_sk_msg_both reads are missing.
@@ -237,6 +242,32 @@ impl Programs {
             .live
     }
 
+    /// Handles to the maps a forwarded pair lives in (with `direct`, both
+    /// mode's too); the kernel keeps each map while a handle is open, so a
+    /// `Forwarding` may outlive the guard.
+    ///
+    /// # Errors
+    /// [`Error::Bpf`] if a map fd cannot be duplicated.
+    pub fn forward_maps(&self, direct: bool) -> Result<ForwardMaps> {
+        let maps = &self.skel.maps;
+        let dup = |map: &libbpf_rs::Map<'_>, call| {
+            MapHandle::try_from(map).map_err(|e| Error::bpf(call, e))
+        };
+        Ok(ForwardMaps {
+            fwd_map: dup(&maps.fwd_map, "dup of the fwd_map fd")?,
+            dirs: dup(&maps.fwd_dirs, "dup of the fwd_dirs fd")?,
+            direct: if direct {
+                Some(DirectMaps {
+                    pairs: dup(&maps.proxy_pairs, "dup of the proxy_pairs fd")?,
+                    sock_state: dup(&maps.sock_state, "dup of the sock_state fd")?,
+                    netns_spaces: dup(&maps.netns_spaces, "dup of the netns_spaces fd")?,
+                })
+            } else {
+                None
+            },
+        })
+    }
+
     pub fn stats_reader(&self) -> Result<StatsReader> {
         StatsReader::new(&self.skel.maps.stats)
     }
@@ -337,34 +368,11 @@ impl Programs {
     }
 }
 
-/// The error for a kernel that cannot run `RedirectMode::Both`.
-fn both_mode_unsupported(source: std::io::Error) -> Error {
-    Error::KernelFeature {
-        feature: "what RedirectMode::Both's program needs (the bpf_cast_to_kern_ctx and \
-                  bpf_rdonly_cast kfuncs, kernel BTF with struct sk_msg and struct sk_psock); \
-                  use RedirectMode::Egress, or Ingress plus a copying proxy",
-        min_kernel: "6.2",
-        source,
-    }
-}
-
 /// Stores to memory the kernel reads concurrently (the mmapped .bss): a
 /// volatile write keeps the compiler from eliding or reordering it.
 fn store_shared(slot: &mut u32, value: u32) {
     // SAFETY: `slot` is a valid, aligned, exclusive reference.
     unsafe { std::ptr::write_volatile(slot, value) };
-}
-
-/// The error for a comm policy on a kernel whose sock_ops programs cannot
-/// see the socket's owner process.
-fn owners_unsupported(source: std::io::Error) -> Error {
-    Error::KernelFeature {
-        feature: "the socket owner's process in sock_ops programs (bpf_get_current_pid_tgid \
-                  and bpf_get_current_task_btf there), which comm policies match; select by \
-                  ports or CIDRs instead",
-        min_kernel: "6.10",
-        source,
-    }
 }
 
 impl Drop for Programs {
@@ -374,17 +382,6 @@ impl Drop for Programs {
         unsafe {
             ManuallyDrop::drop(&mut self.skel);
             drop(Box::from_raw(self.object.as_ptr()));
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn both_mode_refusal_names_the_feature_and_the_alternatives() {
-        let text = super::both_mode_unsupported(std::io::Error::from_raw_os_error(22)).to_string();
-        for needle in ["bpf_rdonly_cast", "RedirectMode::Egress", "6.2"] {
-            assert!(text.contains(needle), "{needle}: {text}");
         }
     }
 }

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use libbpf_rs::{Link, MapCore, MapHandle, ProgramMut};
 
-use crate::error::{libbpf_to_io, Error, Result};
+use crate::error::{libbpf_to_io, Result};
+use crate::kernel_support::splice_guard_unsupported;
 
 /// Whether to install the splice guard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -41,36 +42,10 @@ impl SpliceGuard {
     }
 }
 
-/// Whether the guard knows this architecture's splice(2) and sendfile(2)
-/// syscall numbers (bpf/fastpath.bpf.c); elsewhere it is refused.
-pub(crate) const ARCH_SUPPORTED: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
-
-/// The refusal on other architectures, before anything is loaded.
-pub(crate) fn arch_unsupported() -> Error {
-    unsupported(std::io::Error::new(
-        std::io::ErrorKind::Unsupported,
-        "the splice guard knows the splice and sendfile syscall numbers of x86_64 and arm64 only",
-    ))
-}
-
-/// [`Error::KernelFeature`]'s `feature` when the kernel refuses the guard.
-pub(crate) const FEATURE: &str = "BPF LSM programs for the splice guard (CONFIG_BPF_LSM, `bpf` \
-     among the active LSMs, BTF, and no lockdown refusing them); opt out with \
-     `.splice_guard(SpliceGuard::Off)` only if no selected program uses splice(2)";
-
-/// The error for a kernel that refuses to load or attach the guard.
-pub(crate) fn unsupported(source: std::io::Error) -> Error {
-    Error::KernelFeature {
-        feature: FEATURE,
-        min_kernel: "5.7",
-        source,
-    }
-}
-
 /// Attaches `fp_splice_guard` to the `file_permission` LSM hook.
 pub(crate) fn attach(prog: &ProgramMut<'_>) -> Result<Link> {
     prog.attach_lsm()
-        .map_err(|err| unsupported(libbpf_to_io(&err)))
+        .map_err(|err| splice_guard_unsupported(libbpf_to_io(&err)))
 }
 
 /// Process ids caught splicing from an accelerated socket.

@@ -1,0 +1,175 @@
+//! The hand-over: a pair enters the forwarding maps (both directions,
+//! then both sockets, then, in both mode, the pair) and leaves them again.
+
+use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+
+use super::{io_err, Forwarding, Side, DOWN, UP};
+use crate::abi::{fp_fwd_dir, fp_proxy_pair, fp_sock_key, Plain};
+use crate::error::{Error, Result};
+use crate::sys;
+
+/// The maps a forwarded pair lives in, duplicated from the loaded object
+/// (`Programs::forward_maps`).
+pub(crate) struct ForwardMaps {
+    /// `fwd_map`: the socket map the forwarding verdict program runs on.
+    pub fwd_map: MapHandle,
+    /// `fwd_dirs`: each socket's peer and the bytes forwarded from it.
+    pub dirs: MapHandle,
+    /// Both mode only.
+    pub direct: Option<DirectMaps>,
+}
+
+/// Both mode: the maps where the BPF side keeps what `Forwarding` needs.
+pub(crate) struct DirectMaps {
+    /// `proxy_pairs`: forwarded pairs by the downstream socket's key.
+    pub pairs: MapHandle,
+    /// `sock_state`: per-socket counts of bytes sent around TCP.
+    pub sock_state: MapHandle,
+    /// `netns_spaces`: what keys use in place of a namespace's cookie.
+    pub netns_spaces: MapHandle,
+}
+
+/// Both mode: this pair's entry in `proxy_pairs`.
+pub(super) struct Direct {
+    pub maps: DirectMaps,
+    /// The downstream socket's key.
+    pub key: fp_sock_key,
+}
+
+impl Forwarding {
+    /// Puts the pair into the forwarding map; called by the guard.
+    pub(crate) fn start(maps: ForwardMaps, down: &impl AsFd, up: &impl AsFd) -> Result<Self> {
+        let side = |socket: BorrowedFd<'_>, what: &'static str| -> Result<Side> {
+            let stream = TcpStream::from(socket.try_clone_to_owned().map_err(io_err("dup", what))?);
+            let cookie = socket2::SockRef::from(&stream)
+                .cookie()
+                .map_err(io_err("getsockopt(SO_COOKIE)", what))?;
+            Ok(Side {
+                stream,
+                cookie,
+                sent_before: 0,
+                fin_passed: false,
+                copied: 0,
+            })
+        };
+        let (down, up) = (
+            side(down.as_fd(), "downstream socket")?,
+            side(up.as_fd(), "upstream socket")?,
+        );
+        let ForwardMaps {
+            fwd_map,
+            dirs,
+            direct,
+        } = maps;
+        let direct = match direct {
+            Some(maps) => Some(Direct {
+                key: socket_key(&down.stream, &maps.netns_spaces)?,
+                maps,
+            }),
+            None => None,
+        };
+        let mut forwarding = Forwarding {
+            sides: [down, up],
+            dirs,
+            direct,
+        };
+        for i in [DOWN, UP] {
+            forwarding.sides[i].sent_before = forwarding.sent(i)?;
+        }
+        forwarding.insert(&fwd_map)?;
+        // Bytes queued before the hand-over: make the verdict see them.
+        for side in &forwarding.sides {
+            sys::set_rcvlowat(side.stream.as_fd(), 1)
+                .map_err(io_err("setsockopt(SO_RCVLOWAT)", "forwarded socket"))?;
+        }
+        Ok(forwarding)
+    }
+
+    /// Inserts both directions, then both sockets. On failure it removes
+    /// only the direction entries it added (the sockets may belong to a pair
+    /// already forwarded); a socket already added to `fwd_map` stays there,
+    /// unpaired, so its bytes remain readable by the proxy (deleting a map
+    /// entry would drop bytes queued on it).
+    fn insert(&self, fwd_map: &MapHandle) -> Result<()> {
+        const REFUSED: &str =
+            "bpf(BPF_MAP_UPDATE_ELEM) on fwd_dirs/fwd_map (socket already forwarded, or map full)";
+        let mut added = Vec::new();
+        let result = (|| {
+            for (from, to) in [
+                (&self.sides[DOWN], &self.sides[UP]),
+                (&self.sides[UP], &self.sides[DOWN]),
+            ] {
+                let dir = fp_fwd_dir {
+                    peer_cookie: to.cookie,
+                    bytes: 0,
+                };
+                let key = from.cookie.to_ne_bytes();
+                self.dirs
+                    .update(&key, dir.as_bytes(), MapFlags::NO_EXIST)
+                    .map_err(|e| Error::bpf(REFUSED, e))?;
+                added.push(key);
+            }
+            for side in &self.sides {
+                let fd = side.stream.as_raw_fd() as u64;
+                fwd_map
+                    .update(
+                        &side.cookie.to_ne_bytes(),
+                        &fd.to_ne_bytes(),
+                        MapFlags::NO_EXIST,
+                    )
+                    .map_err(|e| Error::bpf(REFUSED, e))?;
+            }
+            // Last: the application's socket may switch to the upstream
+            // socket as soon as this entry exists.
+            if let Some(direct) = &self.direct {
+                let pair = fp_proxy_pair {
+                    down_cookie: self.sides[DOWN].cookie,
+                    up_cookie: self.sides[UP].cookie,
+                };
+                direct
+                    .maps
+                    .pairs
+                    .update(direct.key.as_bytes(), pair.as_bytes(), MapFlags::NO_EXIST)
+                    .map_err(|e| {
+                        Error::bpf("bpf(BPF_MAP_UPDATE_ELEM) on proxy_pairs (map full)", e)
+                    })?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            for key in added {
+                let _ = self.dirs.delete(&key);
+            }
+        }
+        result
+    }
+
+    pub(super) fn remove_dirs(&self) {
+        if let Some(direct) = &self.direct {
+            let _ = direct.maps.pairs.delete(direct.key.as_bytes());
+        }
+        for side in &self.sides {
+            let _ = self.dirs.delete(&side.cookie.to_ne_bytes());
+        }
+    }
+}
+
+/// The key the BPF side gives a socket.
+fn socket_key(stream: &TcpStream, netns_spaces: &MapHandle) -> Result<fp_sock_key> {
+    let what = "forwarded socket";
+    let local = stream.local_addr().map_err(io_err("getsockname", what))?;
+    let remote = stream.peer_addr().map_err(io_err("getpeername", what))?;
+    let cookie =
+        sys::netns_cookie(stream.as_fd()).map_err(io_err("getsockopt(SO_NETNS_COOKIE)", what))?;
+    // As the BPF side does: a grouped namespace's shared id, else the cookie.
+    let space = netns_spaces
+        .lookup(&cookie.to_ne_bytes(), MapFlags::ANY)
+        .ok()
+        .flatten()
+        .and_then(|v| v.try_into().ok().map(u64::from_ne_bytes))
+        .unwrap_or(cookie);
+    Ok(fp_sock_key::of_socket(local, remote, space))
+}

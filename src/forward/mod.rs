@@ -1,0 +1,157 @@
+//! Egress and both modes: the kernel forwards between a proxy's two
+//! connections.
+//!
+//! # Hand-over protocol
+//! 1. Accept the downstream connection and connect upstream.
+//! 2. Look at what you need with `MSG_PEEK` (it stays queued and is
+//!    forwarded), or read it and write it, or whatever replaces it, to the
+//!    other side yourself, all **before** calling
+//!    [`FastpathGuard::forward`](crate::FastpathGuard::forward).
+//! 3. After `forward()`, do not read or write either socket: the kernel
+//!    moves the bytes. Call [`Forwarding::wait`] (blocking; from async code
+//!    use `spawn_blocking`) to pass half-closes and resets on and learn when
+//!    the pair has ended, then drop your streams.
+//!
+//! Bytes already queued on a socket when it is handed over are forwarded
+//! too. A segment that arrives while `forward()` has put one socket into
+//! the map and not yet the other stays in the receiving socket's queue,
+//! later ones queue behind it (from Linux 6.2; `Stats::fwd_queued_behind`),
+//! and `wait()` copies them to the other socket, consuming each chunk only
+//! after it was written. A FIN is passed on only after every byte received
+//! before it has entered the other socket's send queue, so nothing is cut
+//! off.
+//!
+//! # Both mode
+//! In [`RedirectMode::Both`](crate::RedirectMode::Both) the downstream
+//! socket may be accelerated itself (its client is a local application in
+//! the cgroup). Then the application's bytes were redirected into the
+//! downstream socket's queue, where no forwarding program sees them.
+//! `wait()` copies such bytes to the upstream socket. Each later message of
+//! the application leaves straight through the upstream socket if nothing
+//! waits in the downstream queue and the upstream socket has room (so the
+//! application never waits on the proxy's socket); otherwise it joins the
+//! queue. Bytes are consumed from the downstream socket only after they
+//! were written upstream, so no byte overtakes another.
+//! Bytes from upstream travel as in egress mode, through the downstream
+//! socket's send path. If the upstream socket is accelerated too (its
+//! server is local and selected), the server's bytes land in its queue and
+//! `wait()` copies them to the downstream socket likewise; such a pair
+//! never sends straight upstream.
+
+mod handover;
+mod pump;
+
+use std::net::TcpStream;
+
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+
+use crate::abi::{fp_fwd_dir, Plain};
+use crate::error::{Error, Result};
+
+use handover::Direct;
+pub(crate) use handover::{DirectMaps, ForwardMaps};
+
+/// How a forwarded pair ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ForwardEnd {
+    /// Both sides half-closed; every byte was passed on.
+    Closed,
+    /// The downstream side was reset (or failed); the upstream side has
+    /// SO_LINGER 0 set, so dropping it resets it too.
+    DownstreamReset,
+    /// The upstream side was reset (or failed); likewise for downstream.
+    UpstreamReset,
+}
+
+/// What a forwarded pair moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ForwardStats {
+    /// Bytes forwarded from downstream to upstream.
+    pub downstream_to_upstream: u64,
+    /// Bytes forwarded from upstream to downstream.
+    pub upstream_to_downstream: u64,
+    /// Both mode: of `downstream_to_upstream`, the bytes `wait()` copied in
+    /// user space because they were queued on the downstream socket (sent
+    /// before the hand-over, or while the upstream socket had no room).
+    pub copied_at_hand_over: u64,
+    /// How it ended.
+    pub end: ForwardEnd,
+}
+
+/// A socket of a forwarded pair.
+struct Side {
+    stream: TcpStream,
+    cookie: u64,
+    /// Bytes it had sent when it was handed over (see `Forwarding::sent`).
+    sent_before: u64,
+    /// Its FIN has been passed on to the other side.
+    fin_passed: bool,
+    /// Bytes `wait()` copied from its receive queue to the other side.
+    copied: u64,
+}
+
+/// A pair the kernel forwards; see the [module docs](self) for the protocol.
+/// Call [`wait`](Self::wait): dropping it unwaited leaves forwarding running
+/// until the sockets close, but nothing then passes half-closes on, and its
+/// entries stay in the `fwd_dirs` (and, in both mode, `proxy_pairs`) maps
+/// until the guard's maps are freed. In both mode `wait()` is also what
+/// copies bytes queued on the sockets: unwaited, they stay queued.
+#[must_use = "call wait() to pass half-closes on and learn when the pair ends"]
+pub struct Forwarding {
+    /// [downstream, upstream]
+    sides: [Side; 2],
+    dirs: MapHandle,
+    /// Both mode only.
+    direct: Option<Direct>,
+}
+
+const DOWN: usize = 0;
+const UP: usize = 1;
+/// How the pair ends when side `i` fails.
+const RESET_BY: [ForwardEnd; 2] = [ForwardEnd::DownstreamReset, ForwardEnd::UpstreamReset];
+
+impl std::fmt::Debug for Forwarding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarding")
+            .field("downstream", &self.sides[DOWN].stream)
+            .field("upstream", &self.sides[UP].stream)
+            .finish()
+    }
+}
+
+fn io_err(call: &'static str, what: &'static str) -> impl Fn(std::io::Error) -> Error {
+    move |source| Error::io(call, what, source)
+}
+
+impl Forwarding {
+    /// Bytes forwarded so far out of the socket with this cookie's peer.
+    fn forwarded_from(&self, side: &Side) -> u64 {
+        self.dirs
+            .lookup(&side.cookie.to_ne_bytes(), MapFlags::ANY)
+            .ok()
+            .flatten()
+            .and_then(|v| fp_fwd_dir::from_bytes(&v))
+            .map_or(0, |d| d.bytes)
+    }
+
+    /// Blocks until the pair has ended, passing each half-close on once the
+    /// bytes before it have reached the other side's send queue, and a reset
+    /// on as a reset (SO_LINGER 0 on the other side: drop your streams).
+    ///
+    /// # Errors
+    /// An I/O error from poll or getsockopt.
+    pub fn wait(mut self) -> Result<ForwardStats> {
+        let end = self.run_until_end();
+        let [down, up] = &self.sides;
+        let stats = ForwardStats {
+            downstream_to_upstream: self.forwarded_from(down) + down.copied,
+            upstream_to_downstream: self.forwarded_from(up) + up.copied,
+            copied_at_hand_over: down.copied,
+            end: end?,
+        };
+        self.remove_dirs();
+        Ok(stats)
+    }
+}

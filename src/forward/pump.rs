@@ -1,0 +1,180 @@
+//! The pump `Forwarding::wait` runs: copies bytes left in a socket's own
+//! queue, passes half-closes on once every byte before them has entered
+//! the other send queue, and resets on as resets.
+
+use std::net::Shutdown;
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::Duration;
+
+use libbpf_rs::{MapCore, MapFlags};
+use nix::poll::PollFlags;
+
+use super::{io_err, ForwardEnd, Forwarding, DOWN, RESET_BY, UP};
+use crate::abi::{fp_sock_state, Plain};
+use crate::error::Result;
+use crate::sys;
+
+/// The peer has shut down its sending side (nix has no constant for it).
+const RDHUP: PollFlags = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
+
+impl Forwarding {
+    pub(super) fn run_until_end(&mut self) -> Result<ForwardEnd> {
+        // Bytes waiting in either socket's own queue (both mode: redirected
+        // there around the forwarding program; every mode: kept there by
+        // the forwarding program while the pair was being inserted) are
+        // copied to the other socket; while the other socket is full, wait
+        // for room there instead.
+        let mut blocked = [false; 2];
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            if self.sides.iter().all(|s| s.fin_passed) {
+                return Ok(ForwardEnd::Closed);
+            }
+            let fds = self.sides.each_ref().map(|s| s.stream.as_fd());
+            let events = [DOWN, UP].map(|i| {
+                let mut events = RDHUP;
+                if !blocked[i] {
+                    events |= PollFlags::POLLIN;
+                }
+                if blocked[1 - i] {
+                    events |= PollFlags::POLLOUT;
+                }
+                (fds[i], events.bits())
+            });
+            let revents = sys::poll_events(events, 100)
+                .map_err(io_err("poll", "forwarded sockets"))?
+                .map(PollFlags::from_bits_retain);
+            for from in [DOWN, UP] {
+                if revents[from].contains(PollFlags::POLLIN)
+                    || revents[1 - from].contains(PollFlags::POLLOUT)
+                {
+                    match self.copy_queued(from, &mut buf) {
+                        Ok(full) => blocked[from] = full,
+                        Err(_) => return Ok(self.reset_by(from)),
+                    }
+                }
+            }
+            for (from, events) in revents.iter().enumerate() {
+                // SO_ERROR clears the error: read it once, on POLLERR/POLLHUP.
+                if events.intersects(PollFlags::POLLERR | PollFlags::POLLHUP)
+                    && sys::socket_error(self.sides[from].stream.as_fd())
+                        .map_err(io_err("getsockopt(SO_ERROR)", "forwarded socket"))?
+                        != 0
+                {
+                    return Ok(self.reset_by(from));
+                }
+            }
+            let mut draining = false;
+            for (from, events) in revents.iter().enumerate() {
+                if events.intersects(RDHUP | PollFlags::POLLHUP) && !self.sides[from].fin_passed {
+                    draining |= !self.try_pass_fin(from)?;
+                }
+            }
+            if draining || revents.iter().any(|r| r.contains(RDHUP)) {
+                // RDHUP stays set: do not spin while the kernel drains.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Shuts down the other side's sending half once every byte received on
+    /// `from` before its FIN has entered the other side's send queue.
+    fn try_pass_fin(&mut self, from: usize) -> Result<bool> {
+        // Copied by the loop first (POLLIN).
+        if has_unread_bytes(self.sides[from].stream.as_raw_fd())
+            .map_err(io_err("recv(MSG_PEEK)", "forwarded socket"))?
+        {
+            return Ok(false);
+        }
+        let to = 1 - from;
+        let target = self.sides[to].sent_before
+            + self.forwarded_from(&self.sides[from])
+            + self.sides[from].copied;
+        if self.sent(to)? < target {
+            return Ok(false);
+        }
+        let _ = self.sides[to].stream.shutdown(Shutdown::Write);
+        self.sides[from].fin_passed = true;
+        Ok(true)
+    }
+
+    /// Bytes side `i` has sent: what entered its TCP send queue since it was
+    /// created (acknowledged plus queued; the SYN counts as one), plus, in
+    /// both mode, what its sk_msg program sent around TCP (a downstream
+    /// socket's bytes go straight into a local application's queue).
+    pub(super) fn sent(&self, i: usize) -> Result<u64> {
+        let fd = self.sides[i].stream.as_raw_fd();
+        let queued = sys::bytes_into_send_queue(self.sides[i].stream.as_fd())
+            .map_err(io_err("getsockopt(TCP_INFO)", "forwarded socket"))?;
+        // No socket-storage entry: the socket is not accelerated.
+        let around = match &self.direct {
+            Some(direct) => direct
+                .maps
+                .sock_state
+                .lookup(&fd.to_ne_bytes(), MapFlags::ANY)
+                .ok()
+                .flatten()
+                .and_then(|v| fp_sock_state::from_bytes(&v))
+                .map_or(0, |st| st.bytes_redirected),
+            None => 0,
+        };
+        Ok(queued + around)
+    }
+
+    /// Side `from` failed: the other side gets SO_LINGER 0, so dropping it
+    /// resets it too.
+    fn reset_by(&self, from: usize) -> ForwardEnd {
+        let other = &self.sides[1 - from].stream;
+        let _ = socket2::SockRef::from(other).set_linger(Some(Duration::ZERO));
+        RESET_BY[from]
+    }
+
+    /// Copies the bytes queued on side `from` to the other side
+    /// without blocking, consuming each chunk only after it was written (the
+    /// BPF side sends straight upstream only while this queue is empty).
+    /// Returns whether bytes are left because the other side had no room.
+    /// An error reading means side `from` failed; on a write error it
+    /// stops, and poll() then reports the other side's failure.
+    fn copy_queued(&mut self, from: usize, buf: &mut [u8]) -> nix::Result<bool> {
+        use nix::errno::Errno;
+        use nix::sys::socket::{recv, send, MsgFlags};
+        let fd = self.sides[from].stream.as_raw_fd();
+        let to = self.sides[1 - from].stream.as_raw_fd();
+        loop {
+            let n = match recv(fd, buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+                Err(Errno::EAGAIN) => 0,
+                other => other?,
+            };
+            if n == 0 {
+                return Ok(false);
+            }
+            let written = match send(
+                to,
+                &buf[..n],
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(written) => written,
+                Err(Errno::EAGAIN) => return Ok(true),
+                Err(Errno::EINTR) => continue,
+                Err(_) => return Ok(false),
+            };
+            let mut consumed = 0;
+            while consumed < written {
+                consumed += recv(fd, &mut buf[..written - consumed], MsgFlags::MSG_DONTWAIT)?;
+            }
+            self.sides[from].copied += written as u64;
+        }
+    }
+}
+
+/// Whether bytes wait to be read on `fd`. A peek rather than FIONREAD:
+/// FIONREAD counts the bytes in a map member's BPF queue only on kernels with
+/// the 2026 sockmap FIONREAD change (it reads 0 for them on 6.1, for one).
+fn has_unread_bytes(fd: std::os::fd::RawFd) -> std::io::Result<bool> {
+    use nix::sys::socket::{recv, MsgFlags};
+    match recv(fd, &mut [0u8], MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+        Ok(n) => Ok(n > 0),
+        Err(nix::errno::Errno::EAGAIN) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
