@@ -21,7 +21,7 @@ use crate::kernel_support::{classify_attach_error, AttachStep};
 use crate::mode::RedirectMode;
 use crate::programs::Programs;
 use crate::splice_guard::{self, SpliceGuard};
-use crate::sys;
+use crate::sys::{self, SockmapHook};
 
 /// Everything `attach()` attached, by role. Field order is drop order, and
 /// [`detach`](Self::detach) keeps it: the cgroup's sock_ops program first,
@@ -143,15 +143,6 @@ impl Links {
         }
         first_error.map_or(Ok(()), Err)
     }
-}
-
-/// Which socket-map hook a program goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SockmapHook {
-    /// `BPF_SK_MSG_VERDICT`: every sendmsg() of a socket in the map.
-    MsgVerdict,
-    /// `BPF_SK_SKB_VERDICT`: every segment a socket in the map receives.
-    SkbVerdict,
 }
 
 /// How a program was attached to a socket map.

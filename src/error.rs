@@ -168,6 +168,12 @@ pub enum ErrorKind {
     Io,
 }
 
+/// [`Error::KernelFeature`]'s `feature` when the kernel refuses the guard.
+pub(crate) const SPLICE_GUARD_FEATURE: &str =
+    "BPF LSM programs for the splice guard (CONFIG_BPF_LSM, `bpf` \
+     among the active LSMs, BTF, and no lockdown refusing them); opt out with \
+     `.splice_guard(SpliceGuard::Off)` only if no selected program uses splice(2)";
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -176,7 +182,7 @@ impl Error {
     /// else): the one failure a program known not to splice may answer by
     /// attaching again with `.splice_guard(SpliceGuard::Off)`.
     pub fn is_splice_guard_refused(&self) -> bool {
-        matches!(self, Error::KernelFeature { feature, .. } if *feature == crate::kernel_support::SPLICE_GUARD_FEATURE)
+        matches!(self, Error::KernelFeature { feature, .. } if *feature == SPLICE_GUARD_FEATURE)
     }
 
     /// The kind of failure, for matching.

@@ -101,16 +101,10 @@ pub(crate) fn splice_guard_arch_unsupported() -> Error {
     ))
 }
 
-/// [`Error::KernelFeature`]'s `feature` when the kernel refuses the guard.
-pub(crate) const SPLICE_GUARD_FEATURE: &str =
-    "BPF LSM programs for the splice guard (CONFIG_BPF_LSM, `bpf` \
-     among the active LSMs, BTF, and no lockdown refusing them); opt out with \
-     `.splice_guard(SpliceGuard::Off)` only if no selected program uses splice(2)";
-
 /// The error for a kernel that refuses to load or attach the guard.
 pub(crate) fn splice_guard_unsupported(source: std::io::Error) -> Error {
     Error::KernelFeature {
-        feature: SPLICE_GUARD_FEATURE,
+        feature: crate::error::SPLICE_GUARD_FEATURE,
         min_kernel: "5.7",
         source,
     }

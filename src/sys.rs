@@ -8,7 +8,14 @@ use std::ptr::NonNull;
 
 use libbpf_rs::{AsRawLibbpf, Link, Program};
 
-use crate::attachment::SockmapHook;
+/// Which socket-map hook a program goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SockmapHook {
+    /// `BPF_SK_MSG_VERDICT`: every sendmsg() of a socket in the map.
+    MsgVerdict,
+    /// `BPF_SK_SKB_VERDICT`: every segment a socket in the map receives.
+    SkbVerdict,
+}
 
 /// Linux capability numbers (include/uapi/linux/capability.h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
