@@ -1,7 +1,10 @@
 //! Compiles `bpf/fastpath.bpf.c` into a libbpf skeleton in OUT_DIR.
 //!
 //! The compiler is, in order: `$SOCKMAP_FASTPATH_CLANG`, the newest
-//! `clang-N` (N >= 19) on PATH, then plain `clang`.
+//! `clang-N` (N >= 19) on PATH, then plain `clang`. The choice and the
+//! include directories are passed on as `links` metadata (`clang`,
+//! `include`) to the build script of the examples' support crate, which
+//! compiles the benchmarks' reference program.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -10,12 +13,7 @@ use std::process::{exit, Command};
 use libbpf_cargo::SkeletonBuilder;
 
 const CLANG_ENV: &str = "SOCKMAP_FASTPATH_CLANG";
-/// (source, skeleton file in OUT_DIR). `reference` is a deliberately minimal
-/// redirect used only by the benchmarks to price the safety checks.
-const BPF_SOURCES: [(&str, &str); 2] = [
-    ("bpf/fastpath.bpf.c", "fastpath.skel.rs"),
-    ("bpf/reference.bpf.c", "reference.skel.rs"),
-];
+const SOURCE: &str = "bpf/fastpath.bpf.c";
 const MIN_VERSIONED_CLANG: u32 = 19;
 const MAX_VERSIONED_CLANG: u32 = 40;
 
@@ -34,25 +32,30 @@ fn main() {
 
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
-    let mut args = vec![format!("-I{}", manifest_dir.join("bpf").display())];
-    if let Some(dir) = multiarch_include_dir() {
-        args.push(format!("-I{}", dir.display()));
-    }
+    let includes: Vec<PathBuf> = std::iter::once(manifest_dir.join("bpf"))
+        .chain(multiarch_include_dir())
+        .collect();
+    let args: Vec<String> = includes
+        .iter()
+        .map(|dir| format!("-I{}", dir.display()))
+        .collect();
 
-    for (source, skeleton) in BPF_SOURCES {
-        SkeletonBuilder::new()
-            .source(source)
-            .clang(&clang)
-            .clang_args(&args)
-            .build_and_generate(out.join(skeleton))
-            .unwrap_or_else(|err| {
-                println!(
-                    "cargo:warning=sockmap-fastpath: compiling {source} with {} failed: {err:#}",
-                    clang.display()
-                );
-                exit(1);
-            });
-    }
+    SkeletonBuilder::new()
+        .source(SOURCE)
+        .clang(&clang)
+        .clang_args(&args)
+        .build_and_generate(out.join("fastpath.skel.rs"))
+        .unwrap_or_else(|err| {
+            println!(
+                "cargo:warning=sockmap-fastpath: compiling {SOURCE} with {} failed: {err:#}",
+                clang.display()
+            );
+            exit(1);
+        });
+
+    println!("cargo:clang={}", clang.display());
+    let includes = env::join_paths(&includes).expect("include directories without ':'");
+    println!("cargo:include={}", includes.to_string_lossy());
 }
 
 fn find_clang() -> Option<PathBuf> {

@@ -7,38 +7,18 @@
 //! Writes a markdown table to stdout and JSON to `target/bench/fastpath.json`
 //! (or PATH). `--quick` finishes in well under two minutes.
 
-#[path = "../examples/support/signals.rs"]
-mod signals;
-
-#[path = "../examples/support/workloads.rs"]
-mod workloads;
-
-#[path = "../examples/support/netns.rs"]
-mod netns;
-
-/// The minimal reference redirect (bpf/reference.bpf.c), benchmark only.
-#[allow(
-    clippy::all,
-    dead_code,
-    missing_docs,
-    unsafe_op_in_unsafe_fn,
-    unused_imports
-)]
-mod reference {
-    include!(concat!(env!("OUT_DIR"), "/reference.skel.rs"));
-}
-
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use libbpf_rs::query::ProgInfoIter;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::Arc;
 
 use sockmap_fastpath::{Accelerator, Cgroup, FastpathGuard, RedirectMode, SpliceGuard, Stats};
-use workloads::connect::connect_nonblocking;
-use workloads::{Connector, Rate};
+use support::connect::connect_nonblocking;
+use support::relay::copy_until_eof;
+use support::workloads::{self, Connector, Rate};
+use support::{reference, signals};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
@@ -188,22 +168,6 @@ impl Drop for BpfStatsSwitch {
     }
 }
 
-/// Copies one direction in user space (64 KiB reads), then passes the EOF on.
-fn copy_half(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = to.shutdown(Shutdown::Write);
-}
-
 /// client -> proxy (`front`) -> server pairs: the proxy copies in user
 /// space, or hands the pair to the kernel (egress or both mode).
 fn proxy_connector(front: TcpListener, forwarder: Option<Arc<FastpathGuard>>) -> Connector {
@@ -225,8 +189,8 @@ fn proxy_connector(front: TcpListener, forwarder: Option<Arc<FastpathGuard>>) ->
             }
             None => {
                 let (d2, u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
-                std::thread::spawn(move || copy_half(down, up));
-                std::thread::spawn(move || copy_half(u2, d2));
+                std::thread::spawn(move || copy_until_eof(down, up));
+                std::thread::spawn(move || copy_until_eof(u2, d2));
             }
         }
         (client, server)
@@ -336,8 +300,8 @@ fn container_table(
     reps: usize,
     duration: Duration,
 ) -> Result<String, Box<dyn std::error::Error>> {
-    use netns::{ip, run_in, NetNs};
     use std::net::SocketAddr;
+    use support::netns::{ip, run_in, NetNs};
 
     let tag = std::process::id();
     let (a, b, host) = (
@@ -469,7 +433,7 @@ fn reference_table(
     ];
     let programs = [("fp_sk_msg", "fp_sock_ops"), ("ref_sk_msg", "ref_sock_ops")];
     let before = programs.map(|(m, o)| (prog_stats(m), prog_stats(o)));
-    let mut out = String::from("\nOur programs vs a minimal reference redirect (bpf/reference.bpf.c: IPv4 only, no netns, no policy, no ordering fallback; never use it), interleaved:\n\n");
+    let mut out = String::from("\nOur programs vs a minimal reference redirect (examples/support/reference.bpf.c: IPv4 only, no netns, no policy, no ordering fallback; never use it), interleaved:\n\n");
     paths_header(
         &mut out,
         "reference",

@@ -13,16 +13,10 @@
 //! clients started by it are in scope. The cgroup is removed on exit; the
 //! exit code is the command's. Used by `scripts/real-programs.sh`.
 
-#[path = "support/attach.rs"]
-mod attach;
-#[path = "support/report.rs"]
-mod report;
-#[path = "support/signals.rs"]
-mod signals;
-
 use std::process::{exit, Command};
 
 use sockmap_fastpath::{Accelerator, BlockingSockets, Cgroup};
+use support::{attach, report, signals};
 
 fn main() {
     if let Err(err) = run() {

@@ -5,18 +5,11 @@
 //! It creates a child cgroup of its own cgroup, moves itself in, attaches
 //! there (never to the root cgroup), and removes everything on exit.
 
-#[path = "support/attach.rs"]
-mod attach;
-#[path = "support/signals.rs"]
-mod signals;
-
-#[path = "support/workloads.rs"]
-mod workloads;
-
 use std::time::Duration;
 
 use sockmap_fastpath::{Accelerator, Cgroup, RedirectMode, Stats};
-use workloads::{Connector, Rate};
+use support::workloads::{self, Connector, Rate};
+use support::{attach, signals};
 
 type Workload = (&'static str, &'static str, fn(&Connector, Duration) -> Rate);
 

@@ -21,20 +21,16 @@
 //! tproxy [--listen 127.0.0.1:15001] [--mode copy|ingress|egress|both] [--cgroup DIR] [--seconds N]
 //! ```
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-#[path = "support/attach.rs"]
-mod attach;
-#[path = "support/report.rs"]
-mod report;
-
 use nix::sys::signal::{SigSet, Signal};
 use socket2::{Domain, Socket, Type};
 use sockmap_fastpath::{Accelerator, Cgroup, FastpathGuard, RedirectMode};
+use support::relay::copy_until_eof;
+use support::{attach, report};
 
 /// The mark the setup script's iptables rules exempt from diversion.
 const UPSTREAM_MARK: u32 = 2;
@@ -186,33 +182,10 @@ fn serve(
         return Ok(());
     }
     let (down2, up2) = (down.try_clone()?, up.try_clone()?);
-    let back = std::thread::spawn(move || copy(up2, down2));
-    let sent = copy(down, up);
+    let back = std::thread::spawn(move || copy_until_eof(up2, down2));
+    let sent = copy_until_eof(down, up);
     copied
         .by_loops
         .fetch_add(sent + back.join().unwrap_or(0), Ordering::Relaxed);
     Ok(())
-}
-
-/// Copies until EOF with read/write (never splice), then passes the EOF on.
-fn copy(mut from: TcpStream, mut to: TcpStream) -> u64 {
-    let mut buf = vec![0u8; 64 << 10];
-    let mut total = 0;
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-                total += n as u64;
-            }
-            Err(e)
-                if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    let _ = to.shutdown(Shutdown::Write);
-    total
 }

@@ -5,6 +5,7 @@
 
 mod common;
 use common::*;
+use support::sockopt::{fionread, readable_within, set_linger_zero, set_rcvlowat};
 
 use std::fmt::Debug;
 use std::io::{Read, Write};

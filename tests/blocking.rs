@@ -8,6 +8,7 @@
 
 mod common;
 use common::*;
+use support::sockopt::readable_within;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};

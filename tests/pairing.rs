@@ -10,6 +10,7 @@
 
 mod common;
 use common::*;
+use support::sockopt::{fionread, readable_within, set_int_option, set_linger_zero, set_rcvlowat};
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

@@ -2,6 +2,7 @@
 
 mod common;
 use common::*;
+use support::sockopt::set_int_option;
 
 const SIZE: usize = 64 << 20;
 

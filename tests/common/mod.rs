@@ -256,12 +256,7 @@ pub fn unbounded_queue(builder: AcceleratorBuilder) -> AcceleratorBuilder {
     builder.receive_queue_limit(u32::MAX)
 }
 
-#[path = "../../examples/support/netns.rs"]
-mod netns;
-pub use netns::NetNs;
-
-#[path = "../../examples/support/connect.rs"]
-mod event_loop_connect;
+pub use support::netns::NetNs;
 
 /// Connects like an event loop (non-blocking `connect()`, then blocking
 /// mode for the test's simple code), so that the default
@@ -273,12 +268,12 @@ pub fn connect(to: impl std::net::ToSocketAddrs) -> TcpStream {
         .expect("address")
         .next()
         .expect("an address");
-    event_loop_connect::connect_nonblocking(to).expect("connect")
+    support::connect::connect_nonblocking(to).expect("connect")
 }
 
 /// [`connect`] for a socket already set up (bound to a source, say).
 pub fn connect_socket(socket: socket2::Socket, to: SocketAddr) -> TcpStream {
-    event_loop_connect::connect_socket_nonblocking(socket, to).expect("connect")
+    support::connect::connect_socket_nonblocking(socket, to).expect("connect")
 }
 
 /// A fresh namespace with a unique name.
@@ -616,49 +611,4 @@ pub fn both_mode_or_refused(env: &Env) -> bool {
         b"both mode refused on this kernel (KernelFeature, 6.2), as probe() said\n",
     );
     false
-}
-
-/// Bytes the kernel says are waiting to be read (`ioctl(FIONREAD)`).
-pub fn fionread(s: &TcpStream) -> i32 {
-    use std::os::fd::AsRawFd;
-    let mut n: nix::libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through the valid pointer.
-    let rc = unsafe { nix::libc::ioctl(s.as_raw_fd(), nix::libc::FIONREAD, &mut n) };
-    assert_eq!(rc, 0, "FIONREAD");
-    n
-}
-
-/// setsockopt() of an int option.
-pub fn set_int_option(s: &impl std::os::fd::AsRawFd, level: i32, name: i32, value: i32) {
-    // SAFETY: the option takes an int, passed by a valid pointer and size.
-    let rc = unsafe {
-        nix::libc::setsockopt(
-            s.as_raw_fd(),
-            level,
-            name,
-            (&value as *const i32).cast(),
-            size_of::<i32>() as nix::libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "setsockopt({level}, {name})");
-}
-
-pub fn set_rcvlowat(s: &TcpStream, bytes: i32) {
-    set_int_option(s, nix::libc::SOL_SOCKET, nix::libc::SO_RCVLOWAT, bytes);
-}
-
-/// SO_LINGER with a zero timeout: closing the socket sends a reset.
-pub fn set_linger_zero(s: &TcpStream) {
-    let linger = nix::libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::Linger, &linger).expect("SO_LINGER");
-}
-
-/// Whether `s` becomes readable within `ms` milliseconds (poll).
-pub fn readable_within(s: &impl std::os::fd::AsFd, ms: u16) -> bool {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
-    poll(&mut fds, PollTimeout::from(ms)).unwrap() == 1
 }

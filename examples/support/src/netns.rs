@@ -1,6 +1,5 @@
 //! Network namespaces and veth pairs for the tests and benchmarks (made
 //! with iproute2; a namespace and its devices go when it is dropped).
-#![allow(dead_code)] // each user needs a different subset
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,7 +1,6 @@
 //! Ctrl-C / SIGTERM cleanup for the examples and benchmarks: the kernel
 //! detaches the programs when the process dies, but a cgroup directory
 //! would stay behind.
-#![allow(dead_code)] // each user needs a different subset
 
 use std::path::PathBuf;
 

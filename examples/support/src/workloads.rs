@@ -1,7 +1,6 @@
 //! Workloads shared by the demo and the benchmarks. Each runs for a fixed
 //! time over connected stream pairs made by a `Connector` (loopback TCP or
 //! AF_UNIX) and reports a rate.
-#![allow(dead_code)]
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -11,9 +10,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-#[path = "connect.rs"]
-pub mod connect;
-use connect::connect_nonblocking;
+use crate::connect::connect_nonblocking;
 
 /// A byte stream of either kind.
 pub trait Stream: Read + Write + Send + 'static {

@@ -23,7 +23,6 @@ pub fn connect_nonblocking(to: SocketAddr) -> io::Result<TcpStream> {
 }
 
 /// The same for a socket already set up (bound to a source, say).
-#[allow(dead_code)] // not every includer connects prepared sockets
 pub fn connect_socket_nonblocking(socket: Socket, to: SocketAddr) -> io::Result<TcpStream> {
     socket.set_nonblocking(true)?;
     match socket.connect(&to.into()) {
