@@ -258,7 +258,10 @@ impl Error {
         }
         Error::Bpf {
             call,
-            source: io::Error::new(source.kind(), format!("{source}; libbpf: {summary}")),
+            source: io::Error::new(
+                source.kind(),
+                format!("{source}; libbpf reported: {summary}"),
+            ),
         }
     }
 }

@@ -37,8 +37,10 @@
 //!   pushes back as without the shortcut (ingress mode, 6.12.8 and newer).
 //! - [`probe`] tells what the running kernel can do, by trying it.
 //!
-//! See the crate README for what is accelerated, the guarantees, the
-//! measured numbers and the known limits.
+//! The long form is in [`guide`]: [which connections are
+//! accelerated](guide::selection), [the guarantees](guide::guarantees) and
+//! how they are tested, [the proxy modes](guide::proxy_modes) and [the known
+//! limits](guide::known_limits); measured numbers are in the README.
 
 #![warn(missing_docs)]
 // `unsafe` only where allowed by name below: raw OS and libbpf calls
@@ -55,6 +57,7 @@ mod cgroup;
 mod error;
 pub mod forward;
 mod guard;
+pub mod guide;
 mod kernel_support;
 mod logging;
 mod mode;

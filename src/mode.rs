@@ -13,13 +13,13 @@ pub enum RedirectMode {
     /// For proxies: bytes arriving on one of a pair of the proxy's own
     /// sockets leave through the other's send path (the peer may be on
     /// another host). Nothing is selected automatically: the proxy hands
-    /// each pair over with [`FastpathGuard::forward`]; no cgroup is needed
+    /// each pair over with [`FastpathGuard::forward`](crate::FastpathGuard::forward); no cgroup is needed
     /// and the policy knobs and splice guard do not apply.
     Egress,
     /// Both at once, for a proxy that runs in the cgroup beside its
     /// applications (a sidecar): local pairs are accelerated as in
     /// [`Ingress`](Self::Ingress), and pairs handed to
-    /// [`FastpathGuard::forward`] are forwarded as in
+    /// [`FastpathGuard::forward`](crate::FastpathGuard::forward) are forwarded as in
     /// [`Egress`](Self::Egress). When the downstream socket of a forwarded
     /// pair is itself accelerated (its client is a local application), the
     /// application's bytes skip the proxy's downstream socket and leave
@@ -33,7 +33,7 @@ pub enum RedirectMode {
     /// 6.2: the `bpf_cast_to_kern_ctx` and `bpf_rdonly_cast` kfuncs and
     /// kernel BTF, for the program reads the socket-map internals that tell
     /// whether bytes still wait on the downstream socket (tested on 6.12
-    /// and 6.18; 6.1 refuses it with [`Error::KernelFeature`]). It reads
+    /// and 6.18; 6.1 refuses it with [`Error::KernelFeature`](crate::Error::KernelFeature)). It reads
     /// the queue's list, present since sockmap began, not the byte count
     /// (`msg_tot_len`) only kernels with the 2026 sockmap FIONREAD change
     /// have; no kernel between 6.2 and 6.11 has been run.

@@ -261,7 +261,7 @@ fn a_32_bit_program_cannot_splice_past_the_guard() {
             // The kernel refuses the guard itself (this host: lockdown);
             // the test above checks that refusal.
             assert!(err.is_splice_guard_refused(), "{err:?}");
-            eprintln!("not run: the kernel refuses the splice guard here");
+            not_run("the kernel refuses the splice guard (probe(): splice guard)");
             return;
         }
     };

@@ -241,7 +241,7 @@ impl Run<'_> {
             if quick { "--quick " } else { "" },
             path.display(),
             uname.release().to_string_lossy(),
-            std::thread::available_parallelism().map_or(0, usize::from),
+            online_cpus(),
             today(),
             self.markdown().trim(),
         );
@@ -252,6 +252,13 @@ impl Run<'_> {
 
 fn latency_percentiles(sorted: &[u64]) -> [u64; 4] {
     [0.5, 0.99, 0.999, 1.0].map(|p| percentile(sorted, p))
+}
+
+/// CPUs online (the run pins itself, so not `available_parallelism`).
+fn online_cpus() -> usize {
+    std::fs::read_to_string("/proc/cpuinfo").map_or(0, |info| {
+        info.lines().filter(|l| l.starts_with("processor")).count()
+    })
 }
 
 /// Today's date (UTC), from `date`, for the page's "last run" line.

@@ -570,6 +570,16 @@ pub fn kernel() -> &'static sockmap_fastpath::ProbeReport {
     REPORT.get_or_init(sockmap_fastpath::probe)
 }
 
+/// Says on the test binary's stderr (not captured, unlike `eprintln!`)
+/// that a test did not run its check on this kernel, and which `probe()`
+/// finding kept it from running; the test then returns.
+pub fn not_run(why: &str) {
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("not run on this kernel: {why}\n").as_bytes(),
+    );
+}
+
 /// Whether this kernel lets the programs record a socket's owner process
 /// (comm policies need it; Linux 6.10).
 pub fn kernel_records_owners() -> bool {
@@ -606,9 +616,6 @@ pub fn both_mode_or_refused(env: &Env) -> bool {
         "{err:?}"
     );
     assert_nothing_left(&env.cgroup.cgroup(), &baseline);
-    let _ = std::io::Write::write_all(
-        &mut std::io::stderr(),
-        b"both mode refused on this kernel (KernelFeature, 6.2), as probe() said\n",
-    );
+    not_run("both mode refused (KernelFeature, 6.2), as probe() said");
     false
 }
