@@ -8,11 +8,16 @@
 //! - `--mode ingress`: user-space copy, with the application-to-proxy hop
 //!   accelerated by an ingress-mode accelerator on `--cgroup` (the
 //!   application and the proxy must both run in it);
-//! - `--mode egress`: the kernel forwards each pair (egress mode);
+//! - `--mode egress`: the kernel forwards each pair (egress mode), handed
+//!   to one `Forwarder`: one thread serves every pair;
 //! - `--mode both`: both at once (both mode, needs `--cgroup`): the kernel
 //!   forwards each pair, the application's later bytes leave straight
 //!   through the upstream socket, and the upstream's bytes go straight into
 //!   the application's receive queue.
+//!
+//! In copy and ingress modes each connection gets two copying threads; in
+//! egress and both modes the accepting thread connects upstream and hands
+//! the pair over, and no thread per connection exists.
 //!
 //! It stops after `--seconds N` or on SIGINT/SIGTERM and prints its
 //! counters.
@@ -28,7 +33,9 @@ use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
 use socket2::{Domain, Socket, Type};
-use sockmap_fastpath::{Accelerator, Cgroup, FastpathGuard, RedirectMode};
+use sockmap_fastpath::{
+    Accelerator, Cgroup, FastpathGuard, ForwardedPair, Forwarder, RedirectMode,
+};
 use support::relay::copy_until_eof;
 use support::{attach, report};
 
@@ -46,10 +53,9 @@ enum Mode {
 /// What the proxy moved in user space.
 #[derive(Default)]
 struct Copied {
-    /// By its own copy loops (copy and ingress modes).
+    /// By its own copy loops (copy and ingress modes, and pairs the
+    /// forwarder refused).
     by_loops: AtomicU64,
-    /// By `Forwarding::wait` at the hand-over (both mode).
-    at_hand_over: AtomicU64,
 }
 
 fn main() {
@@ -122,16 +128,32 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("tproxy: listening on {listen}");
 
     let copied = Arc::new(Copied::default());
+    let forwarder = match mode {
+        Mode::Egress | Mode::Both => Some(
+            guard
+                .as_ref()
+                .expect("egress and both modes have a guard")
+                .forwarder()?,
+        ),
+        Mode::Copy | Mode::Ingress => None,
+    };
+    let pairs: Arc<std::sync::Mutex<Vec<ForwardedPair>>> = Arc::default();
     {
-        let (guard, copied) = (guard.clone(), copied.clone());
+        let (copied, pairs) = (copied.clone(), pairs.clone());
         std::thread::spawn(move || {
             for down in listener.incoming().flatten() {
-                let (guard, copied) = (guard.clone(), copied.clone());
-                std::thread::spawn(move || {
-                    if let Err(err) = serve(down, mode, guard.as_deref(), &copied) {
-                        report::print_error("tproxy: connection", &err);
+                let result = match &forwarder {
+                    Some(forwarder) => hand_over(down, forwarder, &copied)
+                        .map(|pair| pairs.lock().unwrap().extend(pair)),
+                    None => {
+                        let copied = copied.clone();
+                        std::thread::spawn(move || copy_both_ways(down, &copied));
+                        Ok(())
                     }
-                });
+                };
+                if let Err(err) = result {
+                    report::print_error("tproxy: connection", &err);
+                }
             }
         });
     }
@@ -145,22 +167,27 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         "tproxy: bytes copied in user space: {}",
         copied.by_loops.load(Ordering::Relaxed)
     );
-    println!(
-        "tproxy: bytes copied at hand-over: {}",
-        copied.at_hand_over.load(Ordering::Relaxed)
-    );
+    // Pairs still open are left to the forwarder (and end with us).
+    let ended: Vec<ForwardedPair> = {
+        let mut pairs = pairs.lock().unwrap();
+        let (ended, open) = pairs.drain(..).partition(ForwardedPair::is_finished);
+        *pairs = open;
+        ended
+    };
+    let mut at_hand_over = 0;
+    for pair in ended {
+        at_hand_over += pair.wait()?.copied_at_hand_over;
+    }
+    println!("tproxy: bytes copied at hand-over: {at_hand_over}");
     if let Some(guard) = &guard {
         print!("tproxy: counters\n{}", guard.stats()?);
     }
     Ok(())
 }
 
-fn serve(
-    down: TcpStream,
-    mode: Mode,
-    guard: Option<&FastpathGuard>,
-    copied: &Copied,
-) -> std::io::Result<()> {
+/// Connects to the diverted connection's original destination (the
+/// accepted socket's local address), marked so it is not diverted again.
+fn connect_upstream(down: &TcpStream) -> std::io::Result<TcpStream> {
     let original_destination = down.local_addr()?;
     let socket = Socket::new(
         Domain::for_address(original_destination),
@@ -169,23 +196,45 @@ fn serve(
     )?;
     socket.set_mark(UPSTREAM_MARK)?;
     socket.connect(&original_destination.into())?;
-    let up: TcpStream = socket.into();
-    if matches!(mode, Mode::Egress | Mode::Both) {
-        let forwarding = guard
-            .expect("egress and both modes have a guard")
-            .forward(&down, &up)
-            .map_err(std::io::Error::other)?;
-        let stats = forwarding.wait().map_err(std::io::Error::other)?;
-        copied
-            .at_hand_over
-            .fetch_add(stats.copied_at_hand_over, Ordering::Relaxed);
-        return Ok(());
+    Ok(socket.into())
+}
+
+/// Egress and both modes: hands the pair to the forwarder; a pair it
+/// refuses is copied here instead (its streams come back untouched).
+fn hand_over(
+    down: TcpStream,
+    forwarder: &Forwarder,
+    copied: &Arc<Copied>,
+) -> std::io::Result<Option<ForwardedPair>> {
+    let up = connect_upstream(&down)?;
+    match forwarder.forward(down, up) {
+        Ok(pair) => Ok(Some(pair)),
+        Err(refused) => {
+            report::print_error("tproxy: copying a pair the kernel refused", &refused);
+            let copied = copied.clone();
+            let (down, up) = (refused.downstream, refused.upstream);
+            std::thread::spawn(move || copy_pair(down, up, &copied));
+            Ok(None)
+        }
     }
-    let (down2, up2) = (down.try_clone()?, up.try_clone()?);
+}
+
+/// Copy and ingress modes: a copying thread each way.
+fn copy_both_ways(down: TcpStream, copied: &Copied) {
+    match connect_upstream(&down) {
+        Ok(up) => copy_pair(down, up, copied),
+        Err(err) => report::print_error("tproxy: connection", &err),
+    }
+}
+
+fn copy_pair(down: TcpStream, up: TcpStream, copied: &Copied) {
+    let (down2, up2) = match (down.try_clone(), up.try_clone()) {
+        (Ok(down2), Ok(up2)) => (down2, up2),
+        (Err(err), _) | (_, Err(err)) => return report::print_error("tproxy: dup", &err),
+    };
     let back = std::thread::spawn(move || copy_until_eof(up2, down2));
     let sent = copy_until_eof(down, up);
     copied
         .by_loops
         .fetch_add(sent + back.join().unwrap_or(0), Ordering::Relaxed);
-    Ok(())
 }

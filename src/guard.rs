@@ -1,11 +1,13 @@
 //! The attached accelerator: live policy, counters, and detaching.
 
+use std::net::TcpStream;
 use std::os::fd::AsFd;
+use std::sync::Arc;
 
 use crate::attachment::Links;
 use crate::cgroup::Cgroup;
 use crate::error::{Error, Result};
-use crate::forward::Forwarding;
+use crate::forward::{ForwardMaps, Forwarder, Forwarding, NotEstablished};
 use crate::mode::RedirectMode;
 use crate::policy::{validate_cidrs, validate_comms, validate_ports, Cidr};
 use crate::programs::Programs;
@@ -76,13 +78,42 @@ impl FastpathGuard {
     /// and the sockets can still be copied in user space); I/O errors from
     /// dup or getsockopt.
     pub fn forward(&self, downstream: &impl AsFd, upstream: &impl AsFd) -> Result<Forwarding> {
+        let maps = self.forward_maps()?;
+        let dup = |socket: &dyn AsFd, what: &'static str| {
+            socket
+                .as_fd()
+                .try_clone_to_owned()
+                .map(TcpStream::from)
+                .map_err(|err| Error::io("dup", what, err))
+        };
+        Forwarding::start(
+            Arc::new(maps),
+            dup(downstream, "downstream socket")?,
+            dup(upstream, "upstream socket")?,
+            NotEstablished::Refuse,
+        )
+    }
+
+    /// Egress and both modes: a [`Forwarder`], which serves any number of
+    /// pairs from one thread and owns their streams (for proxies with many
+    /// connections; [`forward`](Self::forward) plus [`Forwarding::wait`]
+    /// needs a thread per pair). It keeps its own handles to the maps, so it
+    /// may outlive the guard; pairs it serves stay forwarded after the guard
+    /// detaches, as with `forward()`.
+    ///
+    /// # Errors
+    /// [`Error::NotEgressMode`] in ingress mode; [`Error::Bpf`] if a map fd
+    /// cannot be duplicated; [`Error::Io`] if epoll, the eventfd or the
+    /// thread cannot be made.
+    pub fn forwarder(&self) -> Result<Forwarder> {
+        Forwarder::new(self.forward_maps()?)
+    }
+
+    fn forward_maps(&self) -> Result<ForwardMaps> {
         if self.mode == RedirectMode::Ingress {
             return Err(Error::NotEgressMode);
         }
-        let maps = self
-            .programs
-            .forward_maps(self.mode == RedirectMode::Both)?;
-        Forwarding::start(maps, downstream, upstream)
+        self.programs.forward_maps(self.mode == RedirectMode::Both)
     }
 
     /// The redirect mode.

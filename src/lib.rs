@@ -86,7 +86,7 @@ pub use accelerator::{Accelerator, AcceleratorBuilder};
 pub use blocking::BlockingSockets;
 pub use cgroup::{cgroup2_mount, Cgroup, ChildCgroup};
 pub use error::{Error, ErrorKind, Result};
-pub use forward::{ForwardEnd, ForwardStats, Forwarding};
+pub use forward::{ForwardEnd, ForwardStats, ForwardedPair, Forwarder, Forwarding, Refused};
 pub use guard::FastpathGuard;
 pub use mode::RedirectMode;
 pub use policy::Cidr;

@@ -5,7 +5,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sockmap_fastpath::{Accelerator, Cgroup, FastpathGuard, RedirectMode, SpliceGuard};
+use sockmap_fastpath::{Accelerator, Cgroup, Forwarder, RedirectMode, SpliceGuard};
 use support::connect::connect_nonblocking;
 use support::relay::copy_until_eof;
 use support::workloads::Connector;
@@ -14,8 +14,9 @@ use crate::cases::{bulk, interleaved, median, rr, BoxError, Run};
 use crate::report::Section;
 
 /// client -> proxy (`front`) -> server pairs: the proxy copies in user
-/// space, or hands the pair to the kernel (egress or both mode).
-fn proxy_connector(front: TcpListener, forwarder: Option<Arc<FastpathGuard>>) -> Connector {
+/// space (a thread each way), or hands the pair to one `Forwarder` (egress
+/// or both mode: one thread for every pair).
+fn proxy_connector(front: TcpListener, forwarder: Option<Arc<Forwarder>>) -> Connector {
     let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
     Connector::Custom(Box::new(move || {
         let client = connect_nonblocking(front.local_addr().unwrap()).unwrap();
@@ -25,12 +26,9 @@ fn proxy_connector(front: TcpListener, forwarder: Option<Arc<FastpathGuard>>) ->
         down.set_nodelay(true).unwrap();
         up.set_nodelay(true).unwrap();
         match &forwarder {
-            Some(guard) => {
-                let forwarding = guard.forward(&down, &up).expect("forward");
-                std::thread::spawn(move || {
-                    let _ = forwarding.wait();
-                    drop((down, up));
-                });
+            Some(forwarder) => {
+                // Served until the pair ends; the benchmark needs no result.
+                drop(forwarder.forward(down, up).expect("forward"));
             }
             None => {
                 let (d2, u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
@@ -51,24 +49,23 @@ pub fn proxy_table(parent: &Cgroup, reps: usize, duration: Duration) -> Result<S
         std::process::id()
     ))?;
     cgroup.add_process(std::process::id())?;
-    let egress = Arc::new(
-        Accelerator::builder()
-            .redirect(RedirectMode::Egress)
-            .attach()?,
-    );
+    let egress = Accelerator::builder()
+        .redirect(RedirectMode::Egress)
+        .attach()?;
     let both_front = TcpListener::bind("127.0.0.1:0")?;
-    let both = Arc::new(
-        Accelerator::builder()
-            .cgroup(cgroup.cgroup().clone())
-            .redirect(RedirectMode::Both)
-            .ports([both_front.local_addr()?.port()])
-            .splice_guard(SpliceGuard::Off)
-            .attach()?,
-    );
+    let both = Accelerator::builder()
+        .cgroup(cgroup.cgroup().clone())
+        .redirect(RedirectMode::Both)
+        .ports([both_front.local_addr()?.port()])
+        .splice_guard(SpliceGuard::Off)
+        .attach()?;
     let connectors = [
         proxy_connector(TcpListener::bind("127.0.0.1:0")?, None),
-        proxy_connector(TcpListener::bind("127.0.0.1:0")?, Some(egress.clone())),
-        proxy_connector(both_front, Some(both.clone())),
+        proxy_connector(
+            TcpListener::bind("127.0.0.1:0")?,
+            Some(Arc::new(egress.forwarder()?)),
+        ),
+        proxy_connector(both_front, Some(Arc::new(both.forwarder()?))),
     ];
     let cases: [(&str, &str, f64, Run); 3] = [
         (

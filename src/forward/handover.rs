@@ -2,7 +2,8 @@
 //! then both sockets, then, in both mode, the pair) and leaves them again.
 
 use std::net::TcpStream;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
@@ -32,18 +33,27 @@ pub(crate) struct DirectMaps {
     pub netns_spaces: MapHandle,
 }
 
-/// Both mode: this pair's entry in `proxy_pairs`.
-pub(super) struct Direct {
-    pub maps: DirectMaps,
-    /// The downstream socket's key.
-    pub key: fp_sock_key,
+/// What `start` does when the kernel will not take a socket because it is
+/// no longer established (its peer sent its FIN before the hand-over: the
+/// kernel's socket maps take established sockets only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotEstablished {
+    /// Fail, as `FastpathGuard::forward` does.
+    Refuse,
+    /// Serve the pair by copying in user space (a `Forwarder`).
+    Copy,
 }
 
 impl Forwarding {
-    /// Puts the pair into the forwarding map; called by the guard.
-    pub(crate) fn start(maps: ForwardMaps, down: &impl AsFd, up: &impl AsFd) -> Result<Self> {
-        let side = |socket: BorrowedFd<'_>, what: &'static str| -> Result<Side> {
-            let stream = TcpStream::from(socket.try_clone_to_owned().map_err(io_err("dup", what))?);
+    /// Puts the pair into the forwarding map; the guard passes copies of
+    /// the proxy's sockets, a `Forwarder` the sockets themselves.
+    pub(crate) fn start(
+        maps: Arc<ForwardMaps>,
+        down: TcpStream,
+        up: TcpStream,
+        not_established: NotEstablished,
+    ) -> Result<Self> {
+        let side = |stream: TcpStream, what: &'static str| -> Result<Side> {
             let cookie = socket2::SockRef::from(&stream)
                 .cookie()
                 .map_err(io_err("getsockopt(SO_COOKIE)", what))?;
@@ -52,34 +62,42 @@ impl Forwarding {
                 cookie,
                 sent_before: 0,
                 fin_passed: false,
+                draining: false,
+                blocked: false,
                 copied: 0,
             })
         };
         let (down, up) = (
-            side(down.as_fd(), "downstream socket")?,
-            side(up.as_fd(), "upstream socket")?,
+            side(down, "downstream socket")?,
+            side(up, "upstream socket")?,
         );
-        let ForwardMaps {
-            fwd_map,
-            dirs,
-            direct,
-        } = maps;
-        let direct = match direct {
-            Some(maps) => Some(Direct {
-                key: socket_key(&down.stream, &maps.netns_spaces)?,
-                maps,
-            }),
+        let direct_key = match &maps.direct {
+            Some(direct) => Some(socket_key(&down.stream, &direct.netns_spaces)?),
             None => None,
         };
         let mut forwarding = Forwarding {
             sides: [down, up],
-            dirs,
-            direct,
+            maps,
+            direct_key,
+            in_kernel: true,
         };
         for i in [DOWN, UP] {
             forwarding.sides[i].sent_before = forwarding.sent(i)?;
         }
-        forwarding.insert(&fwd_map)?;
+        match forwarding.insert() {
+            Ok(()) => {}
+            // EOPNOTSUPP: the socket is not established. Nothing is
+            // forwarded by the kernel (a socket that did go into
+            // fwd_map has no direction entry, so the verdict keeps its bytes
+            // where the pump reads them): copy every byte.
+            Err(Error::Bpf { source, .. })
+                if not_established == NotEstablished::Copy
+                    && source.kind() == std::io::ErrorKind::Unsupported =>
+            {
+                forwarding.in_kernel = false;
+            }
+            Err(err) => return Err(err),
+        }
         // Bytes queued before the hand-over: make the verdict see them.
         for side in &forwarding.sides {
             sys::set_rcvlowat(side.stream.as_fd(), 1)
@@ -93,7 +111,8 @@ impl Forwarding {
     /// already forwarded); a socket already added to `fwd_map` stays there,
     /// unpaired, so its bytes remain readable by the proxy (deleting a map
     /// entry would drop bytes queued on it).
-    fn insert(&self, fwd_map: &MapHandle) -> Result<()> {
+    fn insert(&self) -> Result<()> {
+        let (fwd_map, dirs) = (&self.maps.fwd_map, &self.maps.dirs);
         const REFUSED: &str =
             "bpf(BPF_MAP_UPDATE_ELEM) on fwd_dirs/fwd_map (socket already forwarded, or map full)";
         let mut added = Vec::new();
@@ -107,8 +126,7 @@ impl Forwarding {
                     bytes: 0,
                 };
                 let key = from.cookie.to_ne_bytes();
-                self.dirs
-                    .update(&key, dir.as_bytes(), MapFlags::NO_EXIST)
+                dirs.update(&key, dir.as_bytes(), MapFlags::NO_EXIST)
                     .map_err(|e| Error::bpf(REFUSED, e))?;
                 added.push(key);
             }
@@ -124,15 +142,14 @@ impl Forwarding {
             }
             // Last: the application's socket may switch to the upstream
             // socket as soon as this entry exists.
-            if let Some(direct) = &self.direct {
+            if let (Some(direct), Some(key)) = (&self.maps.direct, &self.direct_key) {
                 let pair = fp_proxy_pair {
                     down_cookie: self.sides[DOWN].cookie,
                     up_cookie: self.sides[UP].cookie,
                 };
                 direct
-                    .maps
                     .pairs
-                    .update(direct.key.as_bytes(), pair.as_bytes(), MapFlags::NO_EXIST)
+                    .update(key.as_bytes(), pair.as_bytes(), MapFlags::NO_EXIST)
                     .map_err(|e| {
                         Error::bpf("bpf(BPF_MAP_UPDATE_ELEM) on proxy_pairs (map full)", e)
                     })?;
@@ -141,18 +158,18 @@ impl Forwarding {
         })();
         if result.is_err() {
             for key in added {
-                let _ = self.dirs.delete(&key);
+                let _ = dirs.delete(&key);
             }
         }
         result
     }
 
     pub(super) fn remove_dirs(&self) {
-        if let Some(direct) = &self.direct {
-            let _ = direct.maps.pairs.delete(direct.key.as_bytes());
+        if let (Some(direct), Some(key)) = (&self.maps.direct, &self.direct_key) {
+            let _ = direct.pairs.delete(key.as_bytes());
         }
         for side in &self.sides {
-            let _ = self.dirs.delete(&side.cookie.to_ne_bytes());
+            let _ = self.maps.dirs.delete(&side.cookie.to_ne_bytes());
         }
     }
 }

@@ -38,18 +38,21 @@
 //! `wait()` copies them to the downstream socket likewise; such a pair
 //! never sends straight upstream.
 
+mod forwarder;
 mod handover;
 mod pump;
 
 use std::net::TcpStream;
+use std::sync::Arc;
 
-use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use libbpf_rs::{MapCore, MapFlags};
 
-use crate::abi::{fp_fwd_dir, Plain};
+use crate::abi::{fp_fwd_dir, fp_sock_key, Plain};
 use crate::error::{Error, Result};
 
-use handover::Direct;
-pub(crate) use handover::{DirectMaps, ForwardMaps};
+pub use forwarder::{ForwardedPair, Forwarder, Refused};
+
+pub(crate) use handover::{DirectMaps, ForwardMaps, NotEstablished};
 
 /// How a forwarded pair ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +79,10 @@ pub struct ForwardStats {
     /// user space because they were queued on the downstream socket (sent
     /// before the hand-over, or while the upstream socket had no room).
     pub copied_at_hand_over: u64,
+    /// Whether the kernel forwarded the pair. `false`: a [`Forwarder`]
+    /// was handed a socket the kernel no longer takes (its peer had sent
+    /// its FIN before the hand-over) and copied the pair in user space.
+    pub in_kernel: bool,
     /// How it ended.
     pub end: ForwardEnd,
 }
@@ -88,6 +95,13 @@ struct Side {
     sent_before: u64,
     /// Its FIN has been passed on to the other side.
     fin_passed: bool,
+    /// Its FIN has arrived, but bytes before it have not all reached the
+    /// other side's send queue yet: retried on a short timer, since no
+    /// event says when the kernel has moved them.
+    draining: bool,
+    /// Bytes are left in its receive queue because the other side had no
+    /// room: wait for room there.
+    blocked: bool,
     /// Bytes `wait()` copied from its receive queue to the other side.
     copied: u64,
 }
@@ -102,9 +116,11 @@ struct Side {
 pub struct Forwarding {
     /// [downstream, upstream]
     sides: [Side; 2],
-    dirs: MapHandle,
-    /// Both mode only.
-    direct: Option<Direct>,
+    maps: Arc<ForwardMaps>,
+    /// Both mode: the downstream socket's key in `proxy_pairs`.
+    direct_key: Option<fp_sock_key>,
+    /// The kernel forwards the pair; else the pump copies every byte.
+    in_kernel: bool,
 }
 
 const DOWN: usize = 0;
@@ -128,7 +144,8 @@ fn io_err(call: &'static str, what: &'static str) -> impl Fn(std::io::Error) -> 
 impl Forwarding {
     /// Bytes forwarded so far out of the socket with this cookie's peer.
     fn forwarded_from(&self, side: &Side) -> u64 {
-        self.dirs
+        self.maps
+            .dirs
             .lookup(&side.cookie.to_ne_bytes(), MapFlags::ANY)
             .ok()
             .flatten()
@@ -144,11 +161,24 @@ impl Forwarding {
     /// An I/O error from poll or getsockopt.
     pub fn wait(mut self) -> Result<ForwardStats> {
         let end = self.run_until_end();
+        self.finish(end)
+    }
+
+    /// The two sockets, [downstream, upstream].
+    fn fds(&self) -> [std::os::fd::BorrowedFd<'_>; 2] {
+        use std::os::fd::AsFd;
+        self.sides.each_ref().map(|s| s.stream.as_fd())
+    }
+
+    /// What the pair moved, once it has ended (or failed); takes it out of
+    /// the maps.
+    fn finish(&mut self, end: Result<ForwardEnd>) -> Result<ForwardStats> {
         let [down, up] = &self.sides;
         let stats = ForwardStats {
             downstream_to_upstream: self.forwarded_from(down) + down.copied,
             upstream_to_downstream: self.forwarded_from(up) + up.copied,
-            copied_at_hand_over: down.copied,
+            copied_at_hand_over: if self.in_kernel { down.copied } else { 0 },
+            in_kernel: self.in_kernel,
             end: end?,
         };
         self.remove_dirs();

@@ -15,64 +15,109 @@ use crate::error::Result;
 use crate::sys;
 
 /// The peer has shut down its sending side (nix has no constant for it).
-const RDHUP: PollFlags = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
+pub(super) const RDHUP: PollFlags = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
+
+/// How soon a half-close that waits for the kernel is looked at again.
+pub(super) const DRAIN_RETRY_MS: i32 = 1;
+
+/// The buffer bytes are copied through.
+pub(super) const COPY_BUFFER: usize = 64 << 10;
 
 impl Forwarding {
-    pub(super) fn run_until_end(&mut self) -> Result<ForwardEnd> {
-        // Bytes waiting in either socket's own queue (both mode: redirected
-        // there around the forwarding program; every mode: kept there by
-        // the forwarding program while the pair was being inserted) are
-        // copied to the other socket; while the other socket is full, wait
-        // for room there instead.
-        let mut blocked = [false; 2];
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            if self.sides.iter().all(|s| s.fin_passed) {
-                return Ok(ForwardEnd::Closed);
-            }
-            let fds = self.sides.each_ref().map(|s| s.stream.as_fd());
-            let events = [DOWN, UP].map(|i| {
-                let mut events = RDHUP;
-                if !blocked[i] {
+    /// What to wait for on each side: bytes to copy and its FIN, until the
+    /// FIN has arrived (a socket at EOF stays readable: after that only the
+    /// drain retry looks at it), and room while the other side is blocked.
+    pub(super) fn interest(&self) -> [PollFlags; 2] {
+        [DOWN, UP].map(|i| {
+            let side = &self.sides[i];
+            let mut events = PollFlags::empty();
+            if !side.fin_passed && !side.draining {
+                events |= RDHUP;
+                if !side.blocked {
                     events |= PollFlags::POLLIN;
                 }
-                if blocked[1 - i] {
-                    events |= PollFlags::POLLOUT;
-                }
-                (fds[i], events.bits())
-            });
-            let revents = sys::poll_events(events, 100)
-                .map_err(io_err("poll", "forwarded sockets"))?
-                .map(PollFlags::from_bits_retain);
-            for from in [DOWN, UP] {
-                if revents[from].contains(PollFlags::POLLIN)
-                    || revents[1 - from].contains(PollFlags::POLLOUT)
-                {
-                    match self.copy_queued(from, &mut buf) {
-                        Ok(full) => blocked[from] = full,
-                        Err(_) => return Ok(self.reset_by(from)),
-                    }
+            }
+            if self.sides[1 - i].blocked {
+                events |= PollFlags::POLLOUT;
+            }
+            events
+        })
+    }
+
+    /// Whether a half-close waits for the kernel to move the bytes before
+    /// it: [`step`](Self::step) must run again within [`DRAIN_RETRY_MS`],
+    /// events or not.
+    pub(super) fn is_draining(&self) -> bool {
+        self.sides.iter().any(|s| s.draining)
+    }
+
+    /// Acts on what poll reported for [downstream, upstream] (nothing, on
+    /// a drain retry): copies bytes left in a socket's own queue (both mode:
+    /// redirected there around the forwarding program; every mode: kept
+    /// there while the pair was being inserted) to the other socket, passes
+    /// resets and half-closes on. `Some(end)` once the pair has ended.
+    pub(super) fn step(
+        &mut self,
+        revents: [PollFlags; 2],
+        buf: &mut [u8],
+    ) -> Result<Option<ForwardEnd>> {
+        for from in [DOWN, UP] {
+            let side = &self.sides[from];
+            let readable =
+                revents[from].contains(PollFlags::POLLIN) || (side.draining && !side.blocked);
+            if readable || revents[1 - from].contains(PollFlags::POLLOUT) {
+                match self.copy_queued(from, buf) {
+                    Ok(full) => self.sides[from].blocked = full,
+                    Err(_) => return Ok(Some(self.reset_by(from))),
                 }
             }
-            for (from, events) in revents.iter().enumerate() {
-                // SO_ERROR clears the error: read it once, on POLLERR/POLLHUP.
-                if events.intersects(PollFlags::POLLERR | PollFlags::POLLHUP)
-                    && sys::socket_error(self.sides[from].stream.as_fd())
-                        .map_err(io_err("getsockopt(SO_ERROR)", "forwarded socket"))?
-                        != 0
-                {
-                    return Ok(self.reset_by(from));
-                }
+        }
+        for (from, events) in revents.iter().enumerate() {
+            // SO_ERROR clears the error: read it once, on POLLERR/POLLHUP.
+            if events.intersects(PollFlags::POLLERR | PollFlags::POLLHUP)
+                && sys::socket_error(self.sides[from].stream.as_fd())
+                    .map_err(io_err("getsockopt(SO_ERROR)", "forwarded socket"))?
+                    != 0
+            {
+                return Ok(Some(self.reset_by(from)));
             }
-            let mut draining = false;
-            for (from, events) in revents.iter().enumerate() {
-                if events.intersects(RDHUP | PollFlags::POLLHUP) && !self.sides[from].fin_passed {
-                    draining |= !self.try_pass_fin(from)?;
-                }
+        }
+        for from in [DOWN, UP] {
+            let side = &self.sides[from];
+            let fin_seen = side.draining || revents[from].intersects(RDHUP | PollFlags::POLLHUP);
+            if fin_seen && !side.fin_passed {
+                self.sides[from].draining = !self.try_pass_fin(from)?;
             }
-            if draining || revents.iter().any(|r| r.contains(RDHUP)) {
-                // RDHUP stays set: do not spin while the kernel drains.
-                std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(self
+            .sides
+            .iter()
+            .all(|s| s.fin_passed)
+            .then_some(ForwardEnd::Closed))
+    }
+
+    /// `wait()`'s loop: poll this pair's two sockets, then [`step`](Self::step).
+    pub(super) fn run_until_end(&mut self) -> Result<ForwardEnd> {
+        let mut buf = vec![0u8; COPY_BUFFER];
+        loop {
+            let interest = self.interest();
+            let fds = self.sides.each_ref().map(|s| s.stream.as_fd());
+            let timeout = if self.is_draining() {
+                DRAIN_RETRY_MS
+            } else {
+                -1
+            };
+            let revents = sys::poll_events(
+                [
+                    (fds[DOWN], interest[DOWN].bits()),
+                    (fds[UP], interest[UP].bits()),
+                ],
+                timeout,
+            )
+            .map_err(io_err("poll", "forwarded sockets"))?
+            .map(PollFlags::from_bits_retain);
+            if let Some(end) = self.step(revents, &mut buf)? {
+                return Ok(end);
             }
         }
     }
@@ -107,9 +152,8 @@ impl Forwarding {
         let queued = sys::bytes_into_send_queue(self.sides[i].stream.as_fd())
             .map_err(io_err("getsockopt(TCP_INFO)", "forwarded socket"))?;
         // No socket-storage entry: the socket is not accelerated.
-        let around = match &self.direct {
+        let around = match &self.maps.direct {
             Some(direct) => direct
-                .maps
                 .sock_state
                 .lookup(&fd.to_ne_bytes(), MapFlags::ANY)
                 .ok()

@@ -53,3 +53,24 @@ pub fn readable_within(s: &impl AsFd, ms: u16) -> bool {
     let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
     poll(&mut fds, PollTimeout::from(ms)).expect("poll") == 1
 }
+
+/// The socket's TCP state (`TCP_INFO`'s `tcpi_state`, e.g. 8 = CLOSE_WAIT:
+/// the peer's FIN has arrived).
+pub fn tcp_state(s: &TcpStream) -> u8 {
+    let mut info = std::mem::MaybeUninit::<nix::libc::tcp_info>::zeroed();
+    let mut len = size_of::<nix::libc::tcp_info>() as nix::libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes into `info`, which is
+    // that large; the fd is open for the call.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            s.as_raw_fd(),
+            nix::libc::IPPROTO_TCP,
+            nix::libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "getsockopt(TCP_INFO)");
+    // SAFETY: zero-initialised, then (partly) written by the kernel.
+    unsafe { info.assume_init() }.tcpi_state
+}

@@ -1,0 +1,447 @@
+//! One thread for any number of forwarded pairs: an epoll loop over every
+//! pair's two sockets that runs the same steps as `Forwarding::wait`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use nix::errno::Errno;
+use nix::poll::PollFlags;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use super::pump::{COPY_BUFFER, DRAIN_RETRY_MS};
+use super::{ForwardEnd, ForwardMaps, ForwardStats, Forwarding, NotEstablished, DOWN, UP};
+use crate::error::{Error, Result};
+
+/// Serves any number of forwarded pairs from one thread (named
+/// `fastpath-fwd`), for proxies with many connections; get one from
+/// [`FastpathGuard::forwarder`](crate::FastpathGuard::forwarder).
+///
+/// [`forward`](Self::forward) takes the pair's two streams: from then on
+/// the forwarder owns them, passes half-closes and resets on exactly as
+/// [`Forwarding::wait`] does, copies bytes left in their own queues, and
+/// closes them when the pair ends. A pair the kernel will not take because
+/// a socket is no longer established (a client that sent its request and
+/// half-closed before the proxy accepted it) is copied in user space
+/// instead ([`ForwardStats::in_kernel`] says which). Each pair's [`ForwardedPair`] tells
+/// when, blocking ([`ForwardedPair::wait`]) or as a `Future` (any async
+/// runtime; no `spawn_blocking`).
+///
+/// Dropping the forwarder takes no new pairs; its thread serves the pairs
+/// it has until the last one ends, then exits.
+#[must_use = "a forwarder forwards nothing until pairs are handed to it"]
+pub struct Forwarder {
+    shared: Arc<Shared>,
+    maps: Arc<ForwardMaps>,
+}
+
+struct Shared {
+    epoll: Epoll,
+    /// Wakes the thread when the forwarder is dropped.
+    wake: EventFd,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    pairs: HashMap<u64, Entry>,
+    /// Pairs whose half-close waits for the kernel: stepped on a timer.
+    draining: BTreeSet<u64>,
+    next_id: u64,
+    /// The `Forwarder` was dropped: the thread ends with the last pair.
+    closed: bool,
+}
+
+struct Entry {
+    forwarding: Forwarding,
+    interest: [PollFlags; 2],
+    done: Arc<Done>,
+}
+
+/// Where the thread leaves a pair's result for its `ForwardedPair`.
+#[derive(Default)]
+struct Done {
+    state: Mutex<DoneState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct DoneState {
+    result: Option<Result<ForwardStats>>,
+    finished: bool,
+    waker: Option<Waker>,
+}
+
+/// The epoll token of the wake-up eventfd; pair `id`'s sockets are `2 * id`
+/// (downstream) and `2 * id + 1` (upstream).
+const WAKE_TOKEN: u64 = u64::MAX;
+
+/// Events the thread takes from epoll at once.
+const EVENTS_PER_WAIT: usize = 256;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic on the thread cannot leave a pair half-updated in a way a
+    // waiter could observe: keep serving.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn epoll_flags(events: PollFlags) -> EpollFlags {
+    // poll(2) and epoll(7) share these bit values on Linux.
+    EpollFlags::from_bits_retain(i32::from(events.bits()))
+}
+
+fn poll_flags(events: EpollFlags) -> PollFlags {
+    PollFlags::from_bits_retain(events.bits() as i16)
+}
+
+impl Forwarder {
+    pub(crate) fn new(maps: ForwardMaps) -> Result<Self> {
+        let io = |call| move |err: Errno| Error::io(call, "the forwarder", err.into());
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io("epoll_create1"))?;
+        let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(io("eventfd"))?;
+        epoll
+            .add(
+                wake.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN),
+            )
+            .map_err(io("epoll_ctl(EPOLL_CTL_ADD)"))?;
+        let shared = Arc::new(Shared {
+            epoll,
+            wake,
+            state: Mutex::default(),
+        });
+        let serving = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("fastpath-fwd".into())
+            .spawn(move || serve(&serving))
+            .map_err(|err| Error::io("spawning the forwarder's thread", "the forwarder", err))?;
+        Ok(Forwarder {
+            shared,
+            maps: Arc::new(maps),
+        })
+    }
+
+    /// Hands a proxy's pair of connections to the kernel, as
+    /// [`FastpathGuard::forward`](crate::FastpathGuard::forward) does
+    /// (follow the hand-over protocol in the [module docs](super)), and
+    /// takes the two streams (std `TcpStream`; from tokio, use
+    /// `into_std()`).
+    ///
+    /// # Errors
+    /// [`Refused`] with the two streams given back untouched, so the proxy
+    /// can still copy them itself: for what `FastpathGuard::forward` refuses
+    /// (a socket already forwarded, a full map) and I/O errors from dup or
+    /// getsockopt. `?` turns it into an [`Error`].
+    pub fn forward(
+        &self,
+        downstream: TcpStream,
+        upstream: TcpStream,
+    ) -> std::result::Result<ForwardedPair, Refused> {
+        let dups = downstream
+            .try_clone()
+            .and_then(|down| Ok((down, upstream.try_clone()?)))
+            .map_err(|err| Error::io("dup", "forwarded socket", err));
+        let forwarding = match dups.and_then(|(down, up)| {
+            Forwarding::start(Arc::clone(&self.maps), down, up, NotEstablished::Copy)
+        }) {
+            Ok(forwarding) => forwarding,
+            Err(error) => {
+                return Err(Refused {
+                    error,
+                    downstream,
+                    upstream,
+                })
+            }
+        };
+        // The forwarder's copies are the only ones from now on.
+        drop((downstream, upstream));
+        let done = Arc::new(Done::default());
+        let mut state = lock(&self.shared.state);
+        let id = state.next_id;
+        state.next_id += 1;
+        let interest = forwarding.interest();
+        match self.register(&forwarding, id, interest) {
+            Ok(()) => {
+                state.pairs.insert(
+                    id,
+                    Entry {
+                        forwarding,
+                        interest,
+                        done: Arc::clone(&done),
+                    },
+                );
+            }
+            Err(err) => {
+                // epoll is full (fs.epoll.max_user_watches): the pair is in
+                // the maps already, so it is served on its own thread.
+                drop(state);
+                let for_thread = Arc::clone(&done);
+                let spawned = std::thread::Builder::new()
+                    .name("fastpath-fwd-1".into())
+                    .spawn(move || for_thread.finish(forwarding.wait()));
+                if spawned.is_err() {
+                    done.finish(Err(err));
+                }
+            }
+        }
+        Ok(ForwardedPair { done })
+    }
+
+    /// How many pairs it serves now.
+    pub fn pairs(&self) -> usize {
+        lock(&self.shared.state).pairs.len()
+    }
+
+    fn register(&self, forwarding: &Forwarding, id: u64, interest: [PollFlags; 2]) -> Result<()> {
+        let epoll = &self.shared.epoll;
+        let fds = forwarding.fds();
+        for i in [DOWN, UP] {
+            let event = EpollEvent::new(epoll_flags(interest[i]), 2 * id + i as u64);
+            if let Err(err) = epoll.add(fds[i], event) {
+                if i == UP {
+                    let _ = epoll.delete(fds[DOWN]);
+                }
+                return Err(Error::io(
+                    "epoll_ctl(EPOLL_CTL_ADD)",
+                    "forwarded socket",
+                    err.into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        lock(&self.shared.state).closed = true;
+        let _ = self.shared.wake.write(1);
+    }
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("pairs", &self.pairs())
+            .finish()
+    }
+}
+
+/// The thread: waits on every pair's sockets and steps the pairs that have
+/// events (or wait for the kernel to drain), until the forwarder is dropped
+/// and its last pair has ended.
+fn serve(shared: &Shared) {
+    let mut events = vec![EpollEvent::empty(); EVENTS_PER_WAIT];
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        let timeout = {
+            let state = lock(&shared.state);
+            if state.closed && state.pairs.is_empty() {
+                return;
+            }
+            if state.draining.is_empty() {
+                EpollTimeout::NONE
+            } else {
+                EpollTimeout::from(DRAIN_RETRY_MS as u16)
+            }
+        };
+        let ready = match shared.epoll.wait(&mut events, timeout) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => 0,
+            Err(err) => {
+                fail_all(shared, err);
+                return;
+            }
+        };
+        let mut revents: BTreeMap<u64, [PollFlags; 2]> = BTreeMap::new();
+        for event in &events[..ready] {
+            if event.data() == WAKE_TOKEN {
+                let _ = shared.wake.read();
+                continue;
+            }
+            let (id, side) = (event.data() / 2, (event.data() % 2) as usize);
+            revents.entry(id).or_insert([PollFlags::empty(); 2])[side] |=
+                poll_flags(event.events());
+        }
+        let mut state = lock(&shared.state);
+        for id in std::mem::take(&mut state.draining) {
+            revents.entry(id).or_insert([PollFlags::empty(); 2]);
+        }
+        for (id, revents) in revents {
+            step_pair(shared, &mut state, id, revents, &mut buf);
+        }
+    }
+}
+
+fn step_pair(shared: &Shared, state: &mut State, id: u64, revents: [PollFlags; 2], buf: &mut [u8]) {
+    let Some(entry) = state.pairs.get_mut(&id) else {
+        return;
+    };
+    let end = match entry.forwarding.step(revents, buf) {
+        Ok(None) => match update_interest(shared, entry, id) {
+            Ok(draining) => {
+                if draining {
+                    state.draining.insert(id);
+                }
+                return;
+            }
+            Err(err) => Err(err),
+        },
+        Ok(Some(end)) => Ok(end),
+        Err(err) => Err(err),
+    };
+    end_pair(shared, state, id, end);
+}
+
+/// Tells epoll what the pair waits for now; whether it is draining.
+fn update_interest(shared: &Shared, entry: &mut Entry, id: u64) -> Result<bool> {
+    let interest = entry.forwarding.interest();
+    let fds = entry.forwarding.fds();
+    for i in [DOWN, UP] {
+        if interest[i] != entry.interest[i] {
+            let mut event = EpollEvent::new(epoll_flags(interest[i]), 2 * id + i as u64);
+            shared.epoll.modify(fds[i], &mut event).map_err(|err| {
+                Error::io("epoll_ctl(EPOLL_CTL_MOD)", "forwarded socket", err.into())
+            })?;
+        }
+    }
+    entry.interest = interest;
+    Ok(entry.forwarding.is_draining())
+}
+
+/// Takes a pair out: its sockets leave epoll and are closed (with SO_LINGER
+/// 0 already set on the other side of a reset), its entries leave the maps,
+/// and its waiter gets the result.
+fn end_pair(shared: &Shared, state: &mut State, id: u64, end: Result<ForwardEnd>) {
+    let Some(mut entry) = state.pairs.remove(&id) else {
+        return;
+    };
+    state.draining.remove(&id);
+    for fd in entry.forwarding.fds() {
+        let _ = shared.epoll.delete(fd);
+    }
+    let stats = entry.forwarding.finish(end);
+    drop(entry.forwarding);
+    entry.done.finish(stats);
+}
+
+/// epoll itself failed (never seen): every pair ends with that error.
+fn fail_all(shared: &Shared, err: Errno) {
+    let mut state = lock(&shared.state);
+    let ids: Vec<u64> = state.pairs.keys().copied().collect();
+    for id in ids {
+        let err = Error::io("epoll_wait", "the forwarder", err.into());
+        end_pair(shared, &mut state, id, Err(err));
+    }
+}
+
+impl Done {
+    fn finish(&self, result: Result<ForwardStats>) {
+        let mut state = lock(&self.state);
+        state.result = Some(result);
+        state.finished = true;
+        if let Some(waker) = state.waker.take() {
+            waker.wake();
+        }
+        self.changed.notify_all();
+    }
+}
+
+/// A pair a [`Forwarder`] serves. [`wait`](Self::wait) blocks until it
+/// ends; `.await` on it does the same in async code. Dropping it leaves
+/// the pair served.
+#[must_use = "wait() or .await it to learn how the pair ended"]
+pub struct ForwardedPair {
+    done: Arc<Done>,
+}
+
+impl ForwardedPair {
+    /// Blocks until the pair has ended; what it moved and how it ended.
+    ///
+    /// # Errors
+    /// An I/O error the forwarder met serving the pair (poll, getsockopt).
+    pub fn wait(self) -> Result<ForwardStats> {
+        let mut state = lock(&self.done.state);
+        while !state.finished {
+            state = self
+                .done
+                .changed
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        state
+            .result
+            .take()
+            .expect("the forwarder leaves each pair's result once")
+    }
+
+    /// Whether the pair has ended.
+    pub fn is_finished(&self) -> bool {
+        lock(&self.done.state).finished
+    }
+}
+
+impl Future for ForwardedPair {
+    type Output = Result<ForwardStats>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = lock(&self.done.state);
+        if state.finished {
+            return Poll::Ready(
+                state
+                    .result
+                    .take()
+                    .expect("a ForwardedPair is not polled after it completed"),
+            );
+        }
+        state.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl std::fmt::Debug for ForwardedPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardedPair")
+            .field("finished", &self.is_finished())
+            .finish()
+    }
+}
+
+/// A pair a [`Forwarder`] did not take: why, and the two streams, untouched.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Refused {
+    /// Why (see [`FastpathGuard::forward`](crate::FastpathGuard::forward)).
+    pub error: Error,
+    /// The downstream stream, given back.
+    pub downstream: TcpStream,
+    /// The upstream stream, given back.
+    pub upstream: TcpStream,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The cause is `source()`: chain printers show it once.
+        f.write_str("the forwarder refused the pair (both streams are given back)")
+    }
+}
+
+impl std::error::Error for Refused {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl From<Refused> for Error {
+    fn from(refused: Refused) -> Self {
+        refused.error
+    }
+}

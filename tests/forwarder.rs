@@ -1,0 +1,351 @@
+//! A `Forwarder`: one thread serving many forwarded pairs (egress mode).
+
+mod common;
+use common::*;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use sockmap_fastpath::{
+    Accelerator, Error, ErrorKind, FastpathGuard, ForwardEnd, ForwardStats, RedirectMode,
+};
+use support::sockopt::{set_linger_zero, tcp_state};
+
+fn egress_guard() -> FastpathGuard {
+    Accelerator::builder()
+        .redirect(RedirectMode::Egress)
+        .attach()
+        .expect("attach egress")
+}
+
+/// Threads of this process whose name starts with `prefix`.
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.starts_with(prefix))
+        .count()
+}
+
+/// The most forwarder threads seen while it runs, sampled every 5 ms.
+struct ThreadWatch {
+    stop: Arc<AtomicBool>,
+    most: Arc<AtomicUsize>,
+    sampler: thread::JoinHandle<()>,
+}
+
+impl ThreadWatch {
+    fn start() -> Self {
+        let (stop, most) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let sampler = {
+            let (stop, most) = (stop.clone(), most.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    most.fetch_max(threads_named("fastpath-fwd"), Ordering::Relaxed);
+                    thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        ThreadWatch {
+            stop,
+            most,
+            sampler,
+        }
+    }
+
+    fn most(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.sampler.join().unwrap();
+        self.most.load(Ordering::Relaxed)
+    }
+}
+
+const PAIRS: usize = 1000;
+const UPLOAD: usize = 32 << 10;
+const RESPONSE: usize = 8 << 10;
+/// Connects in flight at once: a burst of 1000 overflows the listeners'
+/// accept queues and the kernel resets the overflow, with or without us.
+const CONNECTING: usize = 64;
+
+/// 1000 client -> proxy -> server connections open at once, all handed to
+/// one forwarder (it holds all 1000 pairs before any client half-closes)
+/// and awaited as futures on a two-worker tokio runtime: every byte arrives
+/// both ways (each client's upload is its own pseudo-random stream, the
+/// server answers after the client's half-close), every pair ends `Closed`
+/// in the kernel with exact byte counts, and the forwarder never runs more
+/// than its one thread.
+#[test]
+fn one_thread_serves_a_thousand_pairs() {
+    let Some(_env) = privileged_env() else { return };
+    let guard = egress_guard();
+    let forwarder = Arc::new(guard.forwarder().expect("forwarder"));
+    let watch = ThreadWatch::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (held_at_once, stats): (usize, Vec<ForwardStats>) = rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (front_addr, upstream_addr) =
+            (front.local_addr().unwrap(), upstream.local_addr().unwrap());
+        let all_forwarded = Arc::new(tokio::sync::Notify::new());
+        let server = tokio::spawn(async move {
+            let mut served = Vec::new();
+            for _ in 0..PAIRS {
+                let (mut s, _) = upstream.accept().await.unwrap();
+                served.push(tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    s.read_to_end(&mut got).await.unwrap();
+                    let index = u64::from_ne_bytes(got[..8].try_into().unwrap());
+                    assert_bytes_eq(&got[8..], &random_bytes(UPLOAD, index), "upload");
+                    s.write_all(&random_bytes(RESPONSE, index + 1_000_000))
+                        .await
+                        .unwrap();
+                    s.shutdown().await.unwrap();
+                }));
+            }
+            for task in served {
+                task.await.unwrap();
+            }
+        });
+        let proxy = {
+            let (forwarder, all_forwarded) = (forwarder.clone(), all_forwarded.clone());
+            tokio::spawn(async move {
+                let mut pairs = Vec::new();
+                for _ in 0..PAIRS {
+                    let (down, _) = front.accept().await.unwrap();
+                    let up = tokio::net::TcpStream::connect(upstream_addr).await.unwrap();
+                    let pair = forwarder
+                        .forward(down.into_std().unwrap(), up.into_std().unwrap())
+                        .expect("forward");
+                    pairs.push(tokio::spawn(pair));
+                }
+                let held = forwarder.pairs();
+                all_forwarded.notify_waiters();
+                let mut stats = Vec::new();
+                for pair in pairs {
+                    stats.push(pair.await.unwrap().expect("pair"));
+                }
+                (held, stats)
+            })
+        };
+        let connecting = Arc::new(tokio::sync::Semaphore::new(CONNECTING));
+        let clients: Vec<_> = (0..PAIRS as u64)
+            .map(|index| {
+                let (connecting, all_forwarded) = (connecting.clone(), all_forwarded.clone());
+                tokio::spawn(async move {
+                    let forwarded = all_forwarded.notified();
+                    let permit = connecting.acquire().await.unwrap();
+                    let mut c = tokio::net::TcpStream::connect(front_addr).await.unwrap();
+                    drop(permit);
+                    c.write_all(&index.to_ne_bytes()).await.unwrap();
+                    c.write_all(&random_bytes(UPLOAD, index)).await.unwrap();
+                    forwarded.await;
+                    c.shutdown().await.unwrap();
+                    let mut got = Vec::new();
+                    c.read_to_end(&mut got).await.unwrap();
+                    assert_bytes_eq(&got, &random_bytes(RESPONSE, index + 1_000_000), "response");
+                })
+            })
+            .collect();
+        for client in clients {
+            client.await.unwrap();
+        }
+        server.await.unwrap();
+        proxy.await.unwrap()
+    });
+    let most_threads = watch.most();
+    let counters = guard.stats().unwrap();
+    eprintln!(
+        "{PAIRS} pairs, {held_at_once} held at once: {most_threads} forwarder thread(s) at \
+         most; fwd_bytes {}, fwd_unpaired {}",
+        counters.fwd_bytes, counters.fwd_unpaired
+    );
+    assert_eq!(held_at_once, PAIRS, "every pair open at once");
+    assert_eq!(stats.len(), PAIRS);
+    for s in &stats {
+        assert!(s.in_kernel, "{s:?}");
+        assert_eq!(s.end, ForwardEnd::Closed, "{s:?}");
+        assert_eq!(s.downstream_to_upstream, (8 + UPLOAD) as u64, "{s:?}");
+        assert_eq!(s.upstream_to_downstream, RESPONSE as u64, "{s:?}");
+    }
+    assert_eq!(most_threads, 1, "one forwarder thread, none per pair");
+    assert!(counters.fwd_bytes > 0, "the kernel forwarded: {counters}");
+    assert_eq!(forwarder.pairs(), 0);
+}
+
+/// A client that sent its request and half-closed before the proxy took
+/// the connection: its socket is no longer established and the kernel's
+/// maps refuse it, so the forwarder copies the pair in user space, with
+/// the same half-close and byte-count semantics (`in_kernel` false).
+#[test]
+fn a_pair_the_kernel_refuses_is_copied_in_user_space() {
+    let Some(_env) = privileged_env() else { return };
+    let guard = egress_guard();
+    let forwarder = guard.forwarder().expect("forwarder");
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = connect(front.local_addr().unwrap());
+    // Small enough to fit the receive window: the FIN follows at once.
+    let request = random_bytes(16 << 10, 31);
+    client.write_all(&request).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let (down, _) = front.accept().unwrap();
+    // Until the proxy's socket has the client's FIN (CLOSE_WAIT).
+    while !readable_after_eof(&down) {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let up = connect(upstream.local_addr().unwrap());
+    let (mut server, _) = upstream.accept().unwrap();
+    let pair = forwarder.forward(down, up).expect("served, not refused");
+    assert_bytes_eq(&read_all(&mut server), &request, "request");
+    let response = random_bytes(1 << 20, 32);
+    server.write_all(&response).unwrap();
+    server.shutdown(Shutdown::Write).unwrap();
+    assert_bytes_eq(&read_all(&mut client), &response, "response");
+    let stats = pair.wait().expect("pair");
+    assert!(!stats.in_kernel, "{stats:?}");
+    assert_eq!(stats.end, ForwardEnd::Closed);
+    assert_eq!(stats.downstream_to_upstream, 16 << 10);
+    assert_eq!(stats.upstream_to_downstream, 1 << 20);
+    assert_eq!(
+        guard.stats().unwrap().fwd_bytes,
+        0,
+        "the kernel forwarded nothing"
+    );
+}
+
+/// Whether the peer's FIN has arrived (CLOSE_WAIT).
+fn readable_after_eof(s: &TcpStream) -> bool {
+    const TCP_CLOSE_WAIT: u8 = 8;
+    tcp_state(s) == TCP_CLOSE_WAIT
+}
+
+/// A client -> proxy -> server connection handed to `forwarder`.
+fn forwarded(
+    forwarder: &sockmap_fastpath::Forwarder,
+    upstream: &TcpListener,
+) -> (TcpStream, TcpStream, sockmap_fastpath::ForwardedPair) {
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = connect(front.local_addr().unwrap());
+    let (down, _) = front.accept().unwrap();
+    let up = connect(upstream.local_addr().unwrap());
+    let (server, _) = upstream.accept().unwrap();
+    let pair = forwarder.forward(down, up).expect("forward");
+    (client, server, pair)
+}
+
+/// Half-closes pass through in order with the other direction still
+/// flowing, and a reset on either side resets the other, as with
+/// `Forwarding::wait` (the forwarder runs the same steps, driven by epoll).
+#[test]
+fn half_closes_and_resets_pass_through_the_forwarder() {
+    let Some(_env) = privileged_env() else { return };
+    let guard = egress_guard();
+    let forwarder = guard.forwarder().expect("forwarder");
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+
+    // Half-close: the client stops sending, the server keeps sending.
+    let (mut client, mut server, pair) = forwarded(&forwarder, &upstream);
+    let upload = random_bytes(1 << 20, 21);
+    client.write_all(&upload).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_bytes_eq(
+        &read_all(&mut server),
+        &upload,
+        "upload before the half-close",
+    );
+    let download = random_bytes(4 << 20, 22);
+    server.write_all(&download).unwrap();
+    server.shutdown(Shutdown::Write).unwrap();
+    assert_bytes_eq(&read_all(&mut client), &download, "download after it");
+    let stats = pair.wait().expect("pair");
+    assert_eq!(stats.end, ForwardEnd::Closed);
+    assert_eq!(stats.downstream_to_upstream, 1 << 20);
+    assert_eq!(stats.upstream_to_downstream, 4 << 20);
+
+    for client_resets in [true, false] {
+        let (client, server, pair) = forwarded(&forwarder, &upstream);
+        let (mut survivor, resetter) = if client_resets {
+            (server, client)
+        } else {
+            (client, server)
+        };
+        set_linger_zero(&resetter);
+        drop(resetter);
+        let mut buf = [0u8; 16];
+        let err = survivor
+            .read(&mut buf)
+            .expect_err("the other side is reset too");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+        let want = if client_resets {
+            ForwardEnd::DownstreamReset
+        } else {
+            ForwardEnd::UpstreamReset
+        };
+        assert_eq!(pair.wait().expect("pair").end, want);
+    }
+    assert_eq!(forwarder.pairs(), 0);
+}
+
+/// A pair the kernel refuses (one socket as both sides: already forwarded
+/// when its second entry goes in) comes back with both streams, untouched
+/// and usable; `?` turns the refusal into the crate's error. A pair served
+/// meanwhile is unaffected; an ingress guard has no forwarder.
+#[test]
+fn a_refused_pair_gets_its_streams_back() {
+    let Some(env) = privileged_env() else { return };
+    let guard = egress_guard();
+    let forwarder = guard.forwarder().expect("forwarder");
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut client, mut server, first) = forwarded(&forwarder, &upstream);
+
+    let lone = connect(upstream.local_addr().unwrap());
+    let (mut lone_server, _) = upstream.accept().unwrap();
+    let refused = forwarder
+        .forward(lone.try_clone().unwrap(), lone)
+        .expect_err("one socket on both sides");
+    assert_eq!(
+        refused.error.kind(),
+        ErrorKind::MapFullOrTaken,
+        "{}",
+        refused.error
+    );
+    let mut given_back = refused.downstream;
+    given_back.write_all(b"plain").unwrap();
+    let mut got = [0u8; 5];
+    lone_server.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"plain", "the stream given back works as plain TCP");
+    let err = Error::from(
+        forwarder
+            .forward(given_back.try_clone().unwrap(), given_back)
+            .expect_err("again"),
+    );
+    assert_eq!(err.kind(), ErrorKind::MapFullOrTaken, "{err}");
+
+    client.write_all(b"still there").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut server), b"still there");
+    server.shutdown(Shutdown::Write).unwrap();
+    assert!(read_all(&mut client).is_empty());
+    assert_eq!(first.wait().expect("first").end, ForwardEnd::Closed);
+    assert_eq!(forwarder.pairs(), 0);
+
+    let ingress = Accelerator::builder()
+        .cgroup(env.cgroup.cgroup())
+        .splice_guard(sockmap_fastpath::SpliceGuard::Off)
+        .attach()
+        .unwrap();
+    let err = ingress.forwarder().expect_err("ingress mode");
+    assert!(matches!(err, Error::NotEgressMode), "{err:?}");
+}
