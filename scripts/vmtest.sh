@@ -87,7 +87,9 @@ for spec in "$@"; do
     dpkg-query -W -f='${Status}' "linux-image-$version" 2>/dev/null | grep -q "install ok installed" ||
       scripts/install-deps.sh "linux-image-$version"
     echo "vmtest: booting $version (emulated)" >&2
-    timeout --foreground --kill-after=30s 45m vng --disable-kvm --force-9p -r "/boot/vmlinuz-$version" \
+    # --verbose: the guest kernel's console goes to console.log too, so a
+    # guest that dies mid-test leaves its last kernel messages there.
+    timeout --foreground --kill-after=30s 45m vng --disable-kvm --force-9p --verbose -r "/boot/vmlinuz-$version" \
       --user root --cpus 2 --memory 3G --rwdir "$out" --cwd "$ROOT" \
       -- "$ROOT/scripts/vmtest-guest.sh $out ${BINARIES[*]}" < /dev/null > "$out/console.log" 2>&1 || true
   fi

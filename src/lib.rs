@@ -22,6 +22,7 @@
 //!   that the policy selects are paired with their local peer; each
 //!   `sendmsg()` goes straight into the peer's receive queue.
 //! - [`RedirectMode::Egress`]: a proxy hands pairs of its own connections to
+//!   a [`Forwarder`] (one thread for any number of pairs) or to
 //!   [`FastpathGuard::forward`]; the kernel forwards between them (see the
 //!   [`forward`] module for the hand-over protocol).
 //! - [`RedirectMode::Both`]: both at once, for a sidecar proxy in the same
