@@ -86,6 +86,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let seconds: Option<f64> = opt("--seconds").map(|s| s.parse()).transpose()?;
+    // Two sockets per connection: as many connections as the hard limit allows.
+    support::limits::raise_open_files(u64::MAX)?;
 
     // Block SIGINT/SIGTERM before starting threads; a waiter thread ends us.
     let mut signals = SigSet::empty();

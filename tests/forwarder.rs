@@ -70,6 +70,19 @@ impl ThreadWatch {
 const PAIRS: usize = 1000;
 const UPLOAD: usize = 32 << 10;
 const RESPONSE: usize = 8 << 10;
+/// Long enough for an emulated kernel; the host takes about 7 s.
+const RUN_LIMIT: Duration = Duration::from_secs(400);
+
+/// How far a run got (counts of clients, pairs and answers).
+#[derive(Debug, Default)]
+struct Progress {
+    connected: AtomicUsize,
+    forwarded: AtomicUsize,
+    answered: AtomicUsize,
+    ended: AtomicUsize,
+    done: AtomicUsize,
+}
+
 /// Connects in flight at once: a burst of 1000 overflows the listeners'
 /// accept queues and the kernel resets the overflow, with or without us.
 const CONNECTING: usize = 64;
@@ -84,6 +97,14 @@ const CONNECTING: usize = 64;
 #[test]
 fn one_thread_serves_a_thousand_pairs() {
     let Some(_env) = privileged_env() else { return };
+    // Four sockets per connection, and a dup of two while handing over.
+    let wanted = (6 * PAIRS + 200) as u64;
+    let limit = support::limits::raise_open_files(wanted).expect("RLIMIT_NOFILE");
+    assert!(
+        limit >= wanted,
+        "this test needs {wanted} open files, got {limit} (above the hard limit needs \
+         CAP_SYS_RESOURCE)"
+    );
     let guard = egress_guard();
     let forwarder = Arc::new(guard.forwarder().expect("forwarder"));
     let watch = ThreadWatch::start();
@@ -92,34 +113,43 @@ fn one_thread_serves_a_thousand_pairs() {
         .enable_all()
         .build()
         .unwrap();
+    // Where the run got to, said if it does not finish in time.
+    let progress = Arc::new(Progress::default());
     let (held_at_once, stats): (usize, Vec<ForwardStats>) = rt.block_on(async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let progress_at_end = progress.clone();
         let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (front_addr, upstream_addr) =
             (front.local_addr().unwrap(), upstream.local_addr().unwrap());
         let all_forwarded = Arc::new(tokio::sync::Notify::new());
-        let server = tokio::spawn(async move {
-            let mut served = Vec::new();
-            for _ in 0..PAIRS {
-                let (mut s, _) = upstream.accept().await.unwrap();
-                served.push(tokio::spawn(async move {
-                    let mut got = Vec::new();
-                    s.read_to_end(&mut got).await.unwrap();
-                    let index = u64::from_ne_bytes(got[..8].try_into().unwrap());
-                    assert_bytes_eq(&got[8..], &random_bytes(UPLOAD, index), "upload");
-                    s.write_all(&random_bytes(RESPONSE, index + 1_000_000))
-                        .await
-                        .unwrap();
-                    s.shutdown().await.unwrap();
-                }));
-            }
-            for task in served {
-                task.await.unwrap();
+        let server = tokio::spawn({
+            let progress = progress.clone();
+            async move {
+                let mut served = Vec::new();
+                for _ in 0..PAIRS {
+                    let (mut s, _) = upstream.accept().await.unwrap();
+                    let progress = progress.clone();
+                    served.push(tokio::spawn(async move {
+                        let mut got = Vec::new();
+                        s.read_to_end(&mut got).await.unwrap();
+                        let index = u64::from_ne_bytes(got[..8].try_into().unwrap());
+                        assert_bytes_eq(&got[8..], &random_bytes(UPLOAD, index), "upload");
+                        s.write_all(&random_bytes(RESPONSE, index + 1_000_000))
+                            .await
+                            .unwrap();
+                        s.shutdown().await.unwrap();
+                        progress.answered.fetch_add(1, Ordering::Relaxed);
+                    }));
+                }
+                for task in served {
+                    task.await.unwrap();
+                }
             }
         });
         let proxy = {
             let (forwarder, all_forwarded) = (forwarder.clone(), all_forwarded.clone());
+            let progress = progress.clone();
             tokio::spawn(async move {
                 let mut pairs = Vec::new();
                 for _ in 0..PAIRS {
@@ -128,7 +158,13 @@ fn one_thread_serves_a_thousand_pairs() {
                     let pair = forwarder
                         .forward(down.into_std().unwrap(), up.into_std().unwrap())
                         .expect("forward");
-                    pairs.push(tokio::spawn(pair));
+                    progress.forwarded.fetch_add(1, Ordering::Relaxed);
+                    let progress = progress.clone();
+                    pairs.push(tokio::spawn(async move {
+                        let stats = pair.await;
+                        progress.ended.fetch_add(1, Ordering::Relaxed);
+                        stats
+                    }));
                 }
                 let held = forwarder.pairs();
                 all_forwarded.notify_waiters();
@@ -143,11 +179,13 @@ fn one_thread_serves_a_thousand_pairs() {
         let clients: Vec<_> = (0..PAIRS as u64)
             .map(|index| {
                 let (connecting, all_forwarded) = (connecting.clone(), all_forwarded.clone());
+                let progress = progress.clone();
                 tokio::spawn(async move {
                     let forwarded = all_forwarded.notified();
                     let permit = connecting.acquire().await.unwrap();
                     let mut c = tokio::net::TcpStream::connect(front_addr).await.unwrap();
                     drop(permit);
+                    progress.connected.fetch_add(1, Ordering::Relaxed);
                     c.write_all(&index.to_ne_bytes()).await.unwrap();
                     c.write_all(&random_bytes(UPLOAD, index)).await.unwrap();
                     forwarded.await;
@@ -155,14 +193,24 @@ fn one_thread_serves_a_thousand_pairs() {
                     let mut got = Vec::new();
                     c.read_to_end(&mut got).await.unwrap();
                     assert_bytes_eq(&got, &random_bytes(RESPONSE, index + 1_000_000), "response");
+                    progress.done.fetch_add(1, Ordering::Relaxed);
                 })
             })
             .collect();
-        for client in clients {
-            client.await.unwrap();
+        let run = async {
+            for client in clients {
+                client.await.unwrap();
+            }
+            server.await.unwrap();
+            proxy.await.unwrap()
+        };
+        match tokio::time::timeout(RUN_LIMIT, run).await {
+            Ok(result) => result,
+            Err(_) => panic!(
+                "not done after {RUN_LIMIT:?}: {progress_at_end:?}, forwarder holds {} pairs",
+                forwarder.pairs()
+            ),
         }
-        server.await.unwrap();
-        proxy.await.unwrap()
     });
     let most_threads = watch.most();
     let counters = guard.stats().unwrap();

@@ -4,6 +4,7 @@
 
 pub mod attach;
 pub mod connect;
+pub mod limits;
 pub mod netns;
 pub mod reference;
 pub mod relay;
