@@ -104,7 +104,7 @@ counters! {
     /// Paired sockets found in blocking mode at their first send (accepted
     /// by a blocking server, or set blocking after connecting): they stay
     /// on the shortcut, where a blocking read can fail with EAGAIN while
-    /// another thread writes to the socket (README "Known limits").
+    /// another thread writes to the socket (docs/known-limits.md).
     blocking_paired,
     /// Times a paired socket switched to plain TCP because its peer held
     /// more than

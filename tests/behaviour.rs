@@ -111,7 +111,7 @@ fn peek_and_fionread() {
     }
 }
 
-/// KNOWN DIFFERENCE (README "Known limits"): the kernel's redirect queue
+/// KNOWN DIFFERENCE (docs/known-limits.md): the kernel's redirect queue
 /// ignores MSG_WAITALL, so a blocking recv returns what is queued (1000 of
 /// 1500 bytes here) instead of waiting for all of it.
 #[test]
@@ -317,7 +317,7 @@ fn data_written_before_accept_keeps_its_order() {
 
 #[test]
 fn spurious_eagain_on_blocking_duplex_reads_never_happens_on_plain_tcp() {
-    // The kernel difference README "Known limits" names: measured here on
+    // The kernel difference docs/known-limits.md names: measured here on
     // plain TCP (must be 0) and accelerated (reported).
     let Some(env) = privileged_env() else { return };
     let run = || {
@@ -345,7 +345,7 @@ fn spurious_eagain_on_blocking_duplex_reads_never_happens_on_plain_tcp() {
     assert_eq!(stats.bytes_redirected, 2 * 10 * (4 << 20), "{stats}");
 }
 
-/// KNOWN DIFFERENCE (README "Known limits"): poll() on an accelerated
+/// KNOWN DIFFERENCE (docs/known-limits.md): poll() on an accelerated
 /// socket reports readable as soon as any redirected byte is queued,
 /// ignoring SO_RCVLOWAT; recv() still returns the same bytes.
 #[test]

@@ -494,7 +494,7 @@ fn a_client_writing_during_many_hand_overs_loses_nothing() {
     };
     if !kernel().both_mode.is_yes() {
         // Keeping later segments behind needs the kfunc both mode needs
-        // (6.2); README "Known limits" says what remains on older kernels.
+        // (6.2); docs/known-limits.md says what remains on older kernels.
         not_run("no 6.2 kfuncs to keep segments behind (probe(): both mode)");
         return;
     }

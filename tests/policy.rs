@@ -63,7 +63,7 @@ fn cidr_selects_by_peer_address_v4_and_v6() {
     assert_plain(&exchange_on(&guard, &v4, 60));
 }
 
-/// README: IPv4 addresses are matched as IPv4-mapped IPv6, so 127.0.0.0/8
+/// docs/selection.md: IPv4 addresses are matched as IPv4-mapped IPv6, so 127.0.0.0/8
 /// also selects an IPv4 client of a dual-stack `[::]` listener (the
 /// accepted socket's peer is ::ffff:127.0.0.1).
 #[test]
@@ -88,7 +88,7 @@ fn an_ipv4_cidr_matches_clients_of_a_dual_stack_listener() {
     assert_accelerated(&delta(&guard, &before));
 }
 
-/// README: a listener created before `attach()` has no recorded owner, so a
+/// docs/selection.md: a listener created before `attach()` has no recorded owner, so a
 /// comm policy does not match its connections (the client, made after,
 /// is matched, waits, and is taken out again).
 #[test]

@@ -39,7 +39,7 @@ fn ipv4_client_of_dual_stack_listener_pairs() {
     assert_redirected_both_ways("[::]:0", Some("127.0.0.1"));
 }
 
-/// README: a socket joins only if no data has moved on it yet. With TCP
+/// docs/selection.md: a socket joins only if no data has moved on it yet. With TCP
 /// Fast Open the client's first bytes ride in the SYN, so the connection
 /// stays plain (`late_skipped`), intact.
 #[test]

@@ -85,7 +85,7 @@ fn default_splice_guard_blocks_splice_or_fails_attach_clearly() {
 
 /// Without the guard the kernel's behaviour shows: a non-blocking splice
 /// finds nothing (EAGAIN) while FIONREAD counts the redirected bytes, and
-/// recv() still returns them all. README "Known limits" names this.
+/// recv() still returns them all. docs/known-limits.md names this.
 #[test]
 fn without_guard_splice_misses_redirected_bytes() {
     let Some(env) = privileged_env() else { return };
@@ -103,7 +103,7 @@ fn without_guard_splice_misses_redirected_bytes() {
 /// Without the guard, the blocking case: once the peer has closed, a
 /// blocking splice returns 0 (a false end of stream) although every byte
 /// is still queued, and recv() then returns them all. This is what a Go
-/// `io.Copy` proxy would see (README "The splice guard").
+/// `io.Copy` proxy would see (docs/guarantees.md, "The splice guard").
 #[test]
 fn without_guard_a_blocking_splice_sees_a_false_eof() {
     let Some(env) = privileged_env() else { return };

@@ -45,8 +45,10 @@ pub(crate) enum NotEstablished {
 }
 
 impl Forwarding {
-    /// Puts the pair into the forwarding map; the guard passes copies of
-    /// the proxy's sockets, a `Forwarder` the sockets themselves.
+    /// Puts the pair into the forwarding map. Takes its own copies of the
+    /// proxy's sockets (the guard's `forward()` and a `Forwarder` both dup
+    /// them first: the guard leaves the proxy its streams, the forwarder
+    /// can give them back untouched if the kernel refuses).
     pub(crate) fn start(
         maps: Arc<ForwardMaps>,
         down: TcpStream,

@@ -346,7 +346,7 @@ pub static SPURIOUS_EAGAIN: AtomicU32 = AtomicU32::new(0);
 
 /// Reads to EOF. A blocking read of an accelerated socket can fail with
 /// EAGAIN while another thread writes to the same socket (a kernel bug in
-/// tcp_bpf_recvmsg, see README "Known limits"); this retries and counts it.
+/// tcp_bpf_recvmsg, see docs/known-limits.md); this retries and counts it.
 pub fn read_all(s: &mut TcpStream) -> Vec<u8> {
     let mut got = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
