@@ -60,10 +60,11 @@ pub(crate) use handover::{DirectMaps, ForwardMaps, NotEstablished};
 pub enum ForwardEnd {
     /// Both sides half-closed; every byte was passed on.
     Closed,
-    /// The downstream side was reset (or failed); the upstream side has
-    /// SO_LINGER 0 set, so dropping it resets it too.
+    /// The downstream side was reset (or failed); both sides have
+    /// SO_LINGER 0 set, so dropping them resets both connections (a peer
+    /// never sees a clean end of a stream that was cut short).
     DownstreamReset,
-    /// The upstream side was reset (or failed); likewise for downstream.
+    /// The upstream side was reset (or failed); likewise.
     UpstreamReset,
 }
 
