@@ -3,10 +3,15 @@
 //! median and spread per workload. Needs root.
 //!
 //! `cargo bench --bench fastpath -- [--quick] [--json PATH] [--markdown PAGE]`
+//! (`--scale-only [--scale-pairs N] [--scale-workload PREFIX]`: just the
+//! proxy-at-scale tables, or one scale or workload of them, printed.)
 //!
 //! Writes markdown tables to stdout and JSON to `target/bench/fastpath.json`
 //! (or PATH); with `--markdown docs/benchmarks.md` it also replaces that
 //! page's generated part. `--quick` finishes in well under two minutes.
+//!
+//! The scale section starts this binary again as its proxy processes
+//! (`--scale-proxy KIND UPSTREAM_PORT MAX_PIPES`, see `scale/proxies.rs`).
 
 mod bpf_stats;
 mod cases;
@@ -14,6 +19,7 @@ mod containers;
 mod proxy;
 mod reference;
 mod report;
+mod scale;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -27,9 +33,13 @@ use cases::{cases, median, Measured, Path, PATHS};
 use containers::container_table;
 use proxy::proxy_table;
 use reference::reference_tables;
+use scale::scale_tables;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(role) = args.iter().position(|a| a == scale::ROLE_ARG) {
+        scale::proxy_role(&args[role + 1..]);
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let json_path: PathBuf = args
         .iter()
@@ -52,6 +62,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
 
     let parent = Cgroup::current()?;
+    if args.iter().any(|a| a == "--scale-only") {
+        for section in scale_tables(&parent, quick, &scale::Only::from_args(&args)?)? {
+            println!("{}", section.text);
+        }
+        eprintln!("scale section in {:.0?}", started.elapsed());
+        return Ok(());
+    }
     let cgroup = parent.create_child(&format!("sockmap-fastpath-bench-{}", std::process::id()))?;
     signals::remove_cgroup_on_signal(parent.clone(), cgroup.as_path().to_owned());
     cgroup.add_process(std::process::id())?;
@@ -144,6 +161,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     drop(cgroup);
 
     sections.push(proxy_table(&parent, reps, duration)?);
+    sections.extend(scale_tables(&parent, quick, &scale::Only::default())?);
     let run = report::Run {
         reps,
         seconds,

@@ -10,7 +10,7 @@ use support::connect::connect_nonblocking;
 use support::relay::copy_until_eof;
 use support::workloads::Connector;
 
-use crate::cases::{bulk, interleaved, median, rr, BoxError, Run};
+use crate::cases::{bulk, interleaved, median_or_nan, rr, BoxError, Run};
 use crate::report::Section;
 
 /// client -> proxy (`front`) -> server pairs: the proxy copies in user
@@ -93,17 +93,42 @@ pub fn proxy_table(parent: &Cgroup, reps: usize, duration: Duration) -> Result<S
         &["user-space copy", "egress mode", "both mode"],
         &["egress/copy", "both/copy"],
     );
+    let mut failures = String::new();
     for (name, unit, scale, run) in cases {
-        let rates = interleaved(connectors.len(), reps, |i| {
-            Ok(run(&connectors[i], duration).per_second * scale)
+        let mut rates = interleaved(connectors.len(), reps, |i| {
+            // A workload panics when a send or receive fails: recorded as
+            // a failed run (NaN), the section goes on.
+            let measured = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(&connectors[i], duration).per_second * scale
+            }));
+            Ok(measured.unwrap_or(f64::NAN))
         })?;
-        let copy = median(&rates[0]);
-        let ratios = [median(&rates[1]) / copy, median(&rates[2]) / copy];
+        for (path, rates) in ["user-space copy", "egress mode", "both mode"]
+            .iter()
+            .zip(rates.iter_mut())
+        {
+            if rates.iter().any(|r| r.is_nan()) {
+                let failed = rates.iter().filter(|r| r.is_nan()).count();
+                let _ = writeln!(
+                    failures,
+                    "- {name}, {path}: {failed} of {reps} runs failed (the panic message above says why)"
+                );
+                rates.clear();
+            }
+        }
+        let copy = median_or_nan(&rates[0]);
+        let ratios = [
+            median_or_nan(&rates[1]) / copy,
+            median_or_nan(&rates[2]) / copy,
+        ];
         eprintln!(
             "{name}: copy {copy:.2} {unit}; egress {:.2}x, both {:.2}x",
             ratios[0], ratios[1]
         );
         section.row(name, unit, &rates, &ratios);
+    }
+    if !failures.is_empty() {
+        let _ = write!(section.text, "\nFailed (\"failed\" above):\n\n{failures}");
     }
     let (egress, both) = (egress.stats()?, both.stats()?);
     if egress.fwd_bytes == 0 || both.fwd_direct_bytes == 0 {

@@ -50,12 +50,20 @@ impl Section {
         }
     }
 
-    /// One workload: median and spread of each path, then the ratios.
+    /// One workload: median and spread of each path, then the ratios. A
+    /// path with no rate failed ("failed"; the section says why), a ratio
+    /// that is not a number shows as "-".
     pub fn row(&mut self, name: &str, unit: &str, rates: &[Vec<f64>], ratios: &[f64]) {
         let cells: Vec<String> = rates
             .iter()
-            .map(|r| format!("{} {}", num(median(r)), spread(r)))
-            .chain(ratios.iter().map(|r| format!("{r:.2}x")))
+            .map(|r| match r.is_empty() {
+                true => "failed".to_owned(),
+                false => format!("{} {}", num(median(r)), spread(r)),
+            })
+            .chain(ratios.iter().map(|r| match r.is_finite() {
+                true => format!("{r:.2}x"),
+                false => "-".to_owned(),
+            }))
             .collect();
         let _ = writeln!(self.text, "| {name} | {unit} | {} |", cells.join(" | "));
         self.rows.push(SectionRow {
