@@ -48,6 +48,7 @@ pub fn proxy_table(parent: &Cgroup, reps: usize, duration: Duration) -> Result<S
         "sockmap-fastpath-bench-proxy-{}",
         std::process::id()
     ))?;
+    support::signals::also_remove_on_signal(cgroup.as_path().to_owned());
     cgroup.add_process(std::process::id())?;
     let egress = Accelerator::builder()
         .redirect(RedirectMode::Egress)

@@ -253,8 +253,12 @@ impl Load {
     }
 }
 
+/// Connects within 10 s (a dropped SYN is retried after 1, 3, 7 s...: a
+/// proxy that stops accepting fails the run instead of stalling it).
 async fn connect(proxy: SocketAddr) -> std::io::Result<TcpStream> {
-    let stream = TcpStream::connect(proxy).await?;
+    let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(proxy))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
     stream.set_nodelay(true)?;
     Ok(stream)
 }
