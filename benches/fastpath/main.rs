@@ -35,25 +35,24 @@ use proxy::proxy_table;
 use reference::reference_tables;
 use scale::scale_tables;
 
+/// The argument after `name` (`--name VALUE`), if given.
+fn arg_value<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    let at = args.iter().position(|a| a == name)?;
+    args.get(at + 1).map(String::as_str)
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     if let Some(role) = args.iter().position(|a| a == scale::ROLE_ARG) {
         scale::proxy_role(&args[role + 1..]);
     }
     let quick = args.iter().any(|a| a == "--quick");
-    let json_path: PathBuf = args
-        .iter()
-        .position(|a| a == "--json")
-        .and_then(|i| args.get(i + 1))
+    let json_path: PathBuf = arg_value(&args, "--json")
         .map(Into::into)
         .unwrap_or_else(|| {
             std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/fastpath.json")
         });
-    let markdown_page: Option<PathBuf> = args
-        .iter()
-        .position(|a| a == "--markdown")
-        .and_then(|i| args.get(i + 1))
-        .map(Into::into);
+    let markdown_page: Option<PathBuf> = arg_value(&args, "--markdown").map(Into::into);
     let (seconds, reps) = if quick { (0.25, 3) } else { (1.0, 5) };
     let duration = Duration::from_secs_f64(seconds);
     if !nix::unistd::Uid::effective().is_root() {

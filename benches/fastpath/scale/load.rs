@@ -276,16 +276,20 @@ struct Flags {
     out_of_memory: Mutex<Option<String>>,
 }
 
+/// The number after `field` (e.g. `"VmHWM:"`) in a /proc file of
+/// `Name: value [unit]` lines; 0 if missing.
+pub fn proc_field(path: &str, field: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// `MemTotal` and `MemAvailable` from /proc/meminfo, in KiB.
 fn memory_kib() -> (u64, u64) {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
+    let field = |name| proc_field("/proc/meminfo", name);
     (field("MemTotal:"), field("MemAvailable:"))
 }
 

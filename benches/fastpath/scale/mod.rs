@@ -40,12 +40,7 @@ pub struct Only {
 
 impl Only {
     pub fn from_args(args: &[String]) -> Result<Only, BoxError> {
-        let value = |name: &str| {
-            args.iter()
-                .position(|a| a == name)
-                .and_then(|i| args.get(i + 1).cloned())
-        };
-        let pairs = match value("--scale-pairs") {
+        let pairs = match crate::arg_value(args, "--scale-pairs") {
             Some(n) => Some(
                 n.parse()
                     .map_err(|_| format!("--scale-pairs {n}: not a number"))?,
@@ -54,7 +49,7 @@ impl Only {
         };
         Ok(Only {
             pairs,
-            workload: value("--scale-workload"),
+            workload: crate::arg_value(args, "--scale-workload").map(str::to_owned),
         })
     }
 
@@ -303,13 +298,7 @@ impl ProxyChild {
     }
 
     fn status(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()));
-        status
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
+        load::proc_field(&format!("/proc/{}/status", self.child.id()), field)
     }
 
     fn threads(&self) -> u64 {
