@@ -51,6 +51,7 @@ struct thread_info {
 struct task_struct {
 	struct thread_info thread_info;
 	struct task_struct *group_leader;
+	__u64 start_boottime;
 	char comm[FP_COMM_LEN];
 } __attribute__((preserve_access_index));
 
@@ -218,11 +219,11 @@ struct {
 	__uint(max_entries, 65536); /* resized before load */
 } pairs SEC(".maps");
 
-/* Processes caught splicing from an accelerated socket: tgid -> times. */
+/* Processes caught splicing from an accelerated socket, by tgid. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, __u32);
-	__type(value, __u64);
+	__type(value, struct fp_splice_exclusion);
 	__uint(max_entries, FP_MAX_SPLICE_EXCLUDED);
 } splice_excluded SEC(".maps");
 
@@ -386,7 +387,20 @@ static __always_inline void on_connect_or_listen(struct bpf_sock_ops *skops, int
 	 * not the calling thread's: worker threads often rename themselves. */
 	leader = bpf_get_current_task_btf()->group_leader;
 	__builtin_memcpy(st->owner_comm, leader->comm, sizeof(st->owner_comm));
+	st->owner_started = leader->start_boottime;
 	st->flags |= FP_OWNER_KNOWN;
+}
+
+/* Whether the splice guard caught the socket's owner: its pid and its start
+ * time, since an entry for the pid may be left from an earlier process. */
+static __always_inline int owner_was_caught_splicing(const struct fp_sock_state *st)
+{
+	struct fp_splice_exclusion *caught;
+
+	if (!(st->flags & FP_OWNER_KNOWN))
+		return 0;
+	caught = bpf_map_lookup_elem(&splice_excluded, &st->owner_tgid);
+	return caught && caught->owner_started == st->owner_started;
 }
 
 static __always_inline int policy_selects(const struct fp_sock_key *key,
@@ -426,8 +440,7 @@ static __always_inline int may_insert(struct bpf_sock_ops *skops,
 		COUNT(policy_skipped, 1);
 		return 0;
 	}
-	if ((st->flags & FP_OWNER_KNOWN) &&
-	    bpf_map_lookup_elem(&splice_excluded, &st->owner_tgid)) {
+	if (owner_was_caught_splicing(st)) {
 		COUNT(splice_excluded, 1);
 		return 0;
 	}
@@ -1022,8 +1035,9 @@ int BPF_PROG(fp_splice_guard, struct file *file, int mask, int ret)
 	struct pt_regs *regs;
 	struct socket *sock;
 	unsigned long nr;
+	struct fp_splice_exclusion *caught;
+	__u64 started;
 	__u32 tgid;
-	__u64 one = 1, *times;
 
 	if (ret || !(mask & MAY_READ))
 		return ret;
@@ -1040,11 +1054,16 @@ int BPF_PROG(fp_splice_guard, struct file *file, int mask, int ret)
 		return 0;
 
 	tgid = bpf_get_current_pid_tgid() >> 32;
-	times = bpf_map_lookup_elem(&splice_excluded, &tgid);
-	if (times)
-		__sync_fetch_and_add(times, 1);
-	else
-		bpf_map_update_elem(&splice_excluded, &tgid, &one, BPF_NOEXIST);
+	started = task->group_leader->start_boottime;
+	caught = bpf_map_lookup_elem(&splice_excluded, &tgid);
+	if (caught && caught->owner_started == started) {
+		__sync_fetch_and_add(&caught->times, 1);
+	} else {
+		/* New, or left by an exited process whose pid this one reuses. */
+		struct fp_splice_exclusion fresh = { .owner_started = started, .times = 1 };
+
+		bpf_map_update_elem(&splice_excluded, &tgid, &fresh, BPF_ANY);
+	}
 	COUNT(splice_blocked, 1);
 	return -EINVAL;
 }

@@ -114,6 +114,10 @@ struct fp_sock_state {
 	__u32 owner_tgid;
 	__u32 flags;
 	char owner_comm[FP_COMM_LEN];
+	/* When the owner process started (its thread group leader's
+	 * start_boottime, ns since boot): with owner_tgid it names the process
+	 * even after its pid is reused. */
+	__u64 owner_started;
 	/* The peer's key, computed once when the socket is inserted, so the
 	 * per-message path does no key building. */
 	struct fp_sock_key peer;
@@ -127,6 +131,14 @@ struct fp_sock_state {
 	 * plain bytes it queued could be overtaken. */
 	__u32 expected_write_seq;
 	__u32 pad;
+};
+
+/* A process the splice guard caught, keyed by its tgid. The start time
+ * tells it apart from a later process that reuses the pid, whose sockets
+ * must not stay plain for it. */
+struct fp_splice_exclusion {
+	__u64 owner_started; /* the caught process's start_boottime */
+	__u64 times;         /* splice reads refused */
 };
 
 /* Key of the CIDR LPM trie: IPv6 or IPv4-mapped IPv6. */

@@ -7,7 +7,8 @@
 //! limits also against the compiled object's maps.
 
 pub(crate) use crate::skel::types::{
-    fp_cidr_key, fp_fwd_dir, fp_live, fp_proxy_pair, fp_sock_key, fp_sock_state, fp_stats,
+    fp_cidr_key, fp_fwd_dir, fp_live, fp_proxy_pair, fp_sock_key, fp_sock_state,
+    fp_splice_exclusion, fp_stats,
 };
 
 use std::net::{IpAddr, SocketAddr};
@@ -63,6 +64,8 @@ unsafe impl Plain for fp_fwd_dir {}
 unsafe impl Plain for fp_proxy_pair {}
 // SAFETY: as above.
 unsafe impl Plain for fp_sock_state {}
+// SAFETY: as above.
+unsafe impl Plain for fp_splice_exclusion {}
 
 /// Network-order words of an address, IPv4 as IPv4-mapped IPv6 (as the BPF
 /// side stores it).
@@ -164,7 +167,8 @@ mod tests {
         assert_eq!(size_of::<fp_proxy_pair>(), 8 + 8);
         assert_eq!(
             size_of::<fp_sock_state>(),
-            4 + 4 + FP_COMM_LEN + size_of::<fp_sock_key>() + 8 + 4 + 4
+            4 + 4 + FP_COMM_LEN + 8 + size_of::<fp_sock_key>() + 8 + 4 + 4
         );
+        assert_eq!(size_of::<fp_splice_exclusion>(), 8 + 8);
     }
 }

@@ -150,7 +150,9 @@ impl FastpathGuard {
     }
 
     /// Process ids the splice guard caught splicing from an accelerated
-    /// socket; their connections made since stay on plain TCP. At most
+    /// socket that are still running; their connections made since stay on
+    /// plain TCP. A process that reuses a caught process's pid is neither
+    /// listed nor excluded (the programs compare start times). At most
     /// [`SpliceGuard::MAX_EXCLUDED_PROCESSES`](crate::SpliceGuard::MAX_EXCLUDED_PROCESSES).
     pub fn splice_excluded_processes(&self) -> Vec<u32> {
         splice_guard::excluded_processes(&self.programs.skel().maps.splice_excluded)

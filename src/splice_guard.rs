@@ -11,8 +11,10 @@
 
 use std::time::Duration;
 
-use libbpf_rs::{Link, MapCore, MapHandle, ProgramMut};
+use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, ProgramMut};
+use nix::unistd::{sysconf, SysconfVar};
 
+use crate::abi::{fp_splice_exclusion, Plain};
 use crate::error::{libbpf_to_io, Result};
 use crate::kernel_support::splice_guard_unsupported;
 
@@ -48,14 +50,37 @@ pub(crate) fn attach(prog: &ProgramMut<'_>) -> Result<Link> {
         .map_err(|err| splice_guard_unsupported(libbpf_to_io(&err)))
 }
 
-/// Process ids caught splicing from an accelerated socket.
+/// Process ids caught splicing from an accelerated socket that are still
+/// running. An entry whose pid now belongs to a later process (the start
+/// time differs) is left out: that process is not excluded.
 pub(crate) fn excluded_processes<M: MapCore>(map: &M) -> Vec<u32> {
     let mut pids: Vec<u32> = map
         .keys()
-        .filter_map(|k| Some(u32::from_ne_bytes(k.get(..4)?.try_into().ok()?)))
+        .filter_map(|key| {
+            let pid = u32::from_ne_bytes(key.get(..4)?.try_into().ok()?);
+            let value = map.lookup(&key, MapFlags::ANY).ok()??;
+            let caught = fp_splice_exclusion::from_bytes(&value)?;
+            (process_start_ticks(pid)? == caught.owner_started / nanos_per_clock_tick()?)
+                .then_some(pid)
+        })
         .collect();
     pids.sort_unstable();
     pids
+}
+
+/// A running process's start time in clock ticks since boot (field 22 of
+/// `/proc/PID/stat`, the kernel's `start_boottime` in `USER_HZ` units).
+fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count after its ')'.
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// How many nanoseconds one `/proc` clock tick is (10 ms at `USER_HZ` 100).
+fn nanos_per_clock_tick() -> Option<u64> {
+    let ticks = sysconf(SysconfVar::CLK_TCK).ok()??;
+    1_000_000_000u64.checked_div(u64::try_from(ticks).ok()?)
 }
 
 /// Keeps the guard attached until no accelerated socket is left: a socket

@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 
 use nix::errno::Errno;
 use nix::fcntl::{splice, OFlag, SpliceFFlags};
-use sockmap_fastpath::{Accelerator, Error, SpliceGuard};
+use sockmap_fastpath::{Accelerator, BlockingSockets, Error, FastpathGuard, SpliceGuard};
 
 /// The default (guard on) either refuses splice reads with EINVAL, losing
 /// nothing, or, where the kernel refuses LSM programs, fails attach with an
@@ -246,32 +246,33 @@ fn splice32_helper() -> std::path::PathBuf {
     exe
 }
 
-/// 32-bit programs number splice(2) differently (313 on x86 instead of
-/// 275); the guard recognises them too. Without that, this splice reads
-/// nothing (EAGAIN) while bytes are queued, as without the guard.
+/// Attaches with the splice guard on; `None` (the test does not run) where
+/// the kernel refuses the guard itself (this host: lockdown), a refusal
+/// `default_splice_guard_blocks_splice_or_fails_attach_clearly` checks.
 #[cfg(target_arch = "x86_64")]
-#[test]
-fn a_32_bit_program_cannot_splice_past_the_guard() {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::{CommandExt, ExitStatusExt};
-    let Some(env) = privileged_env() else { return };
-    let guard = match Accelerator::builder().cgroup(env.cgroup.cgroup()).attach() {
-        Ok(guard) => guard,
+fn attach_guarded(builder: sockmap_fastpath::AcceleratorBuilder) -> Option<FastpathGuard> {
+    match builder.attach() {
+        Ok(guard) => Some(guard),
         Err(err) => {
-            // The kernel refuses the guard itself (this host: lockdown);
-            // the test above checks that refusal.
             assert!(err.is_splice_guard_refused(), "{err:?}");
             not_run("the kernel refuses the splice guard (probe(): splice guard)");
-            return;
+            None
         }
-    };
-    let helper = splice32_helper();
-    let (mut client, mut server) = connected_pair("127.0.0.1:0");
-    let data = random_bytes(1 << 16, 8);
-    client.write_all(&data).unwrap();
-    server.set_nonblocking(true).unwrap();
-    let fd = server.as_raw_fd();
-    let mut command = std::process::Command::new(&helper);
+    }
+}
+
+/// Runs the 32-bit helper on `socket` (its fd 3, non-blocking meanwhile):
+/// its pid and how it exited (the errno of a failed splice, 0 if it read).
+#[cfg(target_arch = "x86_64")]
+fn splice32_from(
+    helper: &std::path::Path,
+    socket: &std::net::TcpStream,
+) -> (u32, std::process::ExitStatus) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    socket.set_nonblocking(true).unwrap();
+    let fd = socket.as_raw_fd();
+    let mut command = std::process::Command::new(helper);
     // SAFETY: between fork and exec only dup2 runs, which is
     // async-signal-safe; it gives the child the socket as fd 3.
     unsafe {
@@ -282,8 +283,28 @@ fn a_32_bit_program_cannot_splice_past_the_guard() {
             Ok(())
         });
     }
-    let status = command.status().unwrap();
-    server.set_nonblocking(false).unwrap();
+    let mut child = command.spawn().unwrap();
+    let status = child.wait().unwrap();
+    socket.set_nonblocking(false).unwrap();
+    (child.id(), status)
+}
+
+/// 32-bit programs number splice(2) differently (313 on x86 instead of
+/// 275); the guard recognises them too. Without that, this splice reads
+/// nothing (EAGAIN) while bytes are queued, as without the guard.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_32_bit_program_cannot_splice_past_the_guard() {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(env) = privileged_env() else { return };
+    let Some(guard) = attach_guarded(Accelerator::builder().cgroup(env.cgroup.cgroup())) else {
+        return;
+    };
+    let helper = splice32_helper();
+    let (mut client, mut server) = connected_pair("127.0.0.1:0");
+    let data = random_bytes(1 << 16, 8);
+    client.write_all(&data).unwrap();
+    let (_, status) = splice32_from(&helper, &server);
     drop(client);
     assert_eq!(
         status.code(),
@@ -295,4 +316,74 @@ fn a_32_bit_program_cannot_splice_past_the_guard() {
     let stats = guard.stats().unwrap();
     assert_eq!(stats.splice_blocked, 1, "{stats}");
     let _ = std::fs::remove_dir_all(helper.parent().unwrap());
+}
+
+/// A caught process's pid, once it exits, may go to an unrelated process:
+/// that one's connections are accelerated, not excluded (the guard keeps
+/// the caught process's start time with its pid). The helper is caught,
+/// exits, and a shell gets its pid through `ns_last_pid`.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_reused_pid_is_not_excluded() {
+    let Some(env) = privileged_env() else { return };
+    if !kernel_records_owners() {
+        not_run("the programs cannot record a socket's owner (probe(): socket owners)");
+        return;
+    }
+    let Some(guard) = attach_guarded(
+        Accelerator::builder()
+            .cgroup(env.cgroup.cgroup())
+            // The shell below connects with a blocking socket.
+            .blocking_sockets(BlockingSockets::Accelerate),
+    ) else {
+        return;
+    };
+    let helper = splice32_helper();
+    let (mut client, server) = connected_pair("127.0.0.1:0");
+    client.write_all(b"queued").unwrap();
+    let (caught, status) = splice32_from(&helper, &server);
+    assert_eq!(status.code(), Some(Errno::EINVAL as i32), "{status:?}");
+    assert_eq!(guard.stats().unwrap().splice_blocked, 1);
+    assert!(
+        !guard.splice_excluded_processes().contains(&caught),
+        "an exited process is not listed"
+    );
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let before = guard.stats().unwrap();
+    let message = "sent by the process that reuses the pid";
+    let script = format!("exec 3<>/dev/tcp/127.0.0.1/{port} && printf '%s' '{message}' >&3");
+    let mut shell = spawn_with_pid(caught, || {
+        let mut command = std::process::Command::new("bash");
+        command.args(["-c", &script]);
+        command
+    });
+    let (mut accepted, _) = listener.accept().unwrap();
+    let got = read_all(&mut accepted);
+    assert!(shell.wait().unwrap().success());
+    assert_bytes_eq(&got, message.as_bytes(), "the shell's bytes");
+    let d = guard.stats().unwrap().since(&before);
+    assert_eq!((d.splice_excluded, d.sockets_inserted), (0, 2), "{d}");
+    assert_eq!(d.bytes_redirected, message.len() as u64, "{d}");
+    drop((client, server));
+    let _ = std::fs::remove_dir_all(helper.parent().unwrap());
+}
+
+/// Spawns `make()`'s command as process `pid` (free: its process exited),
+/// by setting the pid the kernel gave out last (`ns_last_pid`, root). Other
+/// processes may take it first: a few tries, then the test fails.
+#[cfg(target_arch = "x86_64")]
+fn spawn_with_pid(pid: u32, make: impl Fn() -> std::process::Command) -> std::process::Child {
+    const LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
+    for _ in 0..20 {
+        std::fs::write(LAST_PID, (pid - 1).to_string()).expect(LAST_PID);
+        let mut child = make().spawn().unwrap();
+        if child.id() == pid {
+            return child;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("no process got pid {pid} after 20 tries through {LAST_PID}");
 }
