@@ -70,8 +70,18 @@ struct socket {
 struct proto {
 	long *memory_allocated;
 } __attribute__((preserve_access_index));
+/* A namespace's TCP_NOTSENT_LOWAT default (net.ipv4.tcp_notsent_lowat). */
+struct netns_ipv4 {
+	unsigned int sysctl_tcp_notsent_lowat;
+} __attribute__((preserve_access_index));
+struct net {
+	struct netns_ipv4 ipv4;
+} __attribute__((preserve_access_index));
 struct sock_common {
 	struct proto *skc_prot;
+	struct {
+		struct net *net;
+	} skc_net;
 } __attribute__((preserve_access_index));
 /* The fields of struct sock read here. sk_rmem_alloc is a macro for
  * sk_backlog.rmem_alloc, an atomic_t; sk_prot for __sk_common.skc_prot. */
@@ -714,6 +724,8 @@ static __always_inline int settle_pair(struct fp_sock_state *st, struct fp_stats
 struct tcp_sock {
 	__u32 write_seq;
 	__u32 copied_seq;
+	__u32 snd_nxt;
+	__u32 notsent_lowat;
 } __attribute__((preserve_access_index));
 
 /* Whether `send()`s that did not pass through the sk_msg program queued
@@ -791,6 +803,14 @@ static __always_inline int redirect_to_self(struct sk_msg_md *msg, struct fp_soc
 	return bpf_msg_redirect_hash(msg, &sock_map, &key, 0) == SK_PASS;
 }
 
+/* Whether the kernel's TCP memory is above its pressure threshold
+ * (tcp_mem[1]): past the hard limit, charging new bytes to a socket fails. */
+static __always_inline int tcp_memory_under_pressure(struct sock *sk)
+{
+	return tcp_memory_pressure_pages &&
+	       *sk->__sk_common.skc_prot->memory_allocated > (long)tcp_memory_pressure_pages;
+}
+
 /* The receive-queue bound, for a message just redirected to its local peer
  * (receive_queue_limit set, and the kfuncs that show the target exist).
  * Above the limit the message goes plain instead and so do the next ones,
@@ -807,9 +827,7 @@ static __always_inline enum msg_outcome bound_receive_queue(struct sk_msg_md *ms
 {
 	struct sock *target = redirect_target(msg);
 	__u32 held = target->sk_backlog.rmem_alloc.counter;
-	int pressure = tcp_memory_pressure_pages &&
-		       *target->__sk_common.skc_prot->memory_allocated >
-			       (long)tcp_memory_pressure_pages;
+	int pressure = tcp_memory_under_pressure(target);
 	struct tcp_sock *self, *peer;
 
 	if (!(st->flags & FP_QUEUE_LIMITED)) {
@@ -898,15 +916,38 @@ static __always_inline int psock_has_queue(struct sock *sk)
 	       data + bpf_core_field_offset(struct sk_psock, ingress_msg);
 }
 
+/* The socket's TCP_NOTSENT_LOWAT: its own, else its namespace's sysctl
+ * (default: no limit, UINT_MAX). */
+static __always_inline __u32 notsent_lowat(struct sock *sk, struct tcp_sock *tp)
+{
+	__u32 own = tp->notsent_lowat;
+
+	return own ? own : sk->__sk_common.skc_net.net->ipv4.sysctl_tcp_notsent_lowat;
+}
+
 /* Whether the socket this message was just redirected to (without
- * BPF_F_INGRESS) takes `size` more bytes without waiting for room, with
- * a margin for per-buffer overhead. A sender waiting there could hang: if
- * the proxy dies meanwhile, the orphaned socket never wakes it. */
+ * BPF_F_INGRESS) takes `size` more bytes at once: none of the conditions
+ * under which tcp_sendmsg would wait for room. Sent there anyway, the
+ * message could (1) make the sender wait on a socket it does not own, which
+ * hangs if the proxy dies meanwhile, or, for a non-blocking sender, (2) be
+ * refused after the program counted it as forwarded, so the pair would
+ * wait forever for bytes that never come before passing the FIN on, and
+ * (3) leave bytes the refused push queued unsent: with TCP_NOTSENT_LOWAT
+ * nothing pushes them again, and every later send is refused (measured:
+ * a non-blocking client looped on EAGAIN for good). So: send-buffer room
+ * with a margin for per-buffer overhead, unsent bytes staying under the
+ * socket's notsent_lowat, and no TCP memory pressure. */
 static __always_inline int redirect_target_has_room(struct sk_msg_md *msg, __u32 size)
 {
 	struct sock *sk = redirect_target(msg);
+	struct tcp_sock *tp = bpf_rdonly_cast(sk, bpf_core_type_id_kernel(struct tcp_sock));
+	__u32 unsent = tp->write_seq - tp->snd_nxt;
 
-	return (__s64)sk->sk_wmem_queued + 2 * (__s64)size <= (__s64)sk->sk_sndbuf;
+	if ((__s64)sk->sk_wmem_queued + 2 * (__s64)size > (__s64)sk->sk_sndbuf)
+		return 0;
+	if ((__u64)unsent + size >= notsent_lowat(sk, tp))
+		return 0;
+	return !tcp_memory_under_pressure(sk);
 }
 
 /* Whether the socket this message was just redirected to (a forwarded

@@ -369,3 +369,93 @@ fn a_local_upstream_in_the_policy_is_forwarded_too() {
     assert_eq!(counters.fwd_direct_bytes, 0, "{counters}");
     assert_eq!(stats.copied_at_hand_over, to_server.len() as u64);
 }
+
+/// Sets TCP_NOTSENT_LOWAT: the socket takes no more bytes while more than
+/// `bytes` of its queue are unsent (proxies set it to keep latency low).
+fn set_notsent_lowat(socket: &std::net::TcpStream, bytes: u32) {
+    use std::os::fd::AsRawFd;
+    let value = bytes as nix::libc::c_int;
+    // SAFETY: a valid socket fd, and a pointer to an int that outlives the
+    // call with its size.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            socket.as_raw_fd(),
+            nix::libc::IPPROTO_TCP,
+            nix::libc::TCP_NOTSENT_LOWAT,
+            (&value as *const nix::libc::c_int).cast(),
+            size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+}
+
+/// A proxy that set TCP_NOTSENT_LOWAT on its upstream socket, a server
+/// that reads late, a non-blocking client sending 4 KiB messages. The
+/// application's messages leave straight through the upstream socket only
+/// while it takes them at once; the others queue downstream and the proxy
+/// copies them. (Before, a message sent there past the mark was refused,
+/// the bytes already pushed stayed unsent, and every later send failed with
+/// EAGAIN: the client never finished.) Every byte arrives, then the FIN.
+#[test]
+fn a_proxys_notsent_lowat_never_stalls_the_application() {
+    let Some(e) = both_env() else { return };
+    let p = proxied_via(&e.guard, &e.front, &e.upstream, &[], |_, up| {
+        set_notsent_lowat(up, 16 << 10);
+    });
+    let Proxied {
+        client,
+        mut server,
+        proxy,
+    } = p;
+    let data = random_bytes(8 << 20, 31);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let writer = {
+        let data = data.clone();
+        thread::spawn(move || {
+            let mut client = client;
+            client.set_nonblocking(true).unwrap();
+            let mut sent = 0;
+            while sent < data.len() {
+                let end = (sent + (4 << 10)).min(data.len());
+                match client.write(&data[sent..end]) {
+                    Ok(n) => sent += n,
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "sends refused for 30 s after {sent} bytes"
+                        );
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(err) => panic!("send failed after {sent} bytes: {err}"),
+                }
+            }
+            client.shutdown(Shutdown::Write).unwrap();
+            client
+        })
+    };
+    // The server starts reading late, so the upstream's unsent bytes pass
+    // the mark first.
+    thread::sleep(Duration::from_millis(300));
+    server
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut got = Vec::new();
+    server
+        .read_to_end(&mut got)
+        .unwrap_or_else(|err| panic!("after {} bytes: {err}", got.len()));
+    assert_bytes_eq(&got, &data, "every byte, then the FIN");
+    let mut client = writer.join().unwrap();
+    server.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_all(&mut client), b"");
+    let stats = proxy.join().unwrap();
+    assert_eq!(stats.end, ForwardEnd::Closed);
+    let counters = e.guard.stats().unwrap();
+    assert!(
+        counters.fwd_direct_msgs > 0,
+        "some went straight: {counters}"
+    );
+    assert!(
+        counters.fwd_direct_bytes < data.len() as u64,
+        "some queued downstream: {counters}"
+    );
+}
