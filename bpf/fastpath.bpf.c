@@ -1004,9 +1004,9 @@ int fp_sk_msg_both(struct sk_msg_md *msg)
 	 * a redirect that misses leaves the upstream socket as the target, so
 	 * the message leaves there and is counted so (the socket sends plain
 	 * from then on, behind it). Counted as forwarded from the downstream
-	 * side: Forwarding::wait passes the application's FIN on only after
-	 * these reached the upstream send queue. */
-	__sync_fetch_and_add(&dir->bytes, size);
+	 * side (as direct: sent synchronously, unlike the forwarding
+	 * program's bytes). */
+	__sync_fetch_and_add(&dir->direct, size);
 	return count_msg(s, st, MSG_DIRECT, size);
 }
 

@@ -73,7 +73,12 @@ struct fp_stats {
  * cookie of the receiving socket. */
 struct fp_fwd_dir {
 	__u64 peer_cookie; /* where bytes received here are sent */
-	__u64 bytes;       /* bytes forwarded so far */
+	__u64 bytes;       /* bytes the forwarding program sent on so far:
+			    * queued to the peer's psock backlog, which sends
+			    * them later (asynchronously) */
+	__u64 direct;      /* both mode: an application's bytes sent straight
+			    * out of the peer, inside the application's send()
+			    * (as let through: the peer may refuse some) */
 };
 
 /* Both mode: a forwarded pair whose downstream socket's local peer (an

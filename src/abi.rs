@@ -91,6 +91,14 @@ impl fp_sock_key {
     }
 }
 
+impl fp_fwd_dir {
+    /// Bytes the programs moved in this direction: forwarded, and sent
+    /// straight out of the peer by an application (both mode).
+    pub(crate) fn total(&self) -> u64 {
+        self.bytes + self.direct
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

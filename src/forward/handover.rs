@@ -125,7 +125,7 @@ impl Forwarding {
             ] {
                 let dir = fp_fwd_dir {
                     peer_cookie: to.cookie,
-                    bytes: 0,
+                    ..Default::default()
                 };
                 let key = from.cookie.to_ne_bytes();
                 dirs.update(&key, dir.as_bytes(), MapFlags::NO_EXIST)

@@ -143,15 +143,16 @@ fn io_err(call: &'static str, what: &'static str) -> impl Fn(std::io::Error) -> 
 }
 
 impl Forwarding {
-    /// Bytes forwarded so far out of the socket with this cookie's peer.
-    fn forwarded_from(&self, side: &Side) -> u64 {
+    /// What the programs sent on so far of the bytes `side` received, or
+    /// an application sent to it (zero if the pair's entry is gone).
+    fn forwarded_from(&self, side: &Side) -> fp_fwd_dir {
         self.maps
             .dirs
             .lookup(&side.cookie.to_ne_bytes(), MapFlags::ANY)
             .ok()
             .flatten()
             .and_then(|v| fp_fwd_dir::from_bytes(&v))
-            .map_or(0, |d| d.bytes)
+            .unwrap_or_default()
     }
 
     /// Blocks until the pair has ended, passing each half-close on once the
@@ -176,8 +177,8 @@ impl Forwarding {
     fn finish(&mut self, end: Result<ForwardEnd>) -> Result<ForwardStats> {
         let [down, up] = &self.sides;
         let stats = ForwardStats {
-            downstream_to_upstream: self.forwarded_from(down) + down.copied,
-            upstream_to_downstream: self.forwarded_from(up) + up.copied,
+            downstream_to_upstream: self.forwarded_from(down).total() + down.copied,
+            upstream_to_downstream: self.forwarded_from(up).total() + up.copied,
             copied_at_hand_over: if self.in_kernel { down.copied } else { 0 },
             in_kernel: self.in_kernel,
             end: end?,
