@@ -54,14 +54,16 @@ pub(crate) fn attach(prog: &ProgramMut<'_>) -> Result<Link> {
 /// running. An entry whose pid now belongs to a later process (the start
 /// time differs) is left out: that process is not excluded.
 pub(crate) fn excluded_processes<M: MapCore>(map: &M) -> Vec<u32> {
+    let Some(tick) = nanos_per_clock_tick() else {
+        return Vec::new();
+    };
     let mut pids: Vec<u32> = map
         .keys()
         .filter_map(|key| {
             let pid = u32::from_ne_bytes(key.get(..4)?.try_into().ok()?);
             let value = map.lookup(&key, MapFlags::ANY).ok()??;
             let caught = fp_splice_exclusion::from_bytes(&value)?;
-            (process_start_ticks(pid)? == caught.owner_started / nanos_per_clock_tick()?)
-                .then_some(pid)
+            (process_start_ticks(pid)? == caught.owner_started / tick).then_some(pid)
         })
         .collect();
     pids.sort_unstable();
