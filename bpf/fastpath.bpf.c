@@ -13,9 +13,10 @@
  *  fp_fwd_verdict (sk_skb stream verdict on fwd_map, egress and both
  *               modes): bytes a proxy's socket receives leave through its
  *               paired socket's send path, never crossing user space.
- *  fp_splice_guard (lsm/file_permission): refuses splice(2)/sendfile(2) reads
- *               from accelerated sockets with EINVAL, which programs already
- *               treat as "splice unsupported, use read()", and remembers the
+ *  fp_splice_guard (lsm/file_permission): refuses splice(2), sendfile(2)
+ *               and io_uring splice reads from accelerated sockets with
+ *               EINVAL, which programs already treat as "splice
+ *               unsupported, use read()", and remembers the
  *               process so its later connections stay plain. (The kernel's
  *               splice path does not read redirected bytes: false EOF or
  *               endless EAGAIN.)
@@ -50,6 +51,7 @@ struct thread_info {
  * BTF (CO-RE), so no vmlinux.h is needed. */
 struct task_struct {
 	struct thread_info thread_info;
+	unsigned int flags;
 	struct task_struct *group_leader;
 	__u64 start_boottime;
 	char comm[FP_COMM_LEN];
@@ -137,6 +139,11 @@ struct pt_regs {
 
 #define MAY_READ 4
 #define EINVAL 22
+
+/* io_uring: its syscall (one number on every architecture since 5.1) and
+ * the flag of its worker threads, which run a request's splice. */
+#define NR_IO_URING_ENTER 426
+#define PF_IO_WORKER 0x00000010
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -1068,6 +1075,38 @@ int fp_fwd_verdict(struct __sk_buff *skb)
 	return SK_PASS;
 }
 
+/* Set before load (splice_guard.rs, from /proc/kallsyms): [start, end)
+ * addresses of the kernel functions a splice read passes through
+ * (vfs_splice_read and its predecessors); zero pairs are unused. */
+const volatile __u64 splice_read_text[2 * FP_SPLICE_READ_FUNCTIONS] = {};
+
+/* How many return addresses of the kernel stack are looked at: the splice
+ * read function sits 5 to 8 frames above this program. */
+#define SPLICE_STACK_FRAMES 16
+
+/* Whether the current kernel stack passes through a splice read: how an
+ * io_uring IORING_OP_SPLICE is told apart from an IORING_OP_READ, which
+ * reaches this hook too (both run in an io_uring worker, with no splice
+ * syscall number to see). */
+static __always_inline int called_from_splice_read(void *ctx)
+{
+	__u64 frames[SPLICE_STACK_FRAMES] = {};
+	long copied = bpf_get_stack(ctx, frames, sizeof(frames), 0);
+	int i, j;
+
+	for (i = 0; i < SPLICE_STACK_FRAMES; i++) {
+		if ((long)(i * sizeof(__u64)) >= copied)
+			break;
+		for (j = 0; j < FP_SPLICE_READ_FUNCTIONS; j++) {
+			__u64 start = splice_read_text[2 * j], end = splice_read_text[2 * j + 1];
+
+			if (start && frames[i] >= start && frames[i] < end)
+				return 1;
+		}
+	}
+	return 0;
+}
+
 SEC("lsm/file_permission")
 int BPF_PROG(fp_splice_guard, struct file *file, int mask, int ret)
 {
@@ -1079,19 +1118,27 @@ int BPF_PROG(fp_splice_guard, struct file *file, int mask, int ret)
 	struct fp_splice_exclusion *caught;
 	__u64 started;
 	__u32 tgid;
+	int splicing, in_io_uring;
 
 	if (ret || !(mask & MAY_READ))
 		return ret;
-	/* Only reads made by splice(2) or sendfile(2): read(2) passes here too. */
+	/* Only reads made by splice(2) or sendfile(2): read(2) passes here too.
+	 * In io_uring the syscall says nothing; the kernel stack does, looked
+	 * at below only for accelerated sockets (it costs a stack walk). */
 	regs = (struct pt_regs *)bpf_task_pt_regs(task);
 	nr = SYSCALL_NR(regs);
-	if (IN_COMPAT_SYSCALL(task) ? !IS_COMPAT_SPLICE(nr) : nr != NR_SPLICE && nr != NR_SENDFILE)
+	splicing = IN_COMPAT_SYSCALL(task) ? IS_COMPAT_SPLICE(nr)
+					   : nr == NR_SPLICE || nr == NR_SENDFILE;
+	in_io_uring = (task->flags & PF_IO_WORKER) || nr == NR_IO_URING_ENTER;
+	if (!splicing && !in_io_uring)
 		return 0;
 	sock = bpf_sock_from_file(file);
 	if (!sock || !sock->sk)
 		return 0;
 	st = bpf_sk_storage_get(&sock_state, sock->sk, 0, 0);
 	if (!st || !(st->flags & FP_ACCELERATED))
+		return 0;
+	if (!splicing && !called_from_splice_read(ctx))
 		return 0;
 
 	tgid = bpf_get_current_pid_tgid() >> 32;

@@ -21,6 +21,9 @@
 #define FP_MAX_COMMS 256
 #define FP_MAX_GROUPED_NAMESPACES 256
 #define FP_MAX_SPLICE_EXCLUDED 4096
+/* Kernel functions whose addresses the splice guard looks for on the stack
+ * (src/splice_guard.rs: SPLICE_READ_FUNCTIONS). */
+#define FP_SPLICE_READ_FUNCTIONS 8
 
 /* One TCP endpoint, seen from the socket that owns it. IPv4 addresses are
  * stored as IPv4-mapped IPv6 (::ffff:a.b.c.d) so that an IPv4 client of a

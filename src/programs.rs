@@ -212,6 +212,9 @@ impl Programs {
         rodata.keep_blocking_plain = u32::from(config.keep_blocking_plain);
         rodata.receive_queue_limit = config.receive_queue_limit;
         rodata.tcp_memory_pressure_pages = tcp_memory_pressure_pages();
+        if config.splice_guard {
+            crate::splice_guard::write_splice_read_text(&mut rodata.splice_read_text);
+        }
         let (loaded, libbpf_said) = crate::logging::capturing(|| open.load());
         loaded.map_err(|err| {
             Error::bpf_saying(

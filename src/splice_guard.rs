@@ -8,7 +8,13 @@
 //! back to read/write" (Go's internal/poll does), and the refused call
 //! consumes nothing. The process is remembered and its later connections
 //! stay on plain TCP, where splice works at full speed.
+//!
+//! A splice(2) or sendfile(2) call is recognised by its syscall number; an
+//! io_uring `IORING_OP_SPLICE` has none (an io_uring worker runs it), so
+//! there the guard looks for a splice read function on the kernel stack,
+//! whose addresses it takes from `/proc/kallsyms` at load.
 
+use std::io::BufRead;
 use std::time::Duration;
 
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, ProgramMut};
@@ -22,8 +28,11 @@ use crate::kernel_support::splice_guard_unsupported;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum SpliceGuard {
-    /// Refuse splice reads of accelerated sockets with EINVAL and keep the
-    /// caught process on plain TCP. Needs the BPF LSM.
+    /// Refuse splice reads of accelerated sockets (splice(2), sendfile(2),
+    /// io_uring's `IORING_OP_SPLICE`) with EINVAL and keep the caught
+    /// process on plain TCP. Needs the BPF LSM; recognising io_uring
+    /// splices needs kernel addresses in `/proc/kallsyms` (root, and
+    /// `kernel.kptr_restrict` below 2).
     #[default]
     On,
     /// No guard. **Unsafe for programs that splice from TCP sockets** (Go
@@ -42,6 +51,70 @@ impl SpliceGuard {
     pub(crate) fn enabled(self) -> bool {
         self == SpliceGuard::On
     }
+}
+
+/// Kernel functions a splice read calls the `file_permission` hook from, or
+/// passes through on its way there, across the kernels supported: from 6.7
+/// `do_splice` calls it itself (splice(2) and io_uring's splice both come
+/// through it); before, `vfs_splice_read` (6.5, 6.6) or `do_splice_to`
+/// below `splice_file_to_pipe` did. sendfile(2)'s path is listed too,
+/// although its syscall number already gives it away.
+const SPLICE_READ_FUNCTIONS: [&str; 7] = [
+    "do_splice",
+    "splice_file_to_pipe",
+    "vfs_splice_read",
+    "do_splice_read",
+    "do_splice_to",
+    "splice_direct_to_actor",
+    "do_splice_direct",
+];
+
+/// Fills `text` (`fp_splice_guard`'s `splice_read_text`: start and end
+/// address pairs) with the running kernel's [`SPLICE_READ_FUNCTIONS`]. Where
+/// `/proc/kallsyms` hides addresses (`kernel.kptr_restrict`, lockdown) it
+/// stays zero and io_uring splices go unrecognised: logged as a warning.
+pub(crate) fn write_splice_read_text(text: &mut [u64]) {
+    let ranges = std::fs::File::open("/proc/kallsyms")
+        .map(|file| text_ranges(std::io::BufReader::new(file), &SPLICE_READ_FUNCTIONS))
+        .unwrap_or_default();
+    if ranges.is_empty() {
+        log::warn!(
+            "splice guard: /proc/kallsyms shows no kernel addresses, so io_uring splice \
+             reads of accelerated sockets are not recognised (splice(2) and sendfile(2) are)"
+        );
+    }
+    for (slot, (start, end)) in text.chunks_exact_mut(2).zip(ranges) {
+        slot.copy_from_slice(&[start, end]);
+    }
+}
+
+/// The `[start, end)` addresses of the text symbols named `wanted`, from a
+/// listing in `/proc/kallsyms` format, sorted by address: a function ends
+/// where the next higher symbol starts. Zero addresses (hidden) give none.
+fn text_ranges(listing: impl BufRead, wanted: &[&str]) -> Vec<(u64, u64)> {
+    let mut ranges = Vec::new();
+    let mut open: Option<u64> = None;
+    for line in listing.lines().map_while(std::result::Result::ok) {
+        let mut fields = line.split_whitespace();
+        let (Some(address), Some(kind), Some(name)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        // A module's symbol (a fourth field, "[module]"): not the core text.
+        let in_module = fields.next().is_some();
+        let Ok(address) = u64::from_str_radix(address, 16) else {
+            continue;
+        };
+        if let Some(start) = open.filter(|&start| address > start) {
+            ranges.push((start, address));
+            open = None;
+        }
+        let is_text = kind.eq_ignore_ascii_case("t");
+        if open.is_none() && address != 0 && is_text && !in_module && wanted.contains(&name) {
+            open = Some(address);
+        }
+    }
+    ranges
 }
 
 /// Attaches `fp_splice_guard` to the `file_permission` LSM hook.
@@ -103,4 +176,48 @@ pub(crate) fn linger(link: Link, sock_map: MapHandle) {
         });
     // Without a thread the link is dropped here: the guard ends now.
     drop(spawned);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_function_ends_where_the_next_symbol_starts() {
+        let listing = "\
+ffffffff81000000 T _stext
+ffffffff8172c150 t do_splice_read
+ffffffff8172c150 t do_splice_read.alias
+ffffffff8172c220 T vfs_splice_read
+ffffffff8172c2a0 T splice_direct_to_actor
+ffffffff8172c400 d some_data
+ffffffff8172e430 T other
+0000000000000000 T splice_file_to_pipe
+ffffffffc0000000 t vfs_splice_read\t[some_module]
+ffffffffc0000100 t module_end\t[some_module]
+";
+        assert_eq!(
+            text_ranges(listing.as_bytes(), &SPLICE_READ_FUNCTIONS),
+            vec![
+                (0xffffffff8172c150, 0xffffffff8172c220),
+                (0xffffffff8172c220, 0xffffffff8172c2a0),
+                (0xffffffff8172c2a0, 0xffffffff8172c400),
+            ]
+        );
+    }
+
+    #[test]
+    fn hidden_addresses_give_no_ranges() {
+        let listing = "0000000000000000 T vfs_splice_read\n0000000000000000 T other\n";
+        assert!(text_ranges(listing.as_bytes(), &SPLICE_READ_FUNCTIONS).is_empty());
+    }
+
+    #[test]
+    fn every_function_has_a_slot_in_the_program() {
+        use crate::skel::types::rodata;
+        fn pairs<const N: usize>(_: fn(&rodata) -> &[u64; N]) -> usize {
+            N / 2
+        }
+        assert!(SPLICE_READ_FUNCTIONS.len() <= pairs(|r| &r.splice_read_text));
+    }
 }

@@ -216,6 +216,63 @@ fn nonblocking_splice_error(server: &std::net::TcpStream) -> Errno {
     result.expect_err("splice read nothing while bytes were queued")
 }
 
+/// io_uring runs an `IORING_OP_SPLICE` in a worker thread, with no splice
+/// syscall number to see; the guard finds the splice on the kernel stack.
+/// Not caught, this splice reads nothing (EAGAIN) while 64 KiB are queued.
+/// An io_uring read of the same socket passes the same hook and is let
+/// through.
+#[test]
+fn an_io_uring_splice_cannot_pass_the_guard() {
+    use io_uring::{opcode, types::Fd};
+    use std::os::fd::AsRawFd;
+    let Some(env) = privileged_env() else { return };
+    let Some(guard) = attach_guarded(Accelerator::builder().cgroup(env.cgroup.cgroup())) else {
+        return;
+    };
+    let (mut client, mut server) = connected_pair("127.0.0.1:0");
+    let data = random_bytes(1 << 16, 10);
+    client.write_all(&data).unwrap();
+    let (_r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+    // The socket's own mode decides whether a splice from it waits.
+    server.set_nonblocking(true).unwrap();
+    let splice = opcode::Splice::new(Fd(server.as_raw_fd()), -1, Fd(w.as_raw_fd()), -1, 65536)
+        .flags(SpliceFFlags::SPLICE_F_NONBLOCK.bits());
+    assert_eq!(
+        io_uring_once(splice.build()),
+        -(Errno::EINVAL as i32),
+        "the io_uring splice was refused with EINVAL (-11 would be EAGAIN: not caught)"
+    );
+    server.set_nonblocking(false).unwrap();
+    let mut head = [0u8; 6];
+    let read = opcode::Read::new(Fd(server.as_raw_fd()), head.as_mut_ptr(), 6);
+    assert_eq!(
+        io_uring_once(read.build()),
+        6,
+        "an io_uring read is let through"
+    );
+    assert_eq!(head[..], data[..6]);
+    drop(client);
+    assert_bytes_eq(
+        &read_all(&mut server),
+        &data[6..],
+        "every other byte read afterwards",
+    );
+    let stats = guard.stats().unwrap();
+    assert_eq!(stats.splice_blocked, 1, "{stats}");
+}
+
+/// Submits one io_uring request and waits for it: its result (bytes, or a
+/// negative errno).
+fn io_uring_once(request: io_uring::squeue::Entry) -> i32 {
+    let mut ring = io_uring::IoUring::new(2).expect("io_uring_setup");
+    // SAFETY: the fds and the buffer the request names belong to the caller
+    // and outlive this call, which waits for the request's completion.
+    unsafe { ring.submission().push(&request).expect("an empty queue") };
+    ring.submit_and_wait(1).expect("io_uring_enter");
+    let completion = ring.completion().next().expect("one completion");
+    completion.result()
+}
+
 /// Builds `tests/helpers/splice32.s`, a 32-bit x86 program that makes one
 /// splice(2) from fd 3 through `int $0x80` (syscall 313, not 275).
 #[cfg(target_arch = "x86_64")]
@@ -249,7 +306,6 @@ fn splice32_helper() -> std::path::PathBuf {
 /// Attaches with the splice guard on; `None` (the test does not run) where
 /// the kernel refuses the guard itself (this host: lockdown), a refusal
 /// `default_splice_guard_blocks_splice_or_fails_attach_clearly` checks.
-#[cfg(target_arch = "x86_64")]
 fn attach_guarded(builder: sockmap_fastpath::AcceleratorBuilder) -> Option<FastpathGuard> {
     match builder.attach() {
         Ok(guard) => Some(guard),
