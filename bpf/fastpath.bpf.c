@@ -17,7 +17,8 @@
  *               and io_uring splice reads from accelerated sockets with
  *               EINVAL, which programs already treat as "splice
  *               unsupported, use read()", and remembers the
- *               process so its later connections stay plain. (The kernel's
+ *               process (and an accepted socket's service) so its later
+ *               connections stay plain. (The kernel's
  *               splice path does not read redirected bytes: false EOF or
  *               endless EAGAIN.)
  *
@@ -244,6 +245,18 @@ struct {
 	__uint(max_entries, FP_MAX_SPLICE_EXCLUDED);
 } splice_excluded SEC(".maps");
 
+/* Services whose accepted sockets the splice guard caught being spliced,
+ * keyed by the local address alone (fp_sock_key with the remote half
+ * zero): the process that splices an accepted socket is often not the one
+ * that listened (pre-fork workers, socket activation, listeners made
+ * before attach), so the service's later connections stay plain too. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct fp_sock_key);
+	__type(value, __u64); /* splice reads refused */
+	__uint(max_entries, FP_MAX_SPLICE_EXCLUDED);
+} splice_excluded_services SEC(".maps");
+
 static __always_inline struct fp_stats *this_cpu_stats(void)
 {
 	__u32 zero = 0;
@@ -420,6 +433,24 @@ static __always_inline int owner_was_caught_splicing(const struct fp_sock_state 
 	return caught && caught->owner_started == st->owner_started;
 }
 
+/* The service a socket belongs to: its own key without the remote side. */
+static __always_inline void service_of(const struct fp_sock_key *own, struct fp_sock_key *service)
+{
+	__builtin_memcpy(service->local_ip, own->local_ip, sizeof(service->local_ip));
+	service->local_port = own->local_port;
+	service->netns_cookie = own->netns_cookie;
+}
+
+/* Whether the splice guard caught a socket of the service an accepted
+ * socket belongs to. */
+static __always_inline int service_was_caught_splicing(const struct fp_sock_key *key)
+{
+	struct fp_sock_key service = {};
+
+	service_of(key, &service);
+	return bpf_map_lookup_elem(&splice_excluded_services, &service) != NULL;
+}
+
 static __always_inline int policy_selects(const struct fp_sock_key *key,
 					  const struct fp_sock_state *st)
 {
@@ -451,13 +482,13 @@ static __always_inline int policy_selects(const struct fp_sock_key *key,
 static __always_inline int may_insert(struct bpf_sock_ops *skops,
 				      const struct fp_sock_key *key,
 				      const struct fp_sock_state *st,
-				      __u64 bytes_received, __u32 data_segs_out)
+				      __u64 bytes_received, __u32 data_segs_out, int passive)
 {
 	if (!policy_selects(key, st)) {
 		COUNT(policy_skipped, 1);
 		return 0;
 	}
-	if (owner_was_caught_splicing(st)) {
+	if (owner_was_caught_splicing(st) || (passive && service_was_caught_splicing(key))) {
 		COUNT(splice_excluded, 1);
 		return 0;
 	}
@@ -535,7 +566,7 @@ static __always_inline void accept_side_established(struct bpf_sock_ops *skops,
 		COUNT(unpaired_skipped, 1);
 		return;
 	}
-	st->flags |= FP_ACCELERATED | FP_PAIRED;
+	st->flags |= FP_ACCELERATED | FP_PAIRED | FP_ACCEPTED;
 	COUNT(sockets_inserted, 1);
 }
 
@@ -569,7 +600,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int passi
 	/* Nothing is queued yet (may_insert refuses sockets that moved data):
 	 * its write_seq is snd_nxt. */
 	st->expected_write_seq = snd_nxt;
-	selected = may_insert(skops, &key, st, bytes_received, data_segs_out);
+	selected = may_insert(skops, &key, st, bytes_received, data_segs_out, passive);
 	if (passive)
 		accept_side_established(skops, &key, st, selected);
 	else if (selected)
@@ -1151,6 +1182,18 @@ int BPF_PROG(fp_splice_guard, struct file *file, int mask, int ret)
 		struct fp_splice_exclusion fresh = { .owner_started = started, .times = 1 };
 
 		bpf_map_update_elem(&splice_excluded, &tgid, &fresh, BPF_ANY);
+	}
+	if (st->flags & FP_ACCEPTED) {
+		struct fp_sock_key own = {}, service = {};
+		__u64 *times, first = 1;
+
+		own_key(st, &own);
+		service_of(&own, &service);
+		times = bpf_map_lookup_elem(&splice_excluded_services, &service);
+		if (times)
+			__sync_fetch_and_add(times, 1);
+		else
+			bpf_map_update_elem(&splice_excluded_services, &service, &first, BPF_ANY);
 	}
 	COUNT(splice_blocked, 1);
 	return -EINVAL;

@@ -50,7 +50,8 @@ struct fp_stats {
 	__u64 policy_skipped;   /* established sockets the policy did not select */
 	__u64 late_skipped;     /* selected, but data moved before insertion */
 	__u64 splice_blocked;   /* splice reads refused with EINVAL */
-	__u64 splice_excluded;  /* sockets kept plain because the owner spliced */
+	__u64 splice_excluded;  /* sockets kept plain: their owner (or, accepted,
+				 * their service) was caught splicing */
 	__u64 fwd_segments;     /* egress mode: received segments forwarded */
 	__u64 fwd_bytes;
 	__u64 fwd_unpaired;     /* received with no peer to forward to */
@@ -104,6 +105,7 @@ enum fp_sock_flags {
 	FP_SEEN_SEND   = 64, /* paired, its first send was looked at */
 	FP_QUEUE_LIMITED = 128, /* its peer held too much: sending plain until
 				 * the peer has drained (receive_queue_limit) */
+	FP_ACCEPTED    = 256, /* accepting side: its local address is a service */
 };
 
 /* Whether a connection takes the shortcut, decided once per connection in

@@ -78,7 +78,22 @@ fn key_words(ip: IpAddr) -> [u32; 4] {
     std::array::from_fn(|i| u32::from_ne_bytes(octets[4 * i..4 * i + 4].try_into().unwrap()))
 }
 
+/// The address a key's words hold (IPv4-mapped IPv6 back to IPv4).
+fn key_ip(words: [u32; 4]) -> IpAddr {
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    std::net::Ipv6Addr::from(octets).to_canonical()
+}
+
 impl fp_sock_key {
+    /// The socket's own address, as the key holds it.
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        // Ports are 16-bit; the key stores them in 32-bit words.
+        SocketAddr::new(key_ip(self.local_ip), self.local_port as u16)
+    }
+
     /// The key the BPF side gives the socket with these addresses.
     pub(crate) fn of_socket(local: SocketAddr, remote: SocketAddr, netns_cookie: u64) -> Self {
         fp_sock_key {
@@ -164,6 +179,15 @@ mod tests {
         ] {
             assert_eq!(header_value(name) as usize, rust, "{name} in the header");
             assert_eq!(object as usize, rust, "{name} in the compiled object");
+        }
+    }
+
+    #[test]
+    fn a_key_gives_back_its_local_address() {
+        let remote: SocketAddr = "[::1]:9".parse().unwrap();
+        for local in ["127.0.0.1:8080", "[fd00::5]:443"] {
+            let local: SocketAddr = local.parse().unwrap();
+            assert_eq!(fp_sock_key::of_socket(local, remote, 1).local_addr(), local);
         }
     }
 

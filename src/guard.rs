@@ -158,6 +158,17 @@ impl FastpathGuard {
         splice_guard::excluded_processes(&self.programs.skel().maps.splice_excluded)
     }
 
+    /// Local addresses of services whose accepted sockets the splice guard
+    /// caught being spliced; their connections made since stay on plain
+    /// TCP, whichever process accepts them (the process that splices is
+    /// often not the one that listened: pre-fork workers, socket
+    /// activation). At most
+    /// [`SpliceGuard::MAX_EXCLUDED_PROCESSES`](crate::SpliceGuard::MAX_EXCLUDED_PROCESSES)
+    /// services are remembered, as for processes.
+    pub fn splice_excluded_services(&self) -> Vec<std::net::SocketAddr> {
+        splice_guard::excluded_services(&self.programs.skel().maps.splice_excluded_services)
+    }
+
     /// Replaces the port set for connections established from now on;
     /// empty matches every port.
     ///

@@ -20,7 +20,7 @@ use std::time::Duration;
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, ProgramMut};
 use nix::unistd::{sysconf, SysconfVar};
 
-use crate::abi::{fp_splice_exclusion, Plain};
+use crate::abi::{fp_sock_key, fp_splice_exclusion, Plain};
 use crate::error::{libbpf_to_io, Result};
 use crate::kernel_support::splice_guard_unsupported;
 
@@ -141,6 +141,18 @@ pub(crate) fn excluded_processes<M: MapCore>(map: &M) -> Vec<u32> {
         .collect();
     pids.sort_unstable();
     pids
+}
+
+/// Local addresses of the services whose accepted sockets were caught
+/// being spliced, sorted (the namespace they are in is not shown).
+pub(crate) fn excluded_services<M: MapCore>(map: &M) -> Vec<std::net::SocketAddr> {
+    let mut services: Vec<_> = map
+        .keys()
+        .filter_map(|key| Some(fp_sock_key::from_bytes(&key)?.local_addr()))
+        .collect();
+    services.sort_unstable();
+    services.dedup();
+    services
 }
 
 /// A running process's start time in clock ticks since boot (field 22 of

@@ -426,6 +426,52 @@ fn a_reused_pid_is_not_excluded() {
     let _ = std::fs::remove_dir_all(helper.parent().unwrap());
 }
 
+/// The process that splices an accepted socket is often not the one that
+/// listened (pre-fork workers, socket activation, a listener made before
+/// attach): the guard keeps the service's later connections plain, whoever
+/// accepts them. Here the test process listens and a helper process
+/// splices; a connection to another service stays accelerated.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_service_whose_accepted_socket_was_spliced_stays_plain() {
+    let Some(env) = privileged_env() else { return };
+    let Some(guard) = attach_guarded(Accelerator::builder().cgroup(env.cgroup.cgroup())) else {
+        return;
+    };
+    let helper = splice32_helper();
+    let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut client, accepted) = connect_to(&service);
+    client.write_all(b"queued").unwrap();
+    let (splicer, status) = splice32_from(&helper, &accepted);
+    assert_eq!(status.code(), Some(Errno::EINVAL as i32), "{status:?}");
+    assert_ne!(splicer, std::process::id());
+    assert_eq!(
+        guard.splice_excluded_services(),
+        vec![service.local_addr().unwrap()]
+    );
+
+    let before = guard.stats().unwrap();
+    let (c, s) = connect_to(&service);
+    exchange(c, s, random_bytes(1 << 16, 11), random_bytes(1 << 16, 12));
+    let d = guard.stats().unwrap().since(&before);
+    assert_eq!(d.bytes_redirected, 0, "the same service stays plain: {d}");
+    // The accepting side is kept out; the connecting side, inserted first to
+    // wait for it, leaves the map.
+    assert_eq!((d.splice_excluded, d.unpaired_removed), (1, 1), "{d}");
+
+    let before = guard.stats().unwrap();
+    let (c, s) = connected_pair("127.0.0.1:0");
+    exchange(c, s, random_bytes(1 << 16, 13), random_bytes(1 << 16, 14));
+    let d = guard.stats().unwrap().since(&before);
+    assert_eq!(
+        (d.sockets_inserted, d.bytes_redirected),
+        (2, 2 << 16),
+        "another service is accelerated: {d}"
+    );
+    drop((client, accepted));
+    let _ = std::fs::remove_dir_all(helper.parent().unwrap());
+}
+
 /// Spawns `make()`'s command as process `pid` (free: its process exited),
 /// by setting the pid the kernel gave out last (`ns_last_pid`, root). Other
 /// processes may take it first: a few tries, then the test fails.
