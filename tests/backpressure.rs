@@ -227,11 +227,7 @@ fn a_receiver_that_stops_reading_blocks_a_blocking_sender() {
 
 /// TCP memory in use, in pages (`/proc/net/sockstat`, `TCP: ... mem N`).
 fn tcp_memory_pages() -> u64 {
-    let text = std::fs::read_to_string("/proc/net/sockstat").unwrap();
-    let line = text.lines().find(|l| l.starts_with("TCP:")).unwrap();
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let at = words.iter().position(|w| *w == "mem").unwrap();
-    words[at + 1].parse().unwrap()
+    support::limits::tcp_memory_pages().expect("TCP mem in /proc/net/sockstat")
 }
 
 /// `connections` connections whose receivers never read, each sender

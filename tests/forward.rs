@@ -24,10 +24,7 @@ fn proxied(
 
 fn egress_env() -> Option<(Env, FastpathGuard, TcpListener)> {
     let env = privileged_env()?;
-    let guard = Accelerator::builder()
-        .redirect(RedirectMode::Egress)
-        .attach()
-        .expect("attach egress");
+    let guard = egress_guard();
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
     Some((env, guard, upstream))
 }

@@ -10,17 +10,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use sockmap_fastpath::{
-    Accelerator, Error, ErrorKind, FastpathGuard, ForwardEnd, ForwardStats, RedirectMode,
-};
+use sockmap_fastpath::{Accelerator, Error, ErrorKind, ForwardEnd, ForwardStats};
 use support::sockopt::{set_linger_zero, tcp_state};
-
-fn egress_guard() -> FastpathGuard {
-    Accelerator::builder()
-        .redirect(RedirectMode::Egress)
-        .attach()
-        .expect("attach egress")
-}
 
 /// Threads of this process whose name starts with `prefix`.
 fn threads_named(prefix: &str) -> usize {

@@ -591,6 +591,14 @@ pub fn fionread_counts_redirected() -> bool {
     kernel().fionread_counts_redirected.is_yes()
 }
 
+/// An egress-mode guard (no cgroup: proxies hand it their sockets).
+pub fn egress_guard() -> FastpathGuard {
+    sockmap_fastpath::Accelerator::builder()
+        .redirect(sockmap_fastpath::RedirectMode::Egress)
+        .attach()
+        .expect("attach egress")
+}
+
 /// Both mode needs Linux 6.2. Where `probe()` says it cannot load, asserts
 /// that `attach()` refuses it with `Error::KernelFeature` naming the
 /// minimum kernel and leaving nothing behind, says so on stderr, and

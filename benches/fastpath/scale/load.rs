@@ -396,15 +396,11 @@ async fn serve(workload: Workload, mut stream: TcpStream, server: Arc<Server>) {
 /// The kernel's TCP memory in use and its pressure threshold, in pages
 /// (`/proc/net/sockstat`, `net.ipv4.tcp_mem`).
 fn tcp_memory() -> String {
-    let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
-    let used = sockstat
-        .lines()
-        .find(|l| l.starts_with("TCP:"))
-        .and_then(|l| l.split(" mem ").nth(1))
-        .unwrap_or("?")
-        .trim()
-        .to_owned();
-    let limits = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem").unwrap_or_default();
-    let pressure = limits.split_whitespace().nth(1).unwrap_or("?");
-    format!("{used} pages in use, pressure from {pressure}")
+    use support::limits::{tcp_memory_pages, tcp_memory_pressure_pages};
+    let shown = |pages: Option<u64>| pages.map_or("?".to_owned(), |p| p.to_string());
+    format!(
+        "{} pages in use, pressure from {}",
+        shown(tcp_memory_pages()),
+        shown(tcp_memory_pressure_pages())
+    )
 }

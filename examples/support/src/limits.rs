@@ -1,4 +1,5 @@
-//! Process limits a test or example with many connections needs.
+//! Process limits a test or example with many connections needs, and the
+//! kernel's TCP memory they use.
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
@@ -23,4 +24,21 @@ pub fn raise_open_files(wanted: u64) -> std::io::Result<u64> {
     let new = wanted.min(hard);
     setrlimit(Resource::RLIMIT_NOFILE, new, hard)?;
     Ok(new)
+}
+
+/// The kernel's TCP memory in use, in pages (`/proc/net/sockstat`, the
+/// `mem` field of the `TCP:` line), or `None` if it cannot be read.
+pub fn tcp_memory_pages() -> Option<u64> {
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let line = sockstat.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == "mem")?;
+    words.next()?.parse().ok()
+}
+
+/// The TCP memory use (pages) from which the kernel is under memory
+/// pressure (`net.ipv4.tcp_mem`, its second value), or `None`.
+pub fn tcp_memory_pressure_pages() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem").ok()?;
+    limits.split_whitespace().nth(1)?.parse().ok()
 }
