@@ -236,7 +236,13 @@ fn probe_splice_guard() -> Finding {
     let programs = Programs::load(LoadConfig::new(RedirectMode::Ingress, 2, true));
     Finding::from_result(
         programs.and_then(|p| splice_guard::attach(&p.skel().progs.fp_splice_guard).map(drop)),
-        |()| "lsm/file_permission loads and attaches".into(),
+        |()| {
+            let io_uring = match splice_guard::splice_read_functions().len() {
+                0 => "io_uring splices NOT recognised: /proc/kallsyms shows no addresses".into(),
+                n => format!("io_uring splices recognised ({n} splice read functions found)"),
+            };
+            format!("lsm/file_permission loads and attaches; {io_uring}")
+        },
     )
 }
 

@@ -74,9 +74,7 @@ const SPLICE_READ_FUNCTIONS: [&str; 7] = [
 /// `/proc/kallsyms` hides addresses (`kernel.kptr_restrict`, lockdown) it
 /// stays zero and io_uring splices go unrecognised: logged as a warning.
 pub(crate) fn write_splice_read_text(text: &mut [u64]) {
-    let ranges = std::fs::File::open("/proc/kallsyms")
-        .map(|file| text_ranges(std::io::BufReader::new(file), &SPLICE_READ_FUNCTIONS))
-        .unwrap_or_default();
+    let ranges = splice_read_functions();
     if ranges.is_empty() {
         log::warn!(
             "splice guard: /proc/kallsyms shows no kernel addresses, so io_uring splice \
@@ -86,6 +84,14 @@ pub(crate) fn write_splice_read_text(text: &mut [u64]) {
     for (slot, (start, end)) in text.chunks_exact_mut(2).zip(ranges) {
         slot.copy_from_slice(&[start, end]);
     }
+}
+
+/// The running kernel's [`SPLICE_READ_FUNCTIONS`] as `[start, end)`
+/// addresses; empty where `/proc/kallsyms` hides them.
+pub(crate) fn splice_read_functions() -> Vec<(u64, u64)> {
+    std::fs::File::open("/proc/kallsyms")
+        .map(|file| text_ranges(std::io::BufReader::new(file), &SPLICE_READ_FUNCTIONS))
+        .unwrap_or_default()
 }
 
 /// The `[start, end)` addresses of the text symbols named `wanted`, from a

@@ -99,6 +99,11 @@ fn probe_reports_this_kernel_and_leaves_nothing_behind() {
         report.splice_guard
     );
     drop(attached);
+    // Where the guard loads, the finding says whether io_uring splices are
+    // caught too (they need kernel addresses in /proc/kallsyms).
+    if let Finding::Yes(text) = &report.splice_guard {
+        assert!(text.contains("io_uring splices"), "{text}");
+    }
 
     let children = std::fs::read_dir(env.cgroup.path())
         .unwrap()
