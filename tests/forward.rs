@@ -173,6 +173,43 @@ fn a_reset_on_one_side_resets_the_other() {
     }
 }
 
+/// A proxy socket that fails locally, not by its peer's reset: the kernel
+/// aborts the proxy's upstream socket (`ss -K`, as an administrator would;
+/// ECONNABORTED on the proxy's side). The pair ends as an upstream reset and
+/// the client is reset too, never handed a clean end of a cut stream.
+#[test]
+fn a_proxy_socket_aborted_by_the_kernel_resets_the_client() {
+    let Some((_env, guard, upstream)) = egress_env() else {
+        return;
+    };
+    let Proxied {
+        mut client,
+        mut server,
+        proxy,
+    } = proxied(&guard, &upstream, b"partial", |_, _| {});
+    let mut got = [0u8; 7];
+    server.read_exact(&mut got).unwrap();
+    // The proxy's upstream socket is the one the server is connected to.
+    let proxy_up = server.peer_addr().unwrap();
+    let killed = std::process::Command::new("ss")
+        .args(["-K", "src", &proxy_up.ip().to_string(), "sport", "="])
+        .arg(format!(":{}", proxy_up.port()))
+        .output()
+        .expect("ss (iproute2) runs");
+    let listed = String::from_utf8_lossy(&killed.stdout);
+    assert!(
+        listed.contains(&format!(":{}", proxy_up.port())),
+        "ss -K found the proxy's socket: {listed}{}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    assert_eq!(proxy.join().unwrap().end, ForwardEnd::UpstreamReset);
+    let mut buf = [0u8; 1];
+    match client.read(&mut buf) {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("expected a reset, read {n} bytes"),
+    }
+}
+
 #[test]
 fn dropping_the_guard_mid_transfer_loses_nothing() {
     let Some((_env, guard, upstream)) = egress_env() else {
