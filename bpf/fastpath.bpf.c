@@ -1107,12 +1107,14 @@ int fp_fwd_verdict(struct __sk_buff *skb)
 }
 
 /* Set before load (splice_guard.rs, from /proc/kallsyms): [start, end)
- * addresses of the kernel functions a splice read passes through
- * (vfs_splice_read and its predecessors); zero pairs are unused. */
+ * addresses of the kernel functions a splice read passes through (do_splice
+ * and the functions below it, whichever this kernel has); zero pairs are
+ * unused. */
 const volatile __u64 splice_read_text[2 * FP_SPLICE_READ_FUNCTIONS] = {};
 
 /* How many return addresses of the kernel stack are looked at: the splice
- * read function sits 5 to 8 frames above this program. */
+ * read function is a few frames above this program (the LSM trampoline,
+ * security_file_permission, rw_verify_area, then do_splice on 6.7+). */
 #define SPLICE_STACK_FRAMES 16
 
 /* Whether the current kernel stack passes through a splice read: how an
