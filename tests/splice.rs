@@ -257,6 +257,16 @@ fn an_io_uring_splice_cannot_pass_the_guard() {
         &data[6..],
         "every other byte read afterwards",
     );
+    // A socket outside the accelerator's cgroup is plain: its io_uring
+    // splice is let through and moves its bytes.
+    let (mut client, server) = env.cgroup.outside(|| connected_pair("127.0.0.1:0"));
+    client.write_all(b"plain bytes").unwrap();
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+    let splice = opcode::Splice::new(Fd(server.as_raw_fd()), -1, Fd(w.as_raw_fd()), -1, 11);
+    assert_eq!(io_uring_once(splice.build()), 11, "a plain socket's splice");
+    let mut got = [0u8; 11];
+    assert_eq!(nix::unistd::read(&r, &mut got), Ok(11));
+    assert_eq!(&got, b"plain bytes");
     let stats = guard.stats().unwrap();
     assert_eq!(stats.splice_blocked, 1, "{stats}");
 }
