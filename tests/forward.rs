@@ -146,9 +146,7 @@ fn a_reset_on_one_side_resets_the_other() {
             mut client,
             mut server,
             proxy,
-        } = proxied(&guard, &upstream, b"partial", |_, _| {});
-        let mut got = [0u8; 7];
-        server.read_exact(&mut got).unwrap();
+        } = live_pair(&guard, &upstream);
         let (resetting, other, end) = if client_resets {
             (client, server, ForwardEnd::DownstreamReset)
         } else {
@@ -164,12 +162,25 @@ fn a_reset_on_one_side_resets_the_other() {
         assert_eq!(proxy.join().unwrap().end, end);
         // The proxy dropped its streams with SO_LINGER 0: the other side
         // is reset too.
-        let mut other = other;
-        let mut buf = [0u8; 1];
-        match other.read(&mut buf) {
-            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
-            Ok(n) => panic!("{end:?}: expected a reset, read {n} bytes"),
-        }
+        assert_reset(other, end);
+    }
+}
+
+/// A proxied pair whose first bytes (`partial`) reached the server.
+fn live_pair(guard: &FastpathGuard, upstream: &TcpListener) -> Proxied {
+    let mut pair = proxied(guard, upstream, b"partial", |_, _| {});
+    let mut got = [0u8; 7];
+    pair.server.read_exact(&mut got).unwrap();
+    pair
+}
+
+/// The next read of `stream` fails with ECONNRESET (`end`: how the pair
+/// ended, for the message).
+fn assert_reset(mut stream: TcpStream, end: ForwardEnd) {
+    let mut buf = [0u8; 1];
+    match stream.read(&mut buf) {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("{end:?}: expected a reset, read {n} bytes"),
     }
 }
 
@@ -183,12 +194,10 @@ fn a_proxy_socket_aborted_by_the_kernel_resets_the_client() {
         return;
     };
     let Proxied {
-        mut client,
-        mut server,
+        client,
+        server,
         proxy,
-    } = proxied(&guard, &upstream, b"partial", |_, _| {});
-    let mut got = [0u8; 7];
-    server.read_exact(&mut got).unwrap();
+    } = live_pair(&guard, &upstream);
     // The proxy's upstream socket is the one the server is connected to.
     let proxy_up = server.peer_addr().unwrap();
     let killed = std::process::Command::new("ss")
@@ -203,11 +212,7 @@ fn a_proxy_socket_aborted_by_the_kernel_resets_the_client() {
         String::from_utf8_lossy(&killed.stderr)
     );
     assert_eq!(proxy.join().unwrap().end, ForwardEnd::UpstreamReset);
-    let mut buf = [0u8; 1];
-    match client.read(&mut buf) {
-        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
-        Ok(n) => panic!("expected a reset, read {n} bytes"),
-    }
+    assert_reset(client, ForwardEnd::UpstreamReset);
 }
 
 #[test]
