@@ -220,6 +220,15 @@ struct {
 	__uint(max_entries, 65536); /* resized before load */
 } fwd_dirs SEC(".maps");
 
+/* Bytes Forwarding has copied out of each forwarded socket's own queue so
+ * far, by the socket's cookie; written by Rust only. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);
+	__type(value, __u64);
+	__uint(max_entries, 65536); /* resized before load */
+} fwd_copied SEC(".maps");
+
 /* Both mode: forwarded pairs by the downstream socket's key. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -364,6 +373,12 @@ const volatile __u32 keep_blocking_plain = 1;
  * local peer stops redirecting into it and sends plain TCP, where TCP's flow
  * control pushes back (AcceleratorBuilder::receive_queue_limit); 0: none. */
 const volatile __u32 receive_queue_limit = 0;
+
+/* Set before load: how many segments a forwarded socket's psock backlog
+ * (bytes forwarded to it, waiting for room in its send buffer) may hold
+ * before the forwarding program keeps what its peer receives on the peer
+ * instead, where TCP's window pushes back on the sender; 0: no bound. */
+const volatile __u32 fwd_backlog_limit = 0;
 
 /* Set before load: the kernel's TCP memory pressure threshold in pages
  * (tcp_mem[1] at attach); 0: not known. Above it redirected bytes go plain
@@ -929,11 +944,21 @@ int fp_sk_msg(struct sk_msg_md *msg)
 struct list_head {
 	struct list_head *next;
 } __attribute__((preserve_access_index));
+struct sk_buff_head {
+	__u32 qlen;
+} __attribute__((preserve_access_index));
 struct sk_psock {
 	struct list_head ingress_msg;
+	struct sk_buff_head ingress_skb;
 } __attribute__((preserve_access_index));
 
 #define SK_USER_DATA_PTRMASK 7UL
+
+/* A socket's psock: its sk_user_data, tagged in the low bits (0: none). */
+static __always_inline unsigned long psock_address(struct sock *sk)
+{
+	return (unsigned long)sk->sk_user_data & ~SK_USER_DATA_PTRMASK;
+}
 
 /* Whether messages wait in a socket's own psock receive queue (redirected
  * into it with BPF_F_INGRESS, or passed by its stream verdict). The list
@@ -942,16 +967,29 @@ struct sk_psock {
  * 6.10-6.17, older stable releases), where reading it fails the load. */
 static __always_inline int psock_has_queue(struct sock *sk)
 {
+	unsigned long data = psock_address(sk);
 	struct sk_psock *psock;
-	unsigned long data;
 
-	data = (unsigned long)sk->sk_user_data & ~SK_USER_DATA_PTRMASK;
 	if (!data)
 		return 1; /* no psock: treat as busy, stay on the queue path */
 	psock = bpf_rdonly_cast((void *)data, bpf_core_type_id_kernel(struct sk_psock));
 	/* An empty list_head points at itself. */
 	return (unsigned long)psock->ingress_msg.next !=
 	       data + bpf_core_field_offset(struct sk_psock, ingress_msg);
+}
+
+/* Segments waiting in a socket's psock backlog: bytes redirected to it for
+ * sending (the backlog work sends them when its send buffer has room), and
+ * bytes its own verdict passed while that backlog was busy. */
+static __always_inline __u32 psock_backlog_len(struct sock *sk)
+{
+	unsigned long data = psock_address(sk);
+	struct sk_psock *psock;
+
+	if (!data)
+		return 0;
+	psock = bpf_rdonly_cast((void *)data, bpf_core_type_id_kernel(struct sk_psock));
+	return psock->ingress_skb.qlen;
 }
 
 /* The socket's TCP_NOTSENT_LOWAT: its own, else its namespace's sysctl
@@ -1052,19 +1090,46 @@ struct sk_buff {
 	struct sock *sk;
 } __attribute__((preserve_access_index));
 
-/* Whether the receiving socket's own psock queue holds bytes (needs the
- * kfunc, 6.2; on older kernels segments that arrive while forward() is
- * between its two inserts can still be overtaken). */
-static __always_inline int own_queue_holds_bytes(struct __sk_buff *skb)
+/* The receiving socket (needs the kfunc, 6.2; NULL before). */
+static __always_inline struct sock *receiving_socket(struct __sk_buff *skb)
 {
 	struct sk_buff *kskb;
-	struct sock *sk;
 
 	if (!bpf_ksym_exists(bpf_cast_to_kern_ctx))
 		return 0;
 	kskb = bpf_cast_to_kern_ctx(skb);
-	sk = kskb->sk;
-	return sk && psock_has_queue(sk);
+	return kskb->sk;
+}
+
+/* Whether bytes an earlier verdict kept on the receiving socket still wait
+ * for Forwarding to copy them: its own psock queue holds messages (on
+ * kernels before 6.2 this cannot be read, and segments that arrive while
+ * forward() is between its two inserts can still be overtaken), or fewer
+ * bytes were copied than kept. The count also covers kept segments the
+ * queue does not show yet: passed while the socket's own backlog was busy
+ * sending the other direction, they wait there behind its bytes. */
+static __always_inline int kept_bytes_wait(struct sock *sk, struct fp_fwd_dir *dir, __u64 cookie)
+{
+	__u64 *copied = bpf_map_lookup_elem(&fwd_copied, &cookie);
+
+	return (sk && psock_has_queue(sk)) || dir->kept > (copied ? *copied : 0);
+}
+
+/* Whether the peer's psock backlog holds fwd_backlog_limit segments or
+ * more: its receiver is not keeping up (6.2 kfuncs; never before). */
+static __always_inline int peer_backlog_full(struct fp_fwd_dir *dir)
+{
+	struct bpf_sock *peer;
+	__u32 queued;
+
+	if (!fwd_backlog_limit || !bpf_ksym_exists(bpf_rdonly_cast))
+		return 0;
+	peer = bpf_map_lookup_elem(&fwd_map, &dir->peer_cookie);
+	if (!peer)
+		return 0;
+	queued = psock_backlog_len(bpf_rdonly_cast(peer, bpf_core_type_id_kernel(struct sock)));
+	bpf_sk_release(peer);
+	return queued >= fwd_backlog_limit;
 }
 
 SEC("sk_skb/stream_verdict")
@@ -1073,6 +1138,7 @@ int fp_fwd_verdict(struct __sk_buff *skb)
 	__u64 cookie = bpf_get_socket_cookie(skb);
 	struct fp_fwd_dir *dir = bpf_map_lookup_elem(&fwd_dirs, &cookie);
 	__u32 len = skb->len;
+	struct sock *sk;
 
 	/* An empty skb (a bare FIN; TCP has already recorded the FIN itself)
 	 * carries no byte: drop it. Redirected, or passed while forwarded bytes
@@ -1088,11 +1154,28 @@ int fp_fwd_verdict(struct __sk_buff *skb)
 		COUNT(fwd_unpaired, 1);
 		return SK_PASS;
 	}
+	sk = receiving_socket(skb);
 	/* Bytes an earlier verdict kept here wait for that copy: later ones
 	 * queue behind them, or they would overtake them. */
-	if (own_queue_holds_bytes(skb)) {
+	if (kept_bytes_wait(sk, dir, cookie)) {
 		COUNT(fwd_queued_behind, 1);
+		__sync_fetch_and_add(&dir->kept, len);
 		return SK_PASS;
+	}
+	/* The peer's receiver is not keeping up: keep the segment here, charged
+	 * to this socket's receive memory, so TCP's window closes on the sender
+	 * as it would in front of a proxy that stopped reading. Forwarding
+	 * copies it once the peer's backlog has sent what came before. Only
+	 * while this socket's own backlog is idle: a segment passed behind
+	 * the other direction's bytes waits there unseen until they are sent,
+	 * and would tie this direction to that one's receiver. */
+	if (peer_backlog_full(dir)) {
+		if (sk && psock_backlog_len(sk) == 0) {
+			COUNT(fwd_backlog_kept, 1);
+			__sync_fetch_and_add(&dir->kept, len);
+			return SK_PASS;
+		}
+		COUNT(fwd_backlog_overrun, 1);
 	}
 	if (bpf_sk_redirect_hash(skb, &fwd_map, &dir->peer_cookie, 0) != SK_PASS) {
 		COUNT(fwd_unpaired, 1);

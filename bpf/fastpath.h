@@ -71,6 +71,12 @@ struct fp_stats {
 				      * expected) */
 	__u64 fwd_queued_behind;     /* egress/both: received segments kept behind
 				      * bytes waiting to be copied by Forwarding */
+	__u64 fwd_backlog_kept;      /* egress: received segments kept on the
+				      * receiving socket (for Forwarding to copy)
+				      * because the peer's backlog was full */
+	__u64 fwd_backlog_overrun;   /* egress: forwarded into a full backlog anyway:
+				      * the receiving socket's own backlog was busy
+				      * (bytes kept there would be hidden) */
 };
 
 /* Egress mode: one direction of a forwarded pair, keyed by the socket
@@ -83,6 +89,9 @@ struct fp_fwd_dir {
 	__u64 direct;      /* both mode: an application's bytes sent straight
 			    * out of the peer, inside the application's send()
 			    * (as let through: the peer may refuse some) */
+	__u64 kept;        /* bytes the forwarding program left in the receiving
+			    * socket's own queue for Forwarding to copy (behind
+			    * earlier ones, or while the peer's backlog is full) */
 };
 
 /* Both mode: a forwarded pair whose downstream socket's local peer (an

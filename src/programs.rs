@@ -38,6 +38,14 @@ pub(crate) struct LoadConfig {
     pub receive_queue_limit: u32,
 }
 
+/// Egress mode: segments a forwarded socket's psock backlog (bytes
+/// forwarded to it that wait for room in its send buffer) may hold before
+/// the forwarding program keeps further bytes on the receiving socket, where
+/// TCP's window pushes back. Loopback segments carry up to 64 KiB, so at
+/// most about 4 MiB per direction wait there, besides the two sockets'
+/// buffers (as in front of a user-space proxy).
+pub(crate) const FORWARD_BACKLOG_SEGMENTS: u32 = 64;
+
 /// The kernel's TCP memory pressure threshold in pages (`tcp_mem[1]`), or 0
 /// if it cannot be read.
 fn tcp_memory_pressure_pages() -> u64 {
@@ -182,6 +190,7 @@ impl Programs {
             &mut open.maps.sock_map,
             &mut open.maps.fwd_map,
             &mut open.maps.fwd_dirs,
+            &mut open.maps.fwd_copied,
             &mut open.maps.proxy_pairs,
             &mut open.maps.pairs,
         ] {
@@ -211,6 +220,12 @@ impl Programs {
         rodata.record_owners = u32::from(config.record_owners);
         rodata.keep_blocking_plain = u32::from(config.keep_blocking_plain);
         rodata.receive_queue_limit = config.receive_queue_limit;
+        // Both mode's pump cannot tell exactly when forwarded bytes have
+        // left (an application's direct sends count in the same totals), so
+        // it could copy kept bytes ahead of them: egress only.
+        if config.mode == RedirectMode::Egress {
+            rodata.fwd_backlog_limit = FORWARD_BACKLOG_SEGMENTS;
+        }
         rodata.tcp_memory_pressure_pages = tcp_memory_pressure_pages();
         if config.splice_guard {
             crate::splice_guard::write_splice_read_text(&mut rodata.splice_read_text);
@@ -259,6 +274,7 @@ impl Programs {
         Ok(ForwardMaps {
             fwd_map: dup(&maps.fwd_map, "dup of the fwd_map fd")?,
             dirs: dup(&maps.fwd_dirs, "dup of the fwd_dirs fd")?,
+            copied: dup(&maps.fwd_copied, "dup of the fwd_copied fd")?,
             direct: if direct {
                 Some(DirectMaps {
                     pairs: dup(&maps.proxy_pairs, "dup of the proxy_pairs fd")?,

@@ -163,13 +163,24 @@ pub(crate) fn bytes_into_send_queue(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// data-ready callback, which makes a stream verdict program see bytes
 /// queued before the socket joined the map.
 pub(crate) fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
-    // SAFETY: SO_RCVLOWAT takes an int, passed by a valid pointer and size.
+    set_int_option(fd, nix::libc::SOL_SOCKET, nix::libc::SO_RCVLOWAT, bytes)
+}
+
+/// `setsockopt(TCP_LINGER2, -1)`: closed while its FIN waits for the
+/// peer's (FIN_WAIT2), the socket is aborted instead of lingering, so a
+/// peer that still sends learns at once that nobody reads.
+pub(crate) fn abort_in_fin_wait2(fd: BorrowedFd<'_>) -> io::Result<()> {
+    set_int_option(fd, nix::libc::IPPROTO_TCP, nix::libc::TCP_LINGER2, -1)
+}
+
+fn set_int_option(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: the option takes an int, passed by a valid pointer and size.
     let rc = unsafe {
         nix::libc::setsockopt(
             fd.as_raw_fd(),
-            nix::libc::SOL_SOCKET,
-            nix::libc::SO_RCVLOWAT,
-            (&bytes as *const i32).cast(),
+            level,
+            name,
+            (&value as *const i32).cast(),
             size_of::<i32>() as nix::libc::socklen_t,
         )
     };
@@ -179,8 +190,6 @@ pub(crate) fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// The cookie of the network namespace a socket lives in
-/// (`SO_NETNS_COOKIE`, Linux 5.14), as BPF's `bpf_get_netns_cookie` sees it.
 pub(crate) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     const SO_NETNS_COOKIE: i32 = 71; // asm-generic (x86_64, arm64)
     let mut cookie: u64 = 0;

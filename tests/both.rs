@@ -221,7 +221,7 @@ fn dropping_the_guard_mid_transfer_loses_nothing() {
     } = e;
     let data = random_bytes(32 << 20, 26);
     let p = proxied_via(&guard, &front, &upstream, &data[..4096], |_, _| {});
-    let (at_drop, end, sent_after) = upload_across_guard_drop(p, guard, &data, 4096);
+    let (at_drop, end, sent_after, _) = upload_across_guard_drop(p, guard, &data, 4096);
     // The programs still carried the bytes written after the drop: straight
     // upstream, or into the downstream queue while earlier bytes wait there.
     let d = end.since(&at_drop);

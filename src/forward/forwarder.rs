@@ -8,6 +8,7 @@ use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::PollFlags;
@@ -241,6 +242,8 @@ impl std::fmt::Debug for Forwarder {
 fn serve(shared: &Shared) {
     let mut events = vec![EpollEvent::empty(); EVENTS_PER_WAIT];
     let mut buf = vec![0u8; COPY_BUFFER];
+    let retry_every = Duration::from_millis(DRAIN_RETRY_MS as u64);
+    let mut last_retry = Instant::now();
     loop {
         let timeout = {
             let state = lock(&shared.state);
@@ -250,7 +253,8 @@ fn serve(shared: &Shared) {
             if state.draining.is_empty() {
                 EpollTimeout::NONE
             } else {
-                EpollTimeout::from(DRAIN_RETRY_MS as u16)
+                let left = retry_every.saturating_sub(last_retry.elapsed());
+                EpollTimeout::from(left.as_millis() as u16)
             }
         };
         let ready = match shared.epoll.wait(&mut events, timeout) {
@@ -272,8 +276,13 @@ fn serve(shared: &Shared) {
                 poll_flags(event.events());
         }
         let mut state = lock(&shared.state);
-        for id in std::mem::take(&mut state.draining) {
-            revents.entry(id).or_insert([PollFlags::empty(); 2]);
+        // On the timer, not on every wake-up: with many pairs busy, stepping
+        // every waiting pair per event would cost in proportion to both.
+        if last_retry.elapsed() >= retry_every {
+            last_retry = Instant::now();
+            for id in std::mem::take(&mut state.draining) {
+                revents.entry(id).or_insert([PollFlags::empty(); 2]);
+            }
         }
         for (id, revents) in revents {
             step_pair(shared, &mut state, id, revents, &mut buf);

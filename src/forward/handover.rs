@@ -19,6 +19,9 @@ pub(crate) struct ForwardMaps {
     pub fwd_map: MapHandle,
     /// `fwd_dirs`: each socket's peer and the bytes forwarded from it.
     pub dirs: MapHandle,
+    /// `fwd_copied`: the bytes `Forwarding` copied out of each socket's
+    /// own queue, for the forwarding program to compare with what it kept.
+    pub copied: MapHandle,
     /// Both mode only.
     pub direct: Option<DirectMaps>,
 }
@@ -66,6 +69,7 @@ impl Forwarding {
                 fin_passed: false,
                 draining: false,
                 blocked: false,
+                held: false,
                 copied: 0,
             })
         };
@@ -100,8 +104,16 @@ impl Forwarding {
             }
             Err(err) => return Err(err),
         }
-        // Bytes queued before the hand-over: make the verdict see them.
         for side in &forwarding.sides {
+            // Bytes kept in a socket's own queue (while the other side's
+            // backlog is full) hold its receive window shut. Should the
+            // proxy die, TCP would not count them as unread at close, so it
+            // would end the connection with a FIN instead of a reset, and
+            // its FIN_WAIT2 remnant would keep the window shut: a peer
+            // blocked on it would wait a minute (measured: 100 s) to learn.
+            sys::abort_in_fin_wait2(side.stream.as_fd())
+                .map_err(io_err("setsockopt(TCP_LINGER2)", "forwarded socket"))?;
+            // Bytes queued before the hand-over: make the verdict see them.
             sys::set_rcvlowat(side.stream.as_fd(), 1)
                 .map_err(io_err("setsockopt(SO_RCVLOWAT)", "forwarded socket"))?;
         }
@@ -131,6 +143,10 @@ impl Forwarding {
                 dirs.update(&key, dir.as_bytes(), MapFlags::NO_EXIST)
                     .map_err(|e| Error::bpf(REFUSED, e))?;
                 added.push(key);
+                self.maps
+                    .copied
+                    .update(&key, &0u64.to_ne_bytes(), MapFlags::ANY)
+                    .map_err(|e| Error::bpf("bpf(BPF_MAP_UPDATE_ELEM) on fwd_copied", e))?;
             }
             for side in &self.sides {
                 let fd = side.stream.as_raw_fd() as u64;
@@ -161,6 +177,7 @@ impl Forwarding {
         if result.is_err() {
             for key in added {
                 let _ = dirs.delete(&key);
+                let _ = self.maps.copied.delete(&key);
             }
         }
         result
@@ -171,7 +188,9 @@ impl Forwarding {
             let _ = direct.pairs.delete(key.as_bytes());
         }
         for side in &self.sides {
-            let _ = self.maps.dirs.delete(&side.cookie.to_ne_bytes());
+            let key = side.cookie.to_ne_bytes();
+            let _ = self.maps.dirs.delete(&key);
+            let _ = self.maps.copied.delete(&key);
         }
     }
 }

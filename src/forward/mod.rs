@@ -76,10 +76,17 @@ pub struct ForwardStats {
     pub downstream_to_upstream: u64,
     /// Bytes forwarded from upstream to downstream.
     pub upstream_to_downstream: u64,
-    /// Both mode: of `downstream_to_upstream`, the bytes `wait()` copied in
-    /// user space because they were queued on the downstream socket (sent
-    /// before the hand-over, or while the upstream socket had no room).
+    /// Of `downstream_to_upstream`, the bytes `wait()` copied in user
+    /// space because they were queued on the downstream socket (both mode:
+    /// sent before the hand-over, or while the upstream socket had no room;
+    /// every mode: kept there while `forward()` inserted the pair, or,
+    /// egress mode, while the upstream socket's forwarding backlog was
+    /// full).
     pub copied_at_hand_over: u64,
+    /// Of both directions, the bytes `wait()` copied in user space rather
+    /// than the kernel forwarding them: the downstream ones above and,
+    /// likewise, upstream ones (all of them when `in_kernel` is false).
+    pub copied: u64,
     /// Whether the kernel forwarded the pair. `false`: a [`Forwarder`]
     /// was handed a socket the kernel no longer takes (its peer had sent
     /// its FIN before the hand-over) and copied the pair in user space.
@@ -103,6 +110,12 @@ struct Side {
     /// Bytes are left in its receive queue because the other side had no
     /// room: wait for room there.
     blocked: bool,
+    /// Egress mode: bytes the forwarding program kept in its receive queue
+    /// (the other side's backlog was full) wait until the backlog has sent
+    /// what was forwarded before them: retried on the drain timer, since
+    /// no event says when (the other side's POLLOUT can be set while its
+    /// backlog still waits for more room).
+    held: bool,
     /// Bytes `wait()` copied from its receive queue to the other side.
     copied: u64,
 }
@@ -180,6 +193,7 @@ impl Forwarding {
             downstream_to_upstream: self.forwarded_from(down).total() + down.copied,
             upstream_to_downstream: self.forwarded_from(up).total() + up.copied,
             copied_at_hand_over: if self.in_kernel { down.copied } else { 0 },
+            copied: down.copied + up.copied,
             in_kernel: self.in_kernel,
             end: end?,
         };

@@ -11,7 +11,7 @@ use nix::poll::PollFlags;
 
 use super::{io_err, ForwardEnd, Forwarding, DOWN, RESET_BY, UP};
 use crate::abi::{fp_sock_state, Plain};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::sys;
 
 /// The peer has shut down its sending side (nix has no constant for it).
@@ -33,7 +33,7 @@ impl Forwarding {
             let mut events = PollFlags::empty();
             if !side.fin_passed && !side.draining {
                 events |= RDHUP;
-                if !side.blocked {
+                if !side.blocked && !side.held {
                     events |= PollFlags::POLLIN;
                 }
             }
@@ -48,7 +48,7 @@ impl Forwarding {
     /// it: [`step`](Self::step) must run again within [`DRAIN_RETRY_MS`],
     /// events or not.
     pub(super) fn is_draining(&self) -> bool {
-        self.sides.iter().any(|s| s.draining)
+        self.sides.iter().any(|s| s.draining || s.held)
     }
 
     /// Acts on what poll reported for [downstream, upstream] (nothing, on
@@ -63,12 +63,24 @@ impl Forwarding {
     ) -> Result<Option<ForwardEnd>> {
         for from in [DOWN, UP] {
             let side = &self.sides[from];
-            let readable =
-                revents[from].contains(PollFlags::POLLIN) || (side.draining && !side.blocked);
+            let readable = revents[from].contains(PollFlags::POLLIN)
+                || ((side.draining || side.held) && !side.blocked);
             if readable || revents[1 - from].contains(PollFlags::POLLOUT) {
+                // Egress mode: kept bytes go after the forwarded ones.
+                let held = self.in_kernel
+                    && self.maps.direct.is_none()
+                    && self.forwarded_in_flight(from)?;
+                self.sides[from].held = held;
+                if held {
+                    continue;
+                }
+                let copied_before = self.sides[from].copied;
                 match self.copy_queued(from, buf) {
                     Ok(full) => self.sides[from].blocked = full,
                     Err(_) => return Ok(Some(self.reset_by(from))),
+                }
+                if self.in_kernel && self.sides[from].copied != copied_before {
+                    self.record_copied(from)?;
                 }
             }
         }
@@ -131,24 +143,50 @@ impl Forwarding {
         {
             return Ok(false);
         }
-        let to = 1 - from;
-        // Only the forwarding program's bytes can still be on their way
-        // (the peer's psock backlog sends them later). Bytes this loop
-        // copied and an application's bytes sent straight out of the other
-        // side entered its send queue before their send() returned, so
-        // before the FIN: with nothing forwarded, nothing is in flight. The
-        // direct count is what the program let through; were part of it
-        // refused (docs/known-limits.md), counting it would wait forever.
-        let dir = self.forwarded_from(&self.sides[from]);
-        if dir.bytes > 0 {
-            let target = self.sides[to].sent_before + dir.total() + self.sides[from].copied;
-            if self.sent(to)? < target {
-                return Ok(false);
-            }
+        // Bytes the program kept may not show in the queue yet (see
+        // kept_bytes_wait in the BPF source).
+        if self.forwarded_from(&self.sides[from]).kept > self.sides[from].copied
+            || self.forwarded_in_flight(from)?
+        {
+            return Ok(false);
         }
+        let to = 1 - from;
         let _ = self.sides[to].stream.shutdown(Shutdown::Write);
         self.sides[from].fin_passed = true;
         Ok(true)
+    }
+
+    /// Whether bytes the forwarding program forwarded from side `from` may
+    /// still wait in the other side's psock backlog (which sends them
+    /// later) rather than in its send queue. Bytes the pump copied and an
+    /// application's bytes sent straight out of the other side entered its
+    /// send queue before their send() returned: with nothing forwarded,
+    /// nothing is in flight. The direct count is what the program let
+    /// through; were part of it refused (docs/known-limits.md), counting it
+    /// would wait forever.
+    fn forwarded_in_flight(&self, from: usize) -> Result<bool> {
+        let dir = self.forwarded_from(&self.sides[from]);
+        if dir.bytes == 0 {
+            return Ok(false);
+        }
+        let to = 1 - from;
+        let target = self.sides[to].sent_before + dir.total() + self.sides[from].copied;
+        Ok(self.sent(to)? < target)
+    }
+
+    /// Tells the forwarding program how much the pump has copied out of
+    /// side `from`'s queue: it keeps later segments behind until that
+    /// reaches what it kept there.
+    fn record_copied(&self, from: usize) -> Result<()> {
+        let side = &self.sides[from];
+        self.maps
+            .copied
+            .update(
+                &side.cookie.to_ne_bytes(),
+                &side.copied.to_ne_bytes(),
+                MapFlags::EXIST,
+            )
+            .map_err(|e| Error::bpf("bpf(BPF_MAP_UPDATE_ELEM) on fwd_copied", e))
     }
 
     /// Bytes side `i` has sent: what entered its TCP send queue since it was

@@ -497,14 +497,14 @@ pub fn proxied_via(
 /// hand-over), half of it before the guard is dropped (once a quarter has
 /// arrived) and half after: every byte arrives in order and the pair then
 /// closes cleanly. Returns the counters just before the drop and at the end
-/// (the programs keep counting for the sockets that hold them), and the
-/// bytes the client wrote after the drop.
+/// (the programs keep counting for the sockets that hold them), the bytes
+/// the client wrote after the drop, and what the pair moved.
 pub fn upload_across_guard_drop(
     p: Proxied,
     guard: FastpathGuard,
     data: &[u8],
     already_sent: usize,
-) -> (Stats, Stats, u64) {
+) -> (Stats, Stats, u64, ForwardStats) {
     let Proxied {
         mut client,
         mut server,
@@ -534,11 +534,14 @@ pub fn upload_across_guard_drop(
     server.shutdown(Shutdown::Write).unwrap();
     let mut client = writer.join().unwrap();
     assert_eq!(read_all(&mut client), b"");
-    assert_eq!(
-        proxy.join().unwrap().end,
-        sockmap_fastpath::ForwardEnd::Closed
-    );
-    (at_drop, counters.read().expect("stats"), sent_after_drop)
+    let forwarded = proxy.join().unwrap();
+    assert_eq!(forwarded.end, sockmap_fastpath::ForwardEnd::Closed);
+    (
+        at_drop,
+        counters.read().expect("stats"),
+        sent_after_drop,
+        forwarded,
+    )
 }
 
 /// Sends `size` bytes each way between a pair made after `before` was read
