@@ -176,11 +176,16 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         *pairs = open;
         ended
     };
-    let mut at_hand_over = 0;
+    let (mut at_hand_over, mut by_forwarder) = (0, 0);
     for pair in ended {
-        at_hand_over += pair.wait()?.copied_at_hand_over;
+        let stats = pair.wait()?;
+        at_hand_over += stats.copied_at_hand_over;
+        by_forwarder += stats.copied;
     }
     println!("tproxy: bytes copied at hand-over: {at_hand_over}");
+    // Egress mode: bytes kept on a socket while the other side's backlog
+    // was full (its receiver lagged), copied on by the forwarder in order.
+    println!("tproxy: bytes the forwarder copied: {by_forwarder}");
     if let Some(guard) = &guard {
         print!("tproxy: counters\n{}", guard.stats()?);
     }

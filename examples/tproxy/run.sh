@@ -107,8 +107,12 @@ for mode in $MODES; do
       proof="app<->proxy hop redirected ${redirected:-0} bytes, ${passed:-0} plain after ${fallbacks:-0} receive-queue-bound fallbacks"
       { [ "${redirected:-0}" -gt 0 ] && [ $(( ${redirected:-0} + ${passed:-0} )) -ge "$size" ] &&
         { [ "${passed:-0}" = 0 ] || [ "${fallbacks:-0}" -gt 0 ]; }; } || ok="not redirected" ;;
-    egress) proof="kernel forwarded ${forwarded:-0} bytes, user space ${copied:-0}"
-      { [ "${forwarded:-0}" -ge "$size" ] && [ "${copied:-1}" = 0 ]; } || ok="not forwarded by the kernel" ;;
+    egress) # Bytes the forwarder copied only where the backlog bound kept them.
+      waited=$(sed -n 's/^tproxy: bytes the forwarder copied: //p' "$out.log")
+      kept=$(( $(stat_of "$out.log" fwd_backlog_kept) + $(stat_of "$out.log" fwd_queued_behind) ))
+      proof="kernel forwarded ${forwarded:-0} bytes, ${waited:-0} kept by the backlog bound and copied on ($kept segments), user-space loops ${copied:-0}"
+      { [ "${forwarded:-0}" -gt 0 ] && [ $(( ${forwarded:-0} + ${waited:-0} )) -ge "$size" ] && [ "${copied:-1}" = 0 ] &&
+        { [ "${waited:-0}" = 0 ] || [ "$kept" -gt 0 ]; }; } || ok="not forwarded by the kernel" ;;
     both) proof="kernel forwarded ${forwarded:-0} bytes, ${redirected:-0} redirected into the app's queue, app sent ${direct:-0} straight upstream, ${handover:-0} copied at hand-over, user space loops ${copied:-0}"
       { [ "${forwarded:-0}" -ge "$size" ] && [ "${redirected:-0}" -ge "$size" ] && [ "${copied:-1}" = 0 ]; } || ok="not forwarded and redirected by the kernel" ;;
   esac

@@ -21,6 +21,13 @@
 //! before it has entered the other socket's send queue, so nothing is cut
 //! off.
 //!
+//! # Back-pressure (egress mode, Linux 6.2)
+//! When the other socket's forwarding backlog holds 64 segments (its
+//! receiver is slower), the program keeps what arrives on the receiving
+//! socket, so TCP's window closes on the sender; `wait()` copies those
+//! bytes once the backlog has sent what came before them
+//! (`Stats::fwd_backlog_kept`, [`ForwardStats::copied`]).
+//!
 //! # Both mode
 //! In [`RedirectMode::Both`](crate::RedirectMode::Both) the downstream
 //! socket may be accelerated itself (its client is a local application in
@@ -124,8 +131,10 @@ struct Side {
 /// Call [`wait`](Self::wait): dropping it unwaited leaves forwarding running
 /// until the sockets close, but nothing then passes half-closes on, and its
 /// entries stay in the `fwd_dirs` (and, in both mode, `proxy_pairs`) maps
-/// until the guard's maps are freed. In both mode `wait()` is also what
-/// copies bytes queued on the sockets: unwaited, they stay queued.
+/// until the guard's maps are freed. `wait()` is also what copies bytes
+/// queued on the sockets (both mode: an application's bytes; egress mode:
+/// bytes kept while the other side's forwarding backlog was full):
+/// unwaited, they stay queued and the pair stalls.
 #[must_use = "call wait() to pass half-closes on and learn when the pair ends"]
 pub struct Forwarding {
     /// [downstream, upstream]

@@ -66,21 +66,18 @@ impl Forwarding {
             let readable = revents[from].contains(PollFlags::POLLIN)
                 || ((side.draining || side.held) && !side.blocked);
             if readable || revents[1 - from].contains(PollFlags::POLLOUT) {
-                // Egress mode: kept bytes go after the forwarded ones.
-                let held = self.in_kernel
-                    && self.maps.direct.is_none()
-                    && self.forwarded_in_flight(from)?;
-                self.sides[from].held = held;
-                if held {
-                    continue;
-                }
                 let copied_before = self.sides[from].copied;
-                match self.copy_queued(from, buf) {
-                    Ok(full) => self.sides[from].blocked = full,
-                    Err(_) => return Ok(Some(self.reset_by(from))),
-                }
+                let outcome = self.copy_queued(from, buf);
                 if self.in_kernel && self.sides[from].copied != copied_before {
                     self.record_copied(from)?;
+                }
+                let side = &mut self.sides[from];
+                (side.blocked, side.held) = (false, false);
+                match outcome? {
+                    Copy::Done => {}
+                    Copy::Full => side.blocked = true,
+                    Copy::Held => side.held = true,
+                    Copy::Failed => return Ok(Some(self.reset_by(from))),
                 }
             }
         }
@@ -229,21 +226,30 @@ impl Forwarding {
     /// Copies the bytes queued on side `from` to the other side
     /// without blocking, consuming each chunk only after it was written (the
     /// BPF side sends straight upstream only while this queue is empty).
-    /// Returns whether bytes are left because the other side had no room.
-    /// An error reading means side `from` failed; on a write error it
-    /// stops, and poll() then reports the other side's failure.
-    fn copy_queued(&mut self, from: usize, buf: &mut [u8]) -> nix::Result<bool> {
+    /// In egress mode each chunk waits ([`Copy::Held`]) until the bytes the
+    /// program forwarded from `from` before it have left the other side's
+    /// backlog: checked after the peek, since only once kept bytes are in
+    /// the queue does the program stop forwarding (a check before could
+    /// pass, and the program then forward more and keep the next segment).
+    /// A read error means side `from` failed; on a write error it stops,
+    /// and poll() then reports the other side's failure.
+    fn copy_queued(&mut self, from: usize, buf: &mut [u8]) -> Result<Copy> {
         use nix::errno::Errno;
         use nix::sys::socket::{recv, send, MsgFlags};
         let fd = self.sides[from].stream.as_raw_fd();
         let to = self.sides[1 - from].stream.as_raw_fd();
+        let ordered_after_backlog = self.in_kernel && self.maps.direct.is_none();
         loop {
             let n = match recv(fd, buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => n,
                 Err(Errno::EAGAIN) => 0,
-                other => other?,
+                Err(_) => return Ok(Copy::Failed),
             };
             if n == 0 {
-                return Ok(false);
+                return Ok(Copy::Done);
+            }
+            if ordered_after_backlog && self.forwarded_in_flight(from)? {
+                return Ok(Copy::Held);
             }
             let written = match send(
                 to,
@@ -251,17 +257,33 @@ impl Forwarding {
                 MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
             ) {
                 Ok(written) => written,
-                Err(Errno::EAGAIN) => return Ok(true),
+                Err(Errno::EAGAIN) => return Ok(Copy::Full),
                 Err(Errno::EINTR) => continue,
-                Err(_) => return Ok(false),
+                Err(_) => return Ok(Copy::Done),
             };
             let mut consumed = 0;
             while consumed < written {
-                consumed += recv(fd, &mut buf[..written - consumed], MsgFlags::MSG_DONTWAIT)?;
+                match recv(fd, &mut buf[..written - consumed], MsgFlags::MSG_DONTWAIT) {
+                    Ok(n) => consumed += n,
+                    Err(_) => return Ok(Copy::Failed),
+                }
             }
             self.sides[from].copied += written as u64;
         }
     }
+}
+
+/// What [`Forwarding::copy_queued`] stopped at.
+enum Copy {
+    /// Nothing left to copy (or the other side failed a write: poll()
+    /// reports it).
+    Done,
+    /// The other side had no room: wait for POLLOUT there.
+    Full,
+    /// Kept bytes wait for the other side's backlog: retry on the timer.
+    Held,
+    /// Reading side `from` failed.
+    Failed,
 }
 
 /// Whether bytes wait to be read on `fd`. A peek rather than FIONREAD:

@@ -39,6 +39,22 @@ pub fn tcp_memory_pages() -> Option<u64> {
 /// The TCP memory use (pages) from which the kernel is under memory
 /// pressure (`net.ipv4.tcp_mem`, its second value), or `None`.
 pub fn tcp_memory_pressure_pages() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem").ok()?;
-    limits.split_whitespace().nth(1)?.parse().ok()
+    sysctl_value("tcp_mem", 1)
+}
+
+/// The most a TCP socket's receive buffer grows to by autotuning
+/// (`net.ipv4.tcp_rmem`, its third value, bytes), or `None`.
+pub fn tcp_receive_buffer_max() -> Option<u64> {
+    sysctl_value("tcp_rmem", 2)
+}
+
+/// Likewise for the send buffer (`net.ipv4.tcp_wmem`).
+pub fn tcp_send_buffer_max() -> Option<u64> {
+    sysctl_value("tcp_wmem", 2)
+}
+
+/// Value `index` of `/proc/sys/net/ipv4/NAME`.
+fn sysctl_value(name: &str, index: usize) -> Option<u64> {
+    let values = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).ok()?;
+    values.split_whitespace().nth(index)?.parse().ok()
 }
