@@ -1110,9 +1110,14 @@ static __always_inline struct sock *receiving_socket(struct __sk_buff *skb)
  * sending the other direction, they wait there behind its bytes. */
 static __always_inline int kept_bytes_wait(struct sock *sk, struct fp_fwd_dir *dir, __u64 cookie)
 {
-	__u64 *copied = bpf_map_lookup_elem(&fwd_copied, &cookie);
+	__u64 *copied;
 
-	return (sk && psock_has_queue(sk)) || dir->kept > (copied ? *copied : 0);
+	if (sk && psock_has_queue(sk))
+		return 1;
+	if (!dir->kept) /* nothing ever kept: no lookup per segment */
+		return 0;
+	copied = bpf_map_lookup_elem(&fwd_copied, &cookie);
+	return dir->kept > (copied ? *copied : 0);
 }
 
 /* Whether the peer's psock backlog holds fwd_backlog_limit segments or

@@ -10,7 +10,7 @@ use libbpf_rs::{MapCore, MapFlags};
 use nix::poll::PollFlags;
 
 use super::{io_err, ForwardEnd, Forwarding, DOWN, RESET_BY, UP};
-use crate::abi::{fp_sock_state, Plain};
+use crate::abi::{fp_fwd_dir, fp_sock_state, Plain};
 use crate::error::{Error, Result};
 use crate::sys;
 
@@ -142,9 +142,8 @@ impl Forwarding {
         }
         // Bytes the program kept may not show in the queue yet (see
         // kept_bytes_wait in the BPF source).
-        if self.forwarded_from(&self.sides[from]).kept > self.sides[from].copied
-            || self.forwarded_in_flight(from)?
-        {
+        let dir = self.forwarded_from(&self.sides[from]);
+        if dir.kept > self.sides[from].copied || self.in_flight(from, &dir)? {
             return Ok(false);
         }
         let to = 1 - from;
@@ -162,7 +161,12 @@ impl Forwarding {
     /// through; were part of it refused (docs/known-limits.md), counting it
     /// would wait forever.
     fn forwarded_in_flight(&self, from: usize) -> Result<bool> {
-        let dir = self.forwarded_from(&self.sides[from]);
+        self.in_flight(from, &self.forwarded_from(&self.sides[from]))
+    }
+
+    /// [`forwarded_in_flight`](Self::forwarded_in_flight) with the
+    /// direction's counts already read.
+    fn in_flight(&self, from: usize, dir: &fp_fwd_dir) -> Result<bool> {
         if dir.bytes == 0 {
             return Ok(false);
         }
