@@ -83,6 +83,9 @@ struct net {
 struct sock_common {
 	struct proto *skc_prot;
 	struct {
+		__s64 counter;
+	} skc_cookie;
+	struct {
 		struct net *net;
 	} skc_net;
 } __attribute__((preserve_access_index));
@@ -864,6 +867,15 @@ static __always_inline int tcp_memory_under_pressure(struct sock *sk)
 	       *sk->__sk_common.skc_prot->memory_allocated > (long)tcp_memory_pressure_pages;
 }
 
+/* Whether `sk` is one of a proxy's forwarded sockets (its cookie, made when
+ * forward() read it, has a fwd_dirs entry). */
+static __always_inline int is_forwarded(struct sock *sk)
+{
+	__u64 cookie = sk->__sk_common.skc_cookie.counter;
+
+	return cookie && bpf_map_lookup_elem(&fwd_dirs, &cookie);
+}
+
 /* The receive-queue bound, for a message just redirected to its local peer
  * (receive_queue_limit set, and the kfuncs that show the target exist).
  * Above the limit the message goes plain instead and so do the next ones,
@@ -873,22 +885,28 @@ static __always_inline int tcp_memory_under_pressure(struct sock *sk)
  * (its copied_seq has reached the sender's write_seq): nothing plain can
  * then be overtaken. Redirected bytes are charged to the receiver's
  * sk_rmem_alloc from 6.12.8 on; before, it counts only its TCP queue and
- * the bound never acts (probe(): receive queue bound). */
+ * the bound never acts (probe(): receive queue bound).
+ * `peer_may_be_forwarded` (both mode): not into a proxy's forwarded
+ * socket, whose plain bytes the forwarding program sends on as they
+ * arrive, ahead of the queued ones (a sender already past the limit when
+ * its peer was handed over stays plain: no resuming there). */
 static __always_inline enum msg_outcome bound_receive_queue(struct sk_msg_md *msg,
 							    struct fp_sock_state *st,
-							    struct fp_stats *s)
+							    struct fp_stats *s,
+							    int peer_may_be_forwarded)
 {
 	struct sock *target = redirect_target(msg);
 	__u32 held = target->sk_backlog.rmem_alloc.counter;
 	int pressure = tcp_memory_under_pressure(target);
+	int forwarded = peer_may_be_forwarded && is_forwarded(target);
 	struct tcp_sock *self, *peer;
 
 	if (!(st->flags & FP_QUEUE_LIMITED)) {
-		if (held <= receive_queue_limit && !pressure)
+		if (forwarded || (held <= receive_queue_limit && !pressure))
 			return MSG_REDIRECTED;
 		st->flags |= FP_QUEUE_LIMITED;
 		s->queue_limit_fallbacks += 1;
-	} else if (held <= receive_queue_limit / 2 && !pressure) {
+	} else if (!forwarded && held <= receive_queue_limit / 2 && !pressure) {
 		self = bpf_skc_to_tcp_sock(msg->sk);
 		peer = bpf_rdonly_cast(target, bpf_core_type_id_kernel(struct tcp_sock));
 		if (self && peer->copied_seq == self->write_seq) {
@@ -906,23 +924,23 @@ static __always_inline enum msg_outcome bound_receive_queue(struct sk_msg_md *ms
 	return MSG_DROPPED;
 }
 
-/* Redirects the message into its local peer's receive queue. On a miss the
- * chunk goes plain, and so must every later one, or it could overtake this
- * one. `bounded`: apply receive_queue_limit. Not in both mode: there the
- * peer may be a proxy's forwarded downstream socket, whose plain bytes the
- * forwarding program sends on at once, ahead of the queued ones. */
+/* Redirects the message into its local peer's receive queue, within
+ * receive_queue_limit. On a miss the chunk goes plain, and so must every
+ * later one, or it could overtake this one. `peer_may_be_forwarded`: see
+ * bound_receive_queue. */
 static __always_inline enum msg_outcome redirect_to_peer(struct sk_msg_md *msg,
 							 struct fp_sock_state *st,
-							 struct fp_stats *s, int bounded)
+							 struct fp_stats *s,
+							 int peer_may_be_forwarded)
 {
 	if (bpf_msg_redirect_hash(msg, &sock_map, &st->peer, BPF_F_INGRESS) != SK_PASS) {
 		st->flags |= FP_FELL_BACK;
 		s->peer_missing += 1;
 		return MSG_PASSED;
 	}
-	if (!bounded || !receive_queue_limit || !bpf_ksym_exists(bpf_cast_to_kern_ctx))
+	if (!receive_queue_limit || !bpf_ksym_exists(bpf_cast_to_kern_ctx))
 		return MSG_REDIRECTED;
-	return bound_receive_queue(msg, st, s);
+	return bound_receive_queue(msg, st, s, peer_may_be_forwarded);
 }
 
 SEC("sk_msg")
@@ -935,7 +953,7 @@ int fp_sk_msg(struct sk_msg_md *msg)
 		return SK_PASS;
 	st = paired_state(msg, s);
 	/* No per-socket byte count here: only both mode's Forwarding reads it. */
-	return count_msg(s, NULL, st ? redirect_to_peer(msg, st, s, 1) : MSG_PASSED, msg->size);
+	return count_msg(s, NULL, st ? redirect_to_peer(msg, st, s, 0) : MSG_PASSED, msg->size);
 }
 
 /* Both mode. Kernel internals read (read-only, CO-RE relocated): the
@@ -1049,7 +1067,9 @@ static __always_inline int redirect_target_on_shortcut(struct sk_msg_md *msg)
  * be overtaken; (2) the upstream socket has room, so the sender never
  * waits on a socket it does not own; and (3) the upstream socket is not
  * paired (or waiting to pair) with a local server itself (see
- * redirect_target_on_shortcut). Otherwise it joins the queue. */
+ * redirect_target_on_shortcut). Otherwise it joins the queue. Every other
+ * redirect (the downstream socket's bytes to its application, ordinary
+ * pairs) is bounded by receive_queue_limit as in fp_sk_msg. */
 SEC("sk_msg")
 int fp_sk_msg_both(struct sk_msg_md *msg)
 {
@@ -1066,7 +1086,7 @@ int fp_sk_msg_both(struct sk_msg_md *msg)
 	if (!st)
 		return count_msg(s, NULL, MSG_PASSED, size);
 	pair = bpf_map_lookup_elem(&proxy_pairs, &st->peer);
-	outcome = redirect_to_peer(msg, st, s, 0);
+	outcome = redirect_to_peer(msg, st, s, 1);
 	if (!pair || outcome != MSG_REDIRECTED || psock_has_queue(redirect_target(msg)))
 		return count_msg(s, st, outcome, size);
 	dir = bpf_map_lookup_elem(&fwd_dirs, &pair->down_cookie);
@@ -1074,7 +1094,7 @@ int fp_sk_msg_both(struct sk_msg_md *msg)
 	if (!dir || bpf_msg_redirect_hash(msg, &fwd_map, &pair->up_cookie, 0) != SK_PASS)
 		return count_msg(s, st, MSG_REDIRECTED, size);
 	if ((!redirect_target_has_room(msg, size) || redirect_target_on_shortcut(msg)) &&
-	    redirect_to_peer(msg, st, s, 0) == MSG_REDIRECTED)
+	    redirect_to_peer(msg, st, s, 1) == MSG_REDIRECTED)
 		return count_msg(s, st, MSG_REDIRECTED, size);
 	/* Room upstream, or the peer left the map between the two redirects:
 	 * a redirect that misses leaves the upstream socket as the target, so

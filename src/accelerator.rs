@@ -156,8 +156,13 @@ impl AcceleratorBuilder {
     /// and has read every plain byte.
     /// [`Stats::queue_limit_fallbacks`](crate::Stats::queue_limit_fallbacks)
     /// and `queue_limit_resumed` count the switches. `u32::MAX` means no
-    /// bound. Ingress mode only: in [`RedirectMode::Both`] the limit does
-    /// not act (a proxy forwards plain bytes at once, ahead of queued ones).
+    /// bound. In [`RedirectMode::Both`] it does not act on redirects into a
+    /// proxy's forwarded socket (whose plain bytes the proxy's forwarding
+    /// sends on at once, ahead of queued ones): an application's bytes to
+    /// its proxy, a local server's to an accelerated upstream socket. It
+    /// does act on the proxy's downstream socket's bytes to its
+    /// application, so a client that stops reading pushes back through the
+    /// forwarding to the upstream server.
     ///
     /// `attach()` refuses 0 with [`Error::ZeroReceiveQueueLimit`].
     ///

@@ -38,7 +38,7 @@ pub(crate) struct LoadConfig {
     pub receive_queue_limit: u32,
 }
 
-/// Egress mode: segments a forwarded socket's psock backlog (bytes
+/// Egress and both modes: segments a forwarded socket's psock backlog (bytes
 /// forwarded to it that wait for room in its send buffer) may hold before
 /// the forwarding program keeps further bytes on the receiving socket, where
 /// TCP's window pushes back. Loopback segments carry up to 64 KiB, so at
@@ -220,12 +220,7 @@ impl Programs {
         rodata.record_owners = u32::from(config.record_owners);
         rodata.keep_blocking_plain = u32::from(config.keep_blocking_plain);
         rodata.receive_queue_limit = config.receive_queue_limit;
-        // Both mode's pump cannot tell exactly when forwarded bytes have
-        // left (an application's direct sends count in the same totals), so
-        // it could copy kept bytes ahead of them: egress only.
-        if config.mode == RedirectMode::Egress {
-            rodata.fwd_backlog_limit = FORWARD_BACKLOG_SEGMENTS;
-        }
+        rodata.fwd_backlog_limit = FORWARD_BACKLOG_SEGMENTS;
         rodata.tcp_memory_pressure_pages = tcp_memory_pressure_pages();
         if config.splice_guard {
             crate::splice_guard::write_splice_read_text(&mut rodata.splice_read_text);

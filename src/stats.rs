@@ -121,12 +121,12 @@ counters! {
     /// socket's queue behind bytes waiting there (kept because the peer was
     /// not in the map yet), for `Forwarding::wait` to copy in order.
     fwd_queued_behind,
-    /// Egress mode: received segments kept in the receiving socket's queue
-    /// because the other socket's forwarding backlog was full (its receiver
+    /// Egress and both modes: received segments kept in the receiving
+    /// socket's queue because the other socket's forwarding backlog was full (its receiver
     /// is not keeping up): TCP's window then pushes back on the sender, and
     /// `Forwarding` copies them on once the backlog has drained.
     fwd_backlog_kept,
-    /// Egress mode: segments forwarded into a full backlog all the same,
+    /// Egress and both modes: segments forwarded into a full backlog all the same,
     /// because the receiving socket's own backlog was busy sending the
     /// other direction (a segment kept then would wait unseen behind it).
     fwd_backlog_overrun,

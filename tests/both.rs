@@ -95,17 +95,29 @@ fn an_applications_bytes_go_straight_upstream_after_the_queued_ones() {
         "every client byte either copied or sent straight upstream: {counters}"
     );
     assert_eq!(
-        counters.fwd_bytes, SIZE as u64,
-        "every server byte forwarded by the kernel: {counters}"
+        counters.fwd_bytes + stats.copied - stats.copied_at_hand_over,
+        SIZE as u64,
+        "every server byte forwarded by the kernel, or kept while the \
+         downstream socket's backlog was full and copied: {counters}"
     );
-    assert_eq!(
-        counters.bytes_redirected,
-        SIZE as u64 + stats.copied_at_hand_over - request.len() as u64,
+    // At least: a plain send the downstream socket's full send buffer took
+    // only in part (the forwarding backlog sends without blocking) is
+    // counted again when the rest is retried.
+    assert!(
+        counters.bytes_redirected + counters.bytes_passed
+            >= SIZE as u64 + stats.copied_at_hand_over - request.len() as u64,
         "the downstream socket's sk_msg program put the server's bytes \
-         straight into the client's queue; the client's other bytes were \
-         redirected into the downstream queue: {counters}"
+         into the client's queue (plain past its limit); the client's other \
+         bytes were redirected into the downstream queue: {counters}"
     );
-    assert_eq!(counters.bytes_passed, 0, "{counters}");
+    if counters.bytes_passed == 0 {
+        assert_eq!(
+            counters.bytes_redirected,
+            SIZE as u64 + stats.copied_at_hand_over - request.len() as u64,
+            "{counters}"
+        );
+    }
+    assert_plain_only_past_the_limit(&counters);
 }
 
 /// The client writes while the proxy is still copying what was queued
@@ -170,9 +182,8 @@ fn an_unaccelerated_client_is_forwarded_as_in_egress_mode() {
     let stats = proxy.join().unwrap();
     let counters = e.guard.stats().unwrap();
     assert_eq!(stats.end, ForwardEnd::Closed);
-    assert_eq!(stats.copied_at_hand_over, 0);
     assert_eq!(counters.fwd_direct_bytes, 0, "{counters}");
-    assert_eq!(counters.fwd_bytes, want.len() as u64 + 3, "{counters}");
+    assert_every_byte_forwarded_or_kept(&counters, &stats, want.len() + 3);
 }
 
 #[test]
@@ -363,7 +374,7 @@ fn a_local_upstream_in_the_policy_is_forwarded_too() {
     );
     let counters = guard.stats().unwrap();
     assert_eq!(counters.sockets_inserted, 4, "{counters}");
-    assert_eq!(counters.bytes_passed, 0, "{counters}");
+    assert_plain_only_past_the_limit(&counters);
     // An accelerated upstream socket: no direct sends (they would take the
     // TCP path and be read after bytes copied through its sk_msg program).
     assert_eq!(counters.fwd_direct_bytes, 0, "{counters}");
@@ -458,4 +469,12 @@ fn a_proxys_notsent_lowat_never_stalls_the_application() {
         counters.fwd_direct_bytes < data.len() as u64,
         "some queued downstream: {counters}"
     );
+}
+
+/// Bytes went plain only where a receiver's queue limit was hit (into the
+/// client, past `receive_queue_limit`): the rest took the shortcut.
+fn assert_plain_only_past_the_limit(counters: &sockmap_fastpath::Stats) {
+    if counters.bytes_passed > 0 {
+        assert!(counters.queue_limit_fallbacks > 0, "{counters}");
+    }
 }

@@ -100,21 +100,31 @@ for mode in $MODES; do
   direct=$(stat_of "$out.log" fwd_direct_bytes)
   handover=$(sed -n 's/^tproxy: bytes copied at hand-over: //p' "$out.log")
   size=$((SIZE_MIB << 20))
+  # The app<->proxy hop: redirected, plain only where the receive-queue
+  # bound sent bytes (a lagging reader).
+  passed=$(stat_of "$out.log" bytes_passed); fallbacks=$(stat_of "$out.log" queue_limit_fallbacks)
+  redirect_proof="app<->proxy hop redirected ${redirected:-0} bytes, ${passed:-0} plain after ${fallbacks:-0} receive-queue-bound fallbacks"
+  redirected_ok() {
+    [ "${redirected:-0}" -gt 0 ] && [ $(( ${redirected:-0} + ${passed:-0} )) -ge "$size" ] &&
+      { [ "${passed:-0}" = 0 ] || [ "${fallbacks:-0}" -gt 0 ]; }
+  }
+  # The proxy's hop: forwarded by the kernel, copied by the forwarder only
+  # where the backlog bound kept bytes (both mode: also the app's bytes
+  # queued while the upstream had no room), never by the example's loops.
+  waited=$(sed -n 's/^tproxy: bytes the forwarder copied: //p' "$out.log")
+  backlog_kept=$(stat_of "$out.log" fwd_backlog_kept); queued_behind=$(stat_of "$out.log" fwd_queued_behind)
+  kept=$(( ${backlog_kept:-0} + ${queued_behind:-0} ))
+  forward_proof="kernel forwarded ${forwarded:-0} bytes, ${waited:-0} kept by the backlog bound and copied on ($kept segments), user-space loops ${copied:-0}"
+  forwarded_ok() {
+    [ "${forwarded:-0}" -gt 0 ] && [ $(( ${forwarded:-0} + ${waited:-0} )) -ge "$size" ] && [ "${copied:-1}" = 0 ] &&
+      { [ "${waited:-0}" = 0 ] || [ "$kept" -gt 0 ] || [ "$mode" = both ]; }
+  }
   case $mode in
     copy) proof="user space copied ${copied:-0} bytes"; [ "${copied:-0}" -ge "$size" ] || ok="not copied in user space" ;;
-    ingress) # Plain bytes only where the receive-queue bound sent them (a lagging reader).
-      passed=$(stat_of "$out.log" bytes_passed); fallbacks=$(stat_of "$out.log" queue_limit_fallbacks)
-      proof="app<->proxy hop redirected ${redirected:-0} bytes, ${passed:-0} plain after ${fallbacks:-0} receive-queue-bound fallbacks"
-      { [ "${redirected:-0}" -gt 0 ] && [ $(( ${redirected:-0} + ${passed:-0} )) -ge "$size" ] &&
-        { [ "${passed:-0}" = 0 ] || [ "${fallbacks:-0}" -gt 0 ]; }; } || ok="not redirected" ;;
-    egress) # Bytes the forwarder copied only where the backlog bound kept them.
-      waited=$(sed -n 's/^tproxy: bytes the forwarder copied: //p' "$out.log")
-      kept=$(( $(stat_of "$out.log" fwd_backlog_kept) + $(stat_of "$out.log" fwd_queued_behind) ))
-      proof="kernel forwarded ${forwarded:-0} bytes, ${waited:-0} kept by the backlog bound and copied on ($kept segments), user-space loops ${copied:-0}"
-      { [ "${forwarded:-0}" -gt 0 ] && [ $(( ${forwarded:-0} + ${waited:-0} )) -ge "$size" ] && [ "${copied:-1}" = 0 ] &&
-        { [ "${waited:-0}" = 0 ] || [ "$kept" -gt 0 ]; }; } || ok="not forwarded by the kernel" ;;
-    both) proof="kernel forwarded ${forwarded:-0} bytes, ${redirected:-0} redirected into the app's queue, app sent ${direct:-0} straight upstream, ${handover:-0} copied at hand-over, user space loops ${copied:-0}"
-      { [ "${forwarded:-0}" -ge "$size" ] && [ "${redirected:-0}" -ge "$size" ] && [ "${copied:-1}" = 0 ]; } || ok="not forwarded and redirected by the kernel" ;;
+    ingress) proof=$redirect_proof; redirected_ok || ok="not redirected" ;;
+    egress) proof=$forward_proof; forwarded_ok || ok="not forwarded by the kernel" ;;
+    both) proof="$forward_proof; $redirect_proof; app sent ${direct:-0} straight upstream, ${handover:-0} copied at hand-over"
+      { forwarded_ok && redirected_ok; } || ok="not forwarded and redirected by the kernel" ;;
   esac
   [ "$ok" = ok ] || { echo "FAIL: $mode: $ok ($proof)" >&2; FAILED=1; }
   rate=-

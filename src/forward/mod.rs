@@ -21,12 +21,15 @@
 //! before it has entered the other socket's send queue, so nothing is cut
 //! off.
 //!
-//! # Back-pressure (egress mode, Linux 6.2)
+//! # Back-pressure (Linux 6.2)
 //! When the other socket's forwarding backlog holds 64 segments (its
 //! receiver is slower), the program keeps what arrives on the receiving
 //! socket, so TCP's window closes on the sender; `wait()` copies those
 //! bytes once the backlog has sent what came before them
-//! (`Stats::fwd_backlog_kept`, [`ForwardStats::copied`]).
+//! (`Stats::fwd_backlog_kept`, [`ForwardStats::copied`]). In both mode
+//! the same holds for bytes from upstream; an application's bytes queued
+//! on the downstream socket while the upstream has no room are not
+//! bounded (docs/known-limits.md).
 //!
 //! # Both mode
 //! In [`RedirectMode::Both`](crate::RedirectMode::Both) the downstream
@@ -86,9 +89,8 @@ pub struct ForwardStats {
     /// Of `downstream_to_upstream`, the bytes `wait()` copied in user
     /// space because they were queued on the downstream socket (both mode:
     /// sent before the hand-over, or while the upstream socket had no room;
-    /// every mode: kept there while `forward()` inserted the pair, or,
-    /// egress mode, while the upstream socket's forwarding backlog was
-    /// full).
+    /// every mode: kept there while `forward()` inserted the pair, or
+    /// while the upstream socket's forwarding backlog was full).
     pub copied_at_hand_over: u64,
     /// Of both directions, the bytes `wait()` copied in user space rather
     /// than the kernel forwarding them: the downstream ones above and,
@@ -117,7 +119,7 @@ struct Side {
     /// Bytes are left in its receive queue because the other side had no
     /// room: wait for room there.
     blocked: bool,
-    /// Egress mode: bytes the forwarding program kept in its receive queue
+    /// Bytes the forwarding program kept in its receive queue
     /// (the other side's backlog was full) wait until the backlog has sent
     /// what was forwarded before them: retried on the drain timer, since
     /// no event says when (the other side's POLLOUT can be set while its
@@ -132,7 +134,7 @@ struct Side {
 /// until the sockets close, but nothing then passes half-closes on, and its
 /// entries stay in the `fwd_dirs` (and, in both mode, `proxy_pairs`) maps
 /// until the guard's maps are freed. `wait()` is also what copies bytes
-/// queued on the sockets (both mode: an application's bytes; egress mode:
+/// queued on the sockets (both mode: an application's bytes; every mode:
 /// bytes kept while the other side's forwarding backlog was full):
 /// unwaited, they stay queued and the pair stalls.
 #[must_use = "call wait() to pass half-closes on and learn when the pair ends"]

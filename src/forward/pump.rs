@@ -230,7 +230,7 @@ impl Forwarding {
     /// Copies the bytes queued on side `from` to the other side
     /// without blocking, consuming each chunk only after it was written (the
     /// BPF side sends straight upstream only while this queue is empty).
-    /// In egress mode each chunk waits ([`Copy::Held`]) until the bytes the
+    /// When the kernel forwards, each chunk waits ([`Copy::Held`]) until the bytes the
     /// program forwarded from `from` before it have left the other side's
     /// backlog: checked after the peek, since only once kept bytes are in
     /// the queue does the program stop forwarding (a check before could
@@ -242,7 +242,7 @@ impl Forwarding {
         use nix::sys::socket::{recv, send, MsgFlags};
         let fd = self.sides[from].stream.as_raw_fd();
         let to = self.sides[1 - from].stream.as_raw_fd();
-        let ordered_after_backlog = self.in_kernel && self.maps.direct.is_none();
+        let ordered_after_backlog = self.in_kernel;
         loop {
             let n = match recv(fd, buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
                 Ok(n) => n,

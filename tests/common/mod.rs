@@ -630,3 +630,22 @@ pub fn both_mode_or_refused(env: &Env) -> bool {
     not_run("both mode refused (KernelFeature, 6.2), as probe() said");
     false
 }
+
+/// Every one of `total` bytes went through the kernel: forwarded by the
+/// program, or kept by it on the receiving socket while the other socket's
+/// backlog was full and copied on by `wait()` (counted on both sides).
+pub fn assert_every_byte_forwarded_or_kept(counters: &Stats, pair: &ForwardStats, total: usize) {
+    assert_eq!(
+        counters.fwd_bytes + pair.copied,
+        total as u64,
+        "{} copied by wait(): {counters}",
+        pair.copied
+    );
+    assert!(counters.fwd_bytes > 0, "{counters}");
+    if pair.copied > 0 {
+        assert!(
+            counters.fwd_backlog_kept + counters.fwd_queued_behind > 0,
+            "{counters}"
+        );
+    }
+}
