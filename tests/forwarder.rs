@@ -388,3 +388,102 @@ fn a_refused_pair_gets_its_streams_back() {
     let err = ingress.forwarder().expect_err("ingress mode");
     assert!(matches!(err, Error::NotEgressMode), "{err:?}");
 }
+
+/// CPU time (user + system) the threads of this process named `prefix`
+/// have used so far.
+fn cpu_time_of_threads_named(prefix: &str) -> Duration {
+    let ticks: u64 = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| {
+            let path = task.ok()?.path();
+            let comm = std::fs::read_to_string(path.join("comm")).ok()?;
+            let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+            comm.starts_with(prefix).then_some(stat)
+        })
+        .map(|stat| {
+            // Fields after the parenthesised name: utime and stime are the
+            // 12th and 13th (stat fields 14 and 15).
+            let fields: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .collect();
+            fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+        })
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// Ten pairs whose servers stop reading: the forwarder holds each pair's
+/// kept bytes and waits for the kernel, with no event to say when. It
+/// looks again on a timer that backs off while nothing moves, and never
+/// spins (it did: a timeout rounded down to 0 ms kept the thread at a whole
+/// core). The bound is loose on purpose (a quarter of the time watched):
+/// what it catches is a busy loop, not a slow one. Then every byte arrives.
+#[test]
+fn stalled_pairs_leave_the_forwarder_idle() {
+    let Some(_env) = privileged_env() else { return };
+    if !kernel().both_mode.is_yes() {
+        // No backlog bound without the 6.2 kfuncs: nothing is held.
+        not_run("the forwarding backlog bound needs the 6.2 kfuncs");
+        return;
+    }
+    const STALLED: usize = 10;
+    const WATCH: Duration = Duration::from_secs(2);
+    let guard = egress_guard();
+    let forwarder = guard.forwarder().expect("forwarder");
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let data = Arc::new(random_bytes(32 << 20, 11));
+    let pairs: Vec<_> = (0..STALLED)
+        .map(|_| {
+            // A small upstream send buffer: the backlog cannot drain into
+            // it, so the kept bytes wait for the backlog (on a timer), not
+            // for room (an event).
+            let front = TcpListener::bind("127.0.0.1:0").unwrap();
+            let client = connect(front.local_addr().unwrap());
+            let (down, _) = front.accept().unwrap();
+            let up = connect(upstream.local_addr().unwrap());
+            socket2::SockRef::from(&up)
+                .set_send_buffer_size(256 << 10)
+                .unwrap();
+            let (server, _) = upstream.accept().unwrap();
+            let pair = forwarder.forward(down, up).expect("forward");
+            let data = Arc::clone(&data);
+            let writer = thread::spawn(move || {
+                let mut client = client;
+                client.write_all(&data).unwrap();
+                client.shutdown(Shutdown::Write).unwrap();
+                client
+            });
+            (writer, server, pair)
+        })
+        .collect();
+    let waited = std::time::Instant::now();
+    while (guard.stats().unwrap().fwd_backlog_kept as usize) < STALLED {
+        assert!(
+            waited.elapsed() < Duration::from_secs(120),
+            "not every pair kept bytes: {}",
+            guard.stats().unwrap()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let before = cpu_time_of_threads_named("fastpath-fwd");
+    thread::sleep(WATCH);
+    let used = cpu_time_of_threads_named("fastpath-fwd") - before;
+    eprintln!("forwarder CPU with {STALLED} stalled pairs: {used:?} in {WATCH:?}");
+    assert!(
+        used < WATCH / 4,
+        "the forwarder spun: {used:?} in {WATCH:?}"
+    );
+    for (writer, mut server, pair) in pairs {
+        assert_bytes_eq(&read_all(&mut server), &data, "upload after the stall");
+        server.shutdown(Shutdown::Write).unwrap();
+        let mut client = writer.join().unwrap();
+        assert_eq!(read_all(&mut client), b"");
+        assert_eq!(pair.wait().unwrap().end, ForwardEnd::Closed);
+    }
+}

@@ -86,6 +86,7 @@ impl Forwarding {
             maps,
             direct_key,
             in_kernel: true,
+            idle_retries: 0,
         };
         for i in [DOWN, UP] {
             forwarding.sides[i].sent_before = forwarding.sent(i)?;

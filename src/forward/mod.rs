@@ -146,6 +146,9 @@ pub struct Forwarding {
     direct_key: Option<fp_sock_key>,
     /// The kernel forwards the pair; else the pump copies every byte.
     in_kernel: bool,
+    /// Steps in a row that waited for the kernel and found nothing moved
+    /// (see [`Forwarding::retry_in`]).
+    idle_retries: u32,
 }
 
 const DOWN: usize = 0;

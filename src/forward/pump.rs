@@ -17,8 +17,19 @@ use crate::sys;
 /// The peer has shut down its sending side (nix has no constant for it).
 pub(super) const RDHUP: PollFlags = PollFlags::from_bits_retain(nix::libc::POLLRDHUP);
 
-/// How soon a half-close that waits for the kernel is looked at again.
-pub(super) const DRAIN_RETRY_MS: i32 = 1;
+/// How soon a pair that waits for the kernel is looked at again, at first.
+const DRAIN_RETRY_MS: u32 = 1;
+
+/// Retries at [`DRAIN_RETRY_MS`] that may find nothing moved before the
+/// interval doubles: a backlog that is draining has usually drained by
+/// then, so a flow on the copy path keeps its pace.
+const FAST_RETRIES: u32 = 8;
+
+/// The longest interval between retries: what a pair whose receiver has
+/// stopped reading costs (a map lookup and a getsockopt per retry: at 1 ms,
+/// 100 stalled pairs took a fifth of a core) and how late it notices that
+/// the receiver has resumed.
+const MAX_RETRY_MS: u32 = 32;
 
 /// The buffer bytes are copied through.
 pub(super) const COPY_BUFFER: usize = 64 << 10;
@@ -44,11 +55,22 @@ impl Forwarding {
         })
     }
 
-    /// Whether a half-close waits for the kernel to move the bytes before
-    /// it: [`step`](Self::step) must run again within [`DRAIN_RETRY_MS`],
-    /// events or not.
-    pub(super) fn is_draining(&self) -> bool {
-        self.sides.iter().any(|s| s.draining || s.held)
+    /// Whether the pair waits for the kernel to move bytes (before a
+    /// half-close, or before kept bytes may be copied), with no event to
+    /// say when: then how soon [`step`](Self::step) must run again, events
+    /// or not. 1 ms while steps keep finding progress, doubling up to
+    /// [`MAX_RETRY_MS`] after [`FAST_RETRIES`] in a row found none.
+    pub(super) fn retry_in(&self) -> Option<Duration> {
+        self.sides
+            .iter()
+            .any(|s| s.draining || s.held)
+            .then(|| retry_delay(self.idle_retries))
+    }
+
+    /// What moved so far: bytes copied and half-closes passed on.
+    fn progress(&self) -> (u64, u64, bool, bool) {
+        let [down, up] = &self.sides;
+        (down.copied, up.copied, down.fin_passed, up.fin_passed)
     }
 
     /// Acts on what poll reported for [downstream, upstream] (nothing, on
@@ -57,6 +79,21 @@ impl Forwarding {
     /// there while the pair was being inserted) to the other socket, passes
     /// resets and half-closes on. `Some(end)` once the pair has ended.
     pub(super) fn step(
+        &mut self,
+        revents: [PollFlags; 2],
+        buf: &mut [u8],
+    ) -> Result<Option<ForwardEnd>> {
+        let before = self.progress();
+        let end = self.step_sides(revents, buf);
+        self.idle_retries = if self.progress() == before {
+            self.idle_retries.saturating_add(1)
+        } else {
+            0
+        };
+        end
+    }
+
+    fn step_sides(
         &mut self,
         revents: [PollFlags; 2],
         buf: &mut [u8],
@@ -111,11 +148,7 @@ impl Forwarding {
         loop {
             let interest = self.interest();
             let fds = self.sides.each_ref().map(|s| s.stream.as_fd());
-            let timeout = if self.is_draining() {
-                DRAIN_RETRY_MS
-            } else {
-                -1
-            };
+            let timeout = self.retry_in().map_or(-1, |retry| retry.as_millis() as i32);
             let revents = sys::poll_events(
                 [
                     (fds[DOWN], interest[DOWN].bits()),
@@ -243,6 +276,11 @@ impl Forwarding {
         let fd = self.sides[from].stream.as_raw_fd();
         let to = self.sides[1 - from].stream.as_raw_fd();
         let ordered_after_backlog = self.in_kernel;
+        // Still waiting since the last step: no need to peek (a 64 KiB copy
+        // per retry) to learn that.
+        if ordered_after_backlog && self.sides[from].held && self.forwarded_in_flight(from)? {
+            return Ok(Copy::Held);
+        }
         loop {
             let n = match recv(fd, buf, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
                 Ok(n) => n,
@@ -290,6 +328,15 @@ enum Copy {
     Failed,
 }
 
+/// How long a waiting pair rests before its next step, after
+/// `idle_retries` steps in a row that found nothing moved.
+fn retry_delay(idle_retries: u32) -> Duration {
+    let doublings = idle_retries
+        .saturating_sub(FAST_RETRIES)
+        .min(MAX_RETRY_MS.ilog2());
+    Duration::from_millis(u64::from((DRAIN_RETRY_MS << doublings).min(MAX_RETRY_MS)))
+}
+
 /// Whether bytes wait to be read on `fd`. A peek rather than FIONREAD:
 /// FIONREAD counts the bytes in a map member's BPF queue only on kernels with
 /// the 2026 sockmap FIONREAD change (it reads 0 for them on 6.1, for one).
@@ -299,5 +346,21 @@ fn has_unread_bytes(fd: std::os::fd::RawFd) -> std::io::Result<bool> {
         Ok(n) => Ok(n > 0),
         Err(nix::errno::Errno::EAGAIN) => Ok(false),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_stay_fast_while_bytes_move_and_back_off_to_a_cap_when_stalled() {
+        let ms = |idle| retry_delay(idle).as_millis();
+        assert_eq!(ms(0), 1);
+        assert_eq!(ms(FAST_RETRIES), 1);
+        assert_eq!(ms(FAST_RETRIES + 1), 2);
+        assert_eq!(ms(FAST_RETRIES + 2), 4);
+        assert_eq!(ms(FAST_RETRIES + 5), u128::from(MAX_RETRY_MS));
+        assert_eq!(ms(u32::MAX), u128::from(MAX_RETRY_MS));
     }
 }
