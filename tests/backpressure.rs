@@ -429,3 +429,107 @@ fn a_client_behind_a_both_mode_proxy_that_stops_reading_blocks_the_server() {
         assert!(d.queue_limit_fallbacks >= 1, "{d}");
     }
 }
+
+/// Writers on `pairs`' first streams send `data` (blocking, each on its
+/// own thread) while the second streams do not read: what they had
+/// written in all when they stopped moving, the TCP memory then held
+/// (pages above the count before), and whether every byte then arrived.
+fn stall_many(pairs: Vec<(TcpStream, TcpStream)>, data: &Arc<Vec<u8>>) -> (usize, u64, bool) {
+    let before = tcp_memory_pages();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let (writers, mut readers): (Vec<_>, Vec<_>) = pairs
+        .into_iter()
+        .map(|(mut writer, reader)| {
+            let (data, progress) = (Arc::clone(data), Arc::clone(&progress));
+            let writing = thread::spawn(move || {
+                for chunk in data.chunks(CHUNK) {
+                    writer.write_all(chunk).expect("write");
+                    progress.fetch_add(chunk.len(), Ordering::SeqCst);
+                }
+                writer.shutdown(Shutdown::Write).unwrap();
+                writer
+            });
+            (writing, reader)
+        })
+        .unzip();
+    let stalled = progress_when_stalled(&progress, data.len() * writers.len());
+    let held = tcp_memory_pages().saturating_sub(before);
+    // Every reader to its end, also after a mismatch: its writer waits.
+    let mut intact = true;
+    for reader in &mut readers {
+        intact &= read_all(reader)[..] == data[..];
+    }
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    (stalled, held, intact)
+}
+
+/// Connections through an egress proxy whose servers never
+/// read, beside as many plain connections: the clients block after about
+/// what plain TCP lets them write plus the forwarding backlog bound each,
+/// and the kernel's TCP memory stays within the same order as plain TCP's.
+/// What the writers wrote is the measure that bites: `/proc/net/sockstat`
+/// does not count the forwarding backlog (without the bound the writers
+/// wrote all 48 MiB each, and TCP memory stayed at plain TCP's).
+/// As many connections as keep the total (up to about 20 MiB each,
+/// measured) at a quarter of the TCP memory pressure mark (`tcp_mem[1]`),
+/// at most 100: past the mark TCP itself drops segments, and the
+/// retransmissions then crawl (measured: 94 connections here went past it,
+/// the receivers dropped segments, and BBR paced the retransmissions at
+/// 280 kbit/s).
+#[test]
+fn stalled_receivers_behind_an_egress_proxy_hold_about_what_plain_tcp_holds() {
+    let Some(_env) = privileged_env() else { return };
+    if !kernel_has_kfuncs() {
+        not_run("the forwarding backlog bound needs the 6.2 kfuncs");
+        return;
+    }
+    let pressure = support::limits::tcp_memory_pressure_pages().unwrap() * 4096;
+    let connections = (pressure / (80 << 20)).clamp(4, 100) as usize;
+    // Above the per-connection bound asserted below: the writers of an
+    // unbounded backlog would write it all.
+    let data = Arc::new(random_bytes(48 << 20, 9));
+    let plain_pairs = (0..connections)
+        .map(|_| connected_pair("127.0.0.1:0"))
+        .collect();
+    let (plain, plain_held, plain_intact) = stall_many(plain_pairs, &data);
+    assert!(plain_intact);
+    let guard = egress_guard();
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (proxied, proxies): (Vec<_>, Vec<_>) = (0..connections)
+        .map(|_| {
+            let p = proxied_via(&guard, &front, &upstream, b"", |_, _| {});
+            ((p.client, p.server), p.proxy)
+        })
+        .unzip();
+    let (written, held, intact) = stall_many(proxied, &data);
+    for (i, proxy) in proxies.into_iter().enumerate() {
+        let end = proxy.join().unwrap().end;
+        assert_eq!(end, sockmap_fastpath::ForwardEnd::Closed, "pair {i}");
+    }
+    let stats = guard.stats().unwrap();
+    eprintln!(
+        "{connections} stalled connections: written before the senders blocked: plain {} MiB, \
+         through the egress proxy {} MiB; TCP memory held: plain {} MiB, proxied {} MiB",
+        plain >> 20,
+        written >> 20,
+        (plain_held * 4096) >> 20,
+        (held * 4096) >> 20
+    );
+    assert!(intact, "bytes lost or reordered: {stats}");
+    assert!(stats.fwd_backlog_kept as usize >= connections, "{stats}");
+    // Per connection: plain TCP's share, the backlog bound, and the
+    // proxy's two socket buffers as far as they grew (measured 4-9 MiB);
+    // an unbounded backlog takes all 48 MiB.
+    let slack = 24 << 20;
+    assert!(
+        written <= plain + connections * (FORWARD_BACKLOG_BOUND + slack),
+        "{written} written, plain {plain}: {stats}"
+    );
+    assert!(
+        held <= 8 * plain_held.max(1),
+        "{held} pages of TCP memory, plain {plain_held}: {stats}"
+    );
+}
