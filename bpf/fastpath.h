@@ -77,6 +77,10 @@ struct fp_stats {
 	__u64 fwd_backlog_overrun;   /* egress: forwarded into a full backlog anyway:
 				      * the receiving socket's own backlog was busy
 				      * (bytes kept there would be hidden) */
+	__u64 fwd_overlaps;          /* segments that began before bytes the
+				      * verdict had already taken (TCP queues a
+				      * partly retransmitted segment whole) */
+	__u64 fwd_overlap_bytes;     /* the bytes trimmed off them */
 };
 
 /* Egress mode: one direction of a forwarded pair, keyed by the socket
@@ -92,7 +96,12 @@ struct fp_fwd_dir {
 	__u64 kept;        /* bytes the forwarding program left in the receiving
 			    * socket's own queue for Forwarding to copy (behind
 			    * earlier ones, or while the peer's backlog is full) */
+	__u64 next_seq;    /* FP_SEQ_KNOWN | the TCP sequence number after the
+			    * last byte the verdict took in this direction */
 };
+
+/* fp_fwd_dir.next_seq holds a sequence number. */
+#define FP_SEQ_KNOWN (1ULL << 32)
 
 /* Both mode: a forwarded pair whose downstream socket's local peer (an
  * application in the same cgroup) may send straight out of the upstream

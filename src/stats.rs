@@ -130,6 +130,15 @@ counters! {
     /// because the receiving socket's own backlog was busy sending the
     /// other direction (a segment kept then would wait unseen behind it).
     fwd_backlog_overrun,
+    /// Egress and both modes: received segments that began before bytes
+    /// the forwarding program had already taken. TCP queues a segment that
+    /// partly repeats delivered bytes (a retransmission overlapping data
+    /// received out of order) whole, and the kernel hands the forwarding
+    /// program whole segments: the repeated part is trimmed off (or the
+    /// segment dropped if it repeats only), or it would be sent twice.
+    fwd_overlaps,
+    /// The bytes trimmed off those segments.
+    fwd_overlap_bytes,
 }
 
 impl Stats {
