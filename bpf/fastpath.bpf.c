@@ -886,12 +886,10 @@ static __always_inline int is_forwarded(struct sock *sk)
  * then be overtaken. Redirected bytes are charged to the receiver's
  * sk_rmem_alloc from 6.12.8 on; before, it counts only its TCP queue and
  * the bound never acts (probe(): receive queue bound).
- * `peer_may_be_forwarded` (both mode): into a proxy's forwarded socket
- * the bound applies too, but a sender past it stays plain for good: its
- * plain bytes reach the forwarding program, which keeps them behind the
- * queued ones (kept_bytes_wait) or, once Forwarding has copied those,
- * forwards them itself, so the peer's copied_seq says nothing about what
- * is still queued. */
+ * `peer_may_be_forwarded` (both mode): not into a proxy's forwarded
+ * socket, whose plain bytes the forwarding program sends on as they
+ * arrive, ahead of the queued ones (a sender already past the limit when
+ * its peer was handed over stays plain: no resuming there). */
 static __always_inline enum msg_outcome bound_receive_queue(struct sk_msg_md *msg,
 							    struct fp_sock_state *st,
 							    struct fp_stats *s,
@@ -904,7 +902,7 @@ static __always_inline enum msg_outcome bound_receive_queue(struct sk_msg_md *ms
 	struct tcp_sock *self, *peer;
 
 	if (!(st->flags & FP_QUEUE_LIMITED)) {
-		if (held <= receive_queue_limit && !pressure)
+		if (forwarded || (held <= receive_queue_limit && !pressure))
 			return MSG_REDIRECTED;
 		st->flags |= FP_QUEUE_LIMITED;
 		s->queue_limit_fallbacks += 1;
@@ -1069,12 +1067,9 @@ static __always_inline int redirect_target_on_shortcut(struct sk_msg_md *msg)
  * be overtaken; (2) the upstream socket has room, so the sender never
  * waits on a socket it does not own; and (3) the upstream socket is not
  * paired (or waiting to pair) with a local server itself (see
- * redirect_target_on_shortcut). Otherwise it joins the queue, within
- * receive_queue_limit: past it the sender goes plain for good, and the
- * forwarding program keeps its bytes behind the queued ones, charged to
- * the downstream socket, whose TCP window then pushes back. Every other
+ * redirect_target_on_shortcut). Otherwise it joins the queue. Every other
  * redirect (the downstream socket's bytes to its application, ordinary
- * pairs) is bounded as in fp_sk_msg. */
+ * pairs) is bounded by receive_queue_limit as in fp_sk_msg. */
 SEC("sk_msg")
 int fp_sk_msg_both(struct sk_msg_md *msg)
 {
@@ -1098,12 +1093,9 @@ int fp_sk_msg_both(struct sk_msg_md *msg)
 	/* A failed redirect leaves the message redirected to the peer. */
 	if (!dir || bpf_msg_redirect_hash(msg, &fwd_map, &pair->up_cookie, 0) != SK_PASS)
 		return count_msg(s, st, MSG_REDIRECTED, size);
-	if (!redirect_target_has_room(msg, size) || redirect_target_on_shortcut(msg)) {
-		outcome = redirect_to_peer(msg, st, s, 1);
-		/* Queued, or sent plain past the queue's bound. */
-		if (outcome != MSG_PASSED || !(st->flags & FP_FELL_BACK))
-			return count_msg(s, st, outcome, size);
-	}
+	if ((!redirect_target_has_room(msg, size) || redirect_target_on_shortcut(msg)) &&
+	    redirect_to_peer(msg, st, s, 1) == MSG_REDIRECTED)
+		return count_msg(s, st, MSG_REDIRECTED, size);
 	/* Room upstream, or the peer left the map between the two redirects:
 	 * a redirect that misses leaves the upstream socket as the target, so
 	 * the message leaves there and is counted so (the socket sends plain
@@ -1239,26 +1231,11 @@ int fp_fwd_verdict(struct __sk_buff *skb)
 	len = trim_repeated(skb, dir, len);
 	if (!len)
 		return SK_DROP;
-	/* Both mode, into a socket in the socket map: never through its psock
-	 * backlog. Its own verdict keeps segments there, behind the backlog's
-	 * bytes, whenever the backlog is busy (an application past its queue's
-	 * bound sends plain while it does not read), and there no read sees
-	 * them: Forwarding could not tell them from the bytes the application
-	 * redirected into its queue, and passed the FIN on ahead of them
-	 * (measured: 1.0-1.6 MiB of 9 lost in 5 of 6 runs). Kept here, the
-	 * bytes take the copy path, through the peer's own sk_msg program. */
-	if (dir->keep_all) {
-		COUNT(fwd_kept_for_copy, 1);
-		__sync_fetch_and_add(&dir->kept, len);
-		return SK_PASS;
-	}
 	sk = receiving_socket(skb);
 	/* Bytes an earlier verdict kept here wait for that copy: later ones
 	 * queue behind them, or they would overtake them. */
 	if (kept_bytes_wait(sk, dir, cookie)) {
 		COUNT(fwd_queued_behind, 1);
-		if (sk && psock_backlog_len(sk))
-			COUNT(fwd_kept_unseen, 1);
 		__sync_fetch_and_add(&dir->kept, len);
 		return SK_PASS;
 	}

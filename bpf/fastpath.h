@@ -77,13 +77,6 @@ struct fp_stats {
 	__u64 fwd_backlog_overrun;   /* egress: forwarded into a full backlog anyway:
 				      * the receiving socket's own backlog was busy
 				      * (bytes kept there would be hidden) */
-	__u64 fwd_kept_unseen;       /* of the segments kept behind, those kept
-				      * while the receiving socket's own backlog
-				      * was busy: they wait there, unseen by reads,
-				      * until it reaches them */
-	__u64 fwd_kept_for_copy;     /* both mode: segments kept for Forwarding to
-				      * copy because the other socket is in the
-				      * socket map (keep_all) */
 	__u64 fwd_overlaps;          /* segments that began before bytes the
 				      * verdict had already taken (TCP queues a
 				      * partly retransmitted segment whole) */
@@ -103,9 +96,6 @@ struct fp_fwd_dir {
 	__u64 kept;        /* bytes the forwarding program left in the receiving
 			    * socket's own queue for Forwarding to copy (behind
 			    * earlier ones, or while the peer's backlog is full) */
-	__u64 keep_all;    /* both mode, set by forward(): the peer is in the
-			    * socket map, so every segment is kept for
-			    * Forwarding to copy (fp_fwd_verdict says why) */
 	__u64 next_seq;    /* FP_SEQ_KNOWN | the TCP sequence number after the
 			    * last byte the verdict took in this direction */
 };

@@ -17,8 +17,6 @@ pub(crate) const FP_COMM_LEN: usize = 16;
 pub(crate) const FP_MATCH_PORTS: u32 = 1;
 pub(crate) const FP_MATCH_CIDRS: u32 = 2;
 pub(crate) const FP_MATCH_COMMS: u32 = 4;
-/// `fp_sock_state.flags`: the socket is in the socket map.
-pub(crate) const FP_ACCELERATED: u32 = 2;
 
 /// Fixed map sizes (`FP_MAX_*` in the header): inputs larger than these are
 /// refused before anything is loaded.
@@ -142,7 +140,6 @@ mod tests {
         assert_eq!(header_value("FP_MATCH_PORTS"), FP_MATCH_PORTS);
         assert_eq!(header_value("FP_MATCH_CIDRS"), FP_MATCH_CIDRS);
         assert_eq!(header_value("FP_MATCH_COMMS"), FP_MATCH_COMMS);
-        assert_eq!(header_value("FP_ACCELERATED"), FP_ACCELERATED);
     }
 
     #[test]

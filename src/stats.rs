@@ -130,18 +130,6 @@ counters! {
     /// because the receiving socket's own backlog was busy sending the
     /// other direction (a segment kept then would wait unseen behind it).
     fwd_backlog_overrun,
-    /// Of [`fwd_queued_behind`](Self::fwd_queued_behind), segments kept
-    /// while the receiving socket's own backlog was busy sending the other
-    /// direction: they wait there, unseen by reads, until it reaches them
-    /// (both mode: the application's bytes past its queue's bound, while
-    /// it does not read). `Forwarding` passes no FIN on while any wait.
-    fwd_kept_unseen,
-    /// Both mode: received segments kept for `Forwarding` to copy because
-    /// the other socket is itself accelerated (the proxy's downstream
-    /// socket of a local application, or an upstream socket paired with a
-    /// local server): forwarding into its backlog could hide bytes there
-    /// (see [`fwd_kept_unseen`](Self::fwd_kept_unseen)).
-    fwd_kept_for_copy,
     /// Egress and both modes: received segments that began before bytes
     /// the forwarding program had already taken. TCP queues a segment that
     /// partly repeats delivered bytes (a retransmission overlapping data

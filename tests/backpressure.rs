@@ -376,13 +376,7 @@ fn assert_a_stalled_receiver_blocks_the_sender(
             stalled <= plain + proxy_buffers as usize + FORWARD_BACKLOG_BOUND + receiver_queue,
             "{what}: {stalled} written, plain {plain}, proxy buffers {proxy_buffers}: {d}"
         );
-        // Kept on the receiving socket, where TCP's window pushes back: the
-        // other socket's backlog was full, or (both mode) the application's
-        // plain bytes past its queue's bound waited behind its queued
-        // ones, or the other socket is the accelerated downstream one,
-        // whose bytes are always copied.
-        let kept = d.fwd_backlog_kept + d.fwd_queued_behind + d.fwd_kept_for_copy;
-        assert!(kept > 0, "{what}: {d}");
+        assert!(d.fwd_backlog_kept > 0, "{what}: {d}");
     } else {
         assert_eq!(stalled, data.len(), "{what}: never blocked: {d}");
         assert_eq!(d.fwd_backlog_kept, 0, "{what}: {d}");
@@ -411,11 +405,9 @@ fn a_receiver_behind_an_egress_proxy_that_stops_reading_blocks_the_sender() {
     }
 }
 
-/// Both mode, a local client in the policy: uploading through the proxy
-/// while the server stops reading, it blocks after its downstream queue's
-/// `receive_queue_limit` (past it, it sends plain TCP, whose window pushes
-/// back; before, it wrote all 128 MiB); downloading while it stops
-/// reading, the server blocks (the copy into its socket waits for room).
+/// Both mode, a local client in the policy downloading through the proxy
+/// stops reading: the forwarding backlog into its downstream socket is
+/// bounded as in egress mode. (Its uploads are not: docs/known-limits.md.)
 #[test]
 fn a_client_behind_a_both_mode_proxy_that_stops_reading_blocks_the_server() {
     let Some(env) = privileged_env() else { return };
@@ -428,21 +420,19 @@ fn a_client_behind_a_both_mode_proxy_that_stops_reading_blocks_the_server() {
     let port = front.local_addr().unwrap().port();
     let guard = env.attach(|b| b.redirect(RedirectMode::Both).ports([port]));
     let before = guard.stats().unwrap();
-    for direction in [Direction::Upload, Direction::Download] {
-        assert_a_stalled_receiver_blocks_the_sender(
-            &guard,
-            &front,
-            direction,
-            &data,
-            plain,
-            LIMIT + CHUNK,
-        );
-    }
+    assert_a_stalled_receiver_blocks_the_sender(
+        &guard,
+        &front,
+        Direction::Download,
+        &data,
+        plain,
+        LIMIT + CHUNK,
+    );
     let d = delta(&guard, &before);
     eprintln!("{d}");
     assert_eq!(
-        d.sockets_inserted, 4,
-        "each transfer's client and downstream socket: {d}"
+        d.sockets_inserted, 2,
+        "the client and the downstream socket: {d}"
     );
     if kernel_bounds_queue() {
         // The downstream socket's sends into the client went plain past the

@@ -235,53 +235,46 @@ fn dropping_the_guard_mid_transfer_loses_nothing() {
     let (at_drop, end, sent_after, _) = upload_across_guard_drop(p, guard, &data, 4096);
     // The programs still carried the bytes written after the drop: straight
     // upstream, or into the downstream queue while earlier bytes wait there.
-    // Plain only past the downstream queue's bound (then the forwarding
-    // program carried them).
     let d = end.since(&at_drop);
     assert!(
-        d.fwd_direct_bytes + d.bytes_redirected + d.bytes_passed >= sent_after,
-        "{sent_after} bytes written after the drop, not all seen by the programs: {d}"
+        d.fwd_direct_bytes + d.bytes_redirected >= sent_after,
+        "{sent_after} bytes written after the drop, not all on the kernel path: {d}"
     );
-    assert!(d.bytes_passed == 0 || end.queue_limit_fallbacks >= 1, "{d}");
+    assert_eq!(d.bytes_passed, 0, "{d}");
 }
 
-/// A client, its proxied pair, and the bytes it wrote without blocking
-/// until it got EAGAIN while the server did not read: the upstream socket
-/// filled up, the rest queued in the downstream socket up to
-/// `receive_queue_limit`, and past it the client's bytes went plain, where
-/// the downstream socket's TCP window pushed back.
+/// A client, its proxied pair, and `SIZE` bytes it wrote without blocking
+/// while the server did not read (so the upstream socket filled up and
+/// the rest waits in the downstream queue).
 fn client_filled_the_upstream(e: &BothEnv) -> (Proxied, Vec<u8>) {
     const SIZE: usize = 64 << 20;
     let p = proxied_via(&e.guard, &e.front, &e.upstream, &[], |_, _| {});
     p.client.set_nonblocking(true).unwrap();
-    let mut data = random_bytes(SIZE, 27);
+    let data = random_bytes(SIZE, 27);
     let mut sent = 0;
-    while sent < SIZE {
-        match (&p.client).write(&data[sent..(sent + (64 << 10)).min(SIZE)]) {
-            Ok(n) => sent += n,
-            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+    for chunk in data.chunks(64 << 10) {
+        match (&p.client).write(chunk) {
+            Ok(n) => {
+                assert_eq!(n, chunk.len(), "short write after {sent} bytes");
+                sent += n;
+            }
             Err(err) => panic!("send failed after {sent} bytes: {err}"),
         }
     }
-    data.truncate(sent);
     p.client.set_nonblocking(false).unwrap();
     let counters = e.guard.stats().unwrap();
     assert!(counters.fwd_direct_bytes > 0, "{counters}");
     assert!(
-        counters.fwd_direct_bytes < sent as u64,
+        counters.fwd_direct_bytes < SIZE as u64,
         "the upstream filled up, so some bytes queued: {counters}"
     );
-    assert!(sent < SIZE, "never pushed back: {sent} bytes: {counters}");
-    assert!(counters.queue_limit_fallbacks >= 1, "{counters}");
-    eprintln!("the client got EAGAIN after {} KiB", sent >> 10);
     (p, data)
 }
 
 /// The upstream stops draining: the application is never made to wait on
 /// the proxy's upstream socket (where it could hang if the proxy died);
-/// its bytes wait in the downstream queue instead, up to the queue's
-/// bound, then in its own TCP send buffer, as in front of any proxy that
-/// stops reading; all arrive, in order, once the server reads again.
+/// its bytes wait in the downstream queue instead, and all arrive, in
+/// order, once the server reads again.
 #[test]
 fn a_full_upstream_never_blocks_the_application() {
     let Some(e) = both_env() else { return };
@@ -299,11 +292,9 @@ fn a_full_upstream_never_blocks_the_application() {
     assert_eq!(read_all(&mut client), b"");
     let stats = proxy.join().unwrap();
     assert_eq!(stats.end, ForwardEnd::Closed);
-    let counters = e.guard.stats().unwrap();
     assert_eq!(
-        stats.copied_at_hand_over + counters.fwd_direct_bytes + counters.fwd_bytes,
-        data.len() as u64,
-        "{stats:?} {counters}"
+        stats.copied_at_hand_over + e.guard.stats().unwrap().fwd_direct_bytes,
+        data.len() as u64
     );
 }
 
@@ -478,74 +469,6 @@ fn a_proxys_notsent_lowat_never_stalls_the_application() {
         counters.fwd_direct_bytes < data.len() as u64,
         "some queued downstream: {counters}"
     );
-}
-
-/// The client stops reading a download and then uploads a little more
-/// than the upstream and the downstream queue take (its last bytes go
-/// plain) and closes its side. Were the server's bytes forwarded into the
-/// downstream socket's backlog, the client's plain bytes would be kept
-/// behind them there, where no read sees them, and the client's FIN passed
-/// on ahead of them (1.0-1.6 MiB lost in 5 of 6 runs); the server's bytes
-/// are kept for the copy instead. Every byte arrives in order each way,
-/// each FIN after the last byte.
-#[test]
-fn an_upload_finished_while_its_download_stalls_arrives_whole() {
-    let Some(e) = both_env() else { return };
-    const UPLOAD: usize = 9 << 20;
-    const DOWNLOAD: usize = 48 << 20;
-    let after = |ms, work: Box<dyn FnOnce() -> Vec<u8> + Send>| {
-        thread::spawn(move || {
-            thread::sleep(Duration::from_millis(ms));
-            work()
-        })
-    };
-    let sender =
-        |mut s: std::net::TcpStream, data: Vec<u8>| -> Box<dyn FnOnce() -> Vec<u8> + Send> {
-            Box::new(move || {
-                s.write_all(&data).unwrap();
-                s.shutdown(Shutdown::Write).unwrap();
-                data
-            })
-        };
-    let reader = |mut s: std::net::TcpStream| -> Box<dyn FnOnce() -> Vec<u8> + Send> {
-        Box::new(move || read_all(&mut s))
-    };
-    for round in 0..3 {
-        let Proxied {
-            client,
-            server,
-            proxy,
-        } = proxied_via(&e.guard, &e.front, &e.upstream, &[], |_, _| {});
-        let before = e.guard.stats().unwrap();
-        let download = after(
-            0,
-            sender(
-                server.try_clone().unwrap(),
-                random_bytes(DOWNLOAD, 50 + round),
-            ),
-        );
-        let upload = after(
-            300,
-            sender(
-                client.try_clone().unwrap(),
-                random_bytes(UPLOAD, 40 + round),
-            ),
-        );
-        let uploaded = after(600, reader(server));
-        let downloaded = after(1500, reader(client));
-        let (uploaded, downloaded) = (uploaded.join().unwrap(), downloaded.join().unwrap());
-        let stats = proxy.join().unwrap();
-        let counters = delta(&e.guard, &before);
-        eprintln!("round {round}: {stats:?}\n{counters}");
-        assert_bytes_eq(&uploaded, &upload.join().unwrap(), "upload");
-        assert_bytes_eq(&downloaded, &download.join().unwrap(), "download");
-        assert_eq!(stats.end, ForwardEnd::Closed);
-        // The client went plain past its queue's bound; the server's bytes
-        // were kept for the copy, none hid in a backlog.
-        assert!(counters.queue_limit_fallbacks >= 1, "{counters}");
-        assert!(counters.fwd_kept_for_copy >= 1, "{counters}");
-        assert_eq!(counters.fwd_kept_unseen, 0, "{counters}");
-    }
 }
 
 /// Bytes went plain only where a receiver's queue limit was hit (into the

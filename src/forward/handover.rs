@@ -8,7 +8,7 @@ use std::sync::Arc;
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
 use super::{io_err, Forwarding, Side, DOWN, UP};
-use crate::abi::{fp_fwd_dir, fp_proxy_pair, fp_sock_key, Plain, FP_ACCELERATED};
+use crate::abi::{fp_fwd_dir, fp_proxy_pair, fp_sock_key, Plain};
 use crate::error::{Error, Result};
 use crate::sys;
 
@@ -132,14 +132,12 @@ impl Forwarding {
             "bpf(BPF_MAP_UPDATE_ELEM) on fwd_dirs/fwd_map (socket already forwarded, or map full)";
         let mut added = Vec::new();
         let result = (|| {
-            for (from, to) in [(DOWN, UP), (UP, DOWN)] {
-                let accelerated = self
-                    .sock_state(to)
-                    .is_some_and(|st| st.flags & FP_ACCELERATED != 0);
-                let (from, to) = (&self.sides[from], &self.sides[to]);
+            for (from, to) in [
+                (&self.sides[DOWN], &self.sides[UP]),
+                (&self.sides[UP], &self.sides[DOWN]),
+            ] {
                 let dir = fp_fwd_dir {
                     peer_cookie: to.cookie,
-                    keep_all: accelerated.into(),
                     ..Default::default()
                 };
                 let key = from.cookie.to_ne_bytes();

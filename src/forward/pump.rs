@@ -228,24 +228,21 @@ impl Forwarding {
     /// both mode, what its sk_msg program sent around TCP (a downstream
     /// socket's bytes go straight into a local application's queue).
     pub(super) fn sent(&self, i: usize) -> Result<u64> {
+        let fd = self.sides[i].stream.as_raw_fd();
         let queued = sys::bytes_into_send_queue(self.sides[i].stream.as_fd())
             .map_err(io_err("getsockopt(TCP_INFO)", "forwarded socket"))?;
-        let around = self.sock_state(i).map_or(0, |st| st.bytes_redirected);
+        // No socket-storage entry: the socket is not accelerated.
+        let around = match &self.maps.direct {
+            Some(direct) => direct
+                .sock_state
+                .lookup(&fd.to_ne_bytes(), MapFlags::ANY)
+                .ok()
+                .flatten()
+                .and_then(|v| fp_sock_state::from_bytes(&v))
+                .map_or(0, |st| st.bytes_redirected),
+            None => 0,
+        };
         Ok(queued + around)
-    }
-
-    /// Both mode: side `i`'s per-socket state (`None` in egress mode, or
-    /// without a socket-storage entry: the socket is not accelerated).
-    pub(super) fn sock_state(&self, i: usize) -> Option<fp_sock_state> {
-        let fd = self.sides[i].stream.as_raw_fd();
-        self.maps
-            .direct
-            .as_ref()?
-            .sock_state
-            .lookup(&fd.to_ne_bytes(), MapFlags::ANY)
-            .ok()
-            .flatten()
-            .and_then(|v| fp_sock_state::from_bytes(&v))
     }
 
     /// Side `from` failed: both sides get SO_LINGER 0, so closing them
