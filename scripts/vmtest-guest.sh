@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 out=$1; shift
 # Prebuilt copies (scripts/vmtest.sh): a rebuild on the host meanwhile
 # cannot change what the guest runs.
-export CI=true FASTPATH_TEST_DEADLINE_SECS=600 FASTPATH_PREBUILT=1
+export CI=true FASTPATH_TEST_DEADLINE_SECS=300 FASTPATH_PREBUILT=1
 export FASTPATH_EXAMPLES=$PWD/target/vmtest/examples
 uname -r > "$out/kernel"
 # The demo prints probe() and then shows the shortcut at work.
@@ -18,9 +18,9 @@ echo "demo $?" >> "$out/status"
 sed -n '/^sockmap-fastpath probe/,/^$/p' "$out/demo.log" > "$out/probe.txt"
 for bin in "$@"; do
   name=$(basename "$bin")
-  timeout 1800 "$bin" --test-threads=1 > "$out/$name.log" 2>&1
+  timeout 900 "$bin" --test-threads=1 > "$out/$name.log" 2>&1
   echo "$name $?" >> "$out/status"
 done
 GOPROXY_BIN=$PWD/target/vmtest/tools/goproxy REAL_PROGRAMS_OUT="$out" \
-  timeout 1800 scripts/real-programs.sh --quick > "$out/real-programs.log" 2>&1
+  timeout 900 scripts/real-programs.sh --quick > "$out/real-programs.log" 2>&1
 echo "real-programs $?" >> "$out/status"

