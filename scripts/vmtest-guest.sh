@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs inside a vmtest guest (or on the host for the "host" row): every test
 # binary given, one after the other, then the quick real-programs suite;
-# writes NAME.log and a "NAME STATUS" line per run to OUT/status, and the
+# writes NAME.log and a "NAME STATUS SECONDS" line per run to OUT/status, and the
 # probe() report to OUT/probe.txt.
 #   scripts/vmtest-guest.sh OUT TEST-BINARY...
 set -uo pipefail
@@ -18,9 +18,11 @@ echo "demo $?" >> "$out/status"
 sed -n '/^sockmap-fastpath probe/,/^$/p' "$out/demo.log" > "$out/probe.txt"
 for bin in "$@"; do
   name=$(basename "$bin")
+  start=$SECONDS
   timeout 900 "$bin" --test-threads=1 > "$out/$name.log" 2>&1
-  echo "$name $?" >> "$out/status"
+  echo "$name $? $((SECONDS - start))" >> "$out/status"
 done
+start=$SECONDS
 GOPROXY_BIN=$PWD/target/vmtest/tools/goproxy REAL_PROGRAMS_OUT="$out" \
   timeout 900 scripts/real-programs.sh --quick > "$out/real-programs.log" 2>&1
-echo "real-programs $?" >> "$out/status"
+echo "real-programs $? $((SECONDS - start))" >> "$out/status"

@@ -103,20 +103,20 @@ for spec in "$@"; do
       -- "$ROOT/scripts/vmtest-guest.sh $out ${BINARIES[*]}" < /dev/null > "$out/console.log" 2>&1 || true
   fi
   took=$(( $(date +%s) - start ))
-  # The guest writes one "NAME STATUS" line per test file; none means the
-  # guest never ran them (boot failure): every cell fails.
+  # The guest writes one "NAME STATUS SECONDS" line per test file; none
+  # means the guest never ran it (boot failure, or cut off): the cell fails.
   row="| $version | $(grep -c '^\s*\[yes\]' "$out/probe.txt" 2>/dev/null || echo 0) yes, $(grep -c '^\s*\[NO \]' "$out/probe.txt" 2>/dev/null || echo '?') no |"
   for b in "${BINARIES[@]}"; do
     name=$(basename "$b")
-    status=$(awk -v n="$name" '$1 == n {print $2}' "$out/status" 2>/dev/null || true)
-    if [ "$status" = 0 ]; then
-      row+=" $(grep -o '[0-9]* passed' "$out/$name.log" | awk '{s+=$1} END {print s}') passed |"
+    read -r status secs < <(awk -v n="$name" '$1 == n {print $2, $3}' "$out/status" 2>/dev/null) || true
+    if [ "${status:-}" = 0 ]; then
+      row+=" $(grep -o '[0-9]* passed' "$out/$name.log" | awk '{s+=$1} END {print s}') passed, ${secs} s |"
     else
-      row+=" FAIL (${status:-not run}) |"; FAILED=1
+      row+=" FAIL (${status:-not run}${secs:+, $secs s}) |"; FAILED=1
     fi
   done
-  rp=$(awk '$1 == "real-programs" {print $2}' "$out/status" 2>/dev/null || true)
-  if [ "$rp" = 0 ]; then row+=" ok |"; else row+=" FAIL (${rp:-not run}) |"; FAILED=1; fi
+  read -r rp secs < <(awk '$1 == "real-programs" {print $2, $3}' "$out/status" 2>/dev/null) || true
+  if [ "${rp:-}" = 0 ]; then row+=" ok, ${secs} s |"; else row+=" FAIL (${rp:-not run}) |"; FAILED=1; fi
   row+=" ${took} s |"
   echo "$row" >> "$TABLE"
   echo "vmtest: $version done in ${took} s" >&2
