@@ -138,6 +138,14 @@ for spec in "$@"; do
     tail -n 40 "$out/$name.log"
   done
   [ "${#never_started[@]}" = 0 ] || { echo; echo "== $(basename "$out"): never started: ${never_started[*]}"; }
+  # The guest kernel's own complaints (a hung task's stack, a lockup, a
+  # WARN or an oops), whatever the tests said.
+  if grep -qE 'blocked for more than|soft lockup|hard LOCKUP|Oops|BUG:|WARNING:|Call Trace' \
+      "$out/console.log" 2>/dev/null; then
+    echo; echo "== $(basename "$out"): the guest kernel complained:"
+    grep -E -A25 'blocked for more than|soft lockup|hard LOCKUP|Oops|BUG:|WARNING:' \
+      "$out/console.log" | head -n 120 || true
+  fi
   grep -q '^real-programs ' "$out/status" 2>/dev/null && continue
   echo; echo "== $(basename "$out"): the guest did not finish; end of its console:"
   tail -n 60 "$out/console.log" 2>/dev/null || echo "(no console log)"
