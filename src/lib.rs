@@ -87,7 +87,9 @@ pub use accelerator::{Accelerator, AcceleratorBuilder};
 pub use blocking::BlockingSockets;
 pub use cgroup::{cgroup2_mount, Cgroup, ChildCgroup};
 pub use error::{Error, ErrorKind, Result};
-pub use forward::{ForwardEnd, ForwardStats, ForwardedPair, Forwarder, Forwarding, Refused};
+pub use forward::{
+    ForwardEnd, ForwardPath, ForwardStats, ForwardedPair, Forwarder, Forwarding, Refused,
+};
 pub use guard::FastpathGuard;
 pub use mode::RedirectMode;
 pub use policy::Cidr;

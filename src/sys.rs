@@ -197,6 +197,28 @@ pub(crate) fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// A pipe for splice(2): both ends non-blocking and close-on-exec
+/// (`pipe2`), [read end, write end].
+pub(crate) fn pipe() -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use nix::fcntl::OFlag;
+    nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+/// Moves up to `len` bytes from `from` to `to` inside the kernel, without
+/// blocking (`splice(2)` with `SPLICE_F_NONBLOCK | SPLICE_F_MOVE`; one of
+/// the two must be a pipe). 0: `from` is at its end.
+pub(crate) fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> nix::Result<usize> {
+    use nix::fcntl::SpliceFFlags;
+    nix::fcntl::splice(
+        from,
+        None,
+        to,
+        None,
+        len,
+        SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE,
+    )
+}
+
 /// The pending error of a socket (SO_ERROR), 0 if none.
 pub(crate) fn socket_error(fd: BorrowedFd<'_>) -> io::Result<i32> {
     let mut err: i32 = 0;

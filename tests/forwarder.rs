@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use sockmap_fastpath::{Accelerator, Error, ErrorKind, ForwardEnd, ForwardStats};
+use sockmap_fastpath::{Accelerator, Error, ErrorKind, ForwardEnd, ForwardPath, ForwardStats};
 use support::sockopt::{set_linger_zero, tcp_state};
 
 /// Threads of this process whose name starts with `prefix`.
@@ -286,16 +286,23 @@ fn forwarded(
 
 /// Half-closes pass through in order with the other direction still
 /// flowing, and a reset on either side resets the other, as with
-/// `Forwarding::wait` (the forwarder runs the same steps, driven by epoll).
+/// `Forwarding::wait` (the forwarder runs the same steps, driven by epoll),
+/// in the kernel and on the adaptive path's splice relay.
 #[test]
 fn half_closes_and_resets_pass_through_the_forwarder() {
     let Some(_env) = privileged_env() else { return };
     let guard = egress_guard();
-    let forwarder = guard.forwarder().expect("forwarder");
+    for path in [ForwardPath::Kernel, ForwardPath::ADAPTIVE] {
+        let forwarder = guard.forwarder().expect("forwarder").with_path(path);
+        half_closes_and_resets_pass_through(&forwarder);
+    }
+}
+
+fn half_closes_and_resets_pass_through(forwarder: &sockmap_fastpath::Forwarder) {
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
 
     // Half-close: the client stops sending, the server keeps sending.
-    let (mut client, mut server, pair) = forwarded(&forwarder, &upstream);
+    let (mut client, mut server, pair) = forwarded(forwarder, &upstream);
     let upload = random_bytes(1 << 20, 21);
     client.write_all(&upload).unwrap();
     client.shutdown(Shutdown::Write).unwrap();
@@ -314,7 +321,7 @@ fn half_closes_and_resets_pass_through_the_forwarder() {
     assert_eq!(stats.upstream_to_downstream, 4 << 20);
 
     for client_resets in [true, false] {
-        let (client, server, pair) = forwarded(&forwarder, &upstream);
+        let (client, server, pair) = forwarded(forwarder, &upstream);
         let (mut survivor, resetter) = if client_resets {
             (server, client)
         } else {
@@ -334,6 +341,136 @@ fn half_closes_and_resets_pass_through_the_forwarder() {
         };
         assert_eq!(pair.wait().expect("pair").end, want);
     }
+    assert_eq!(forwarder.pairs(), 0);
+}
+
+/// An egress guard's forwarder on the adaptive path, and a client ->
+/// proxy -> server connection handed to it.
+fn adaptive_pair(
+    guard: &sockmap_fastpath::FastpathGuard,
+) -> (
+    sockmap_fastpath::Forwarder,
+    TcpStream,
+    TcpStream,
+    sockmap_fastpath::ForwardedPair,
+) {
+    let forwarder = guard
+        .forwarder()
+        .expect("forwarder")
+        .with_path(ForwardPath::ADAPTIVE);
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (client, server, pair) = forwarded(&forwarder, &upstream);
+    (forwarder, client, server, pair)
+}
+
+/// Request/response on the adaptive path: the forwarder relays the first
+/// turns itself with splice(2), then hands the pair to the kernel, which
+/// forwards the rest: 8 MiB to a server that reads late, then 8 MiB each
+/// way at once. Every byte arrives in order; the pair's counts say how
+/// many the relay moved, the program's counters the rest.
+#[test]
+fn an_adaptive_request_response_pair_moves_to_the_kernel() {
+    let Some(_env) = privileged_env() else { return };
+    let guard = egress_guard();
+    let before = guard.stats().unwrap();
+    let (forwarder, mut client, mut server, pair) = adaptive_pair(&guard);
+    const ROUNDS: u64 = 200;
+    const MESSAGE: usize = 1 << 10;
+    let (mut request, mut response) = (vec![0u8; MESSAGE], vec![0u8; MESSAGE]);
+    for round in 0..ROUNDS {
+        client.write_all(&random_bytes(MESSAGE, 2 * round)).unwrap();
+        server.read_exact(&mut request).unwrap();
+        assert_bytes_eq(&request, &random_bytes(MESSAGE, 2 * round), "request");
+        server
+            .write_all(&random_bytes(MESSAGE, 2 * round + 1))
+            .unwrap();
+        client.read_exact(&mut response).unwrap();
+        assert_bytes_eq(&response, &random_bytes(MESSAGE, 2 * round + 1), "response");
+    }
+    // A server that reads late: the kernel path keeps segments on the
+    // proxy's socket once the backlog is full (6.2+), and the forwarder
+    // copies them, counting from the hand-over, not from the relay.
+    const BULK: usize = 8 << 20;
+    let late = random_bytes(BULK, 999);
+    let writer = {
+        let (mut client, late) = (client.try_clone().unwrap(), late.clone());
+        thread::spawn(move || client.write_all(&late).unwrap())
+    };
+    thread::sleep(Duration::from_millis(300));
+    let mut got = vec![0u8; BULK];
+    server.read_exact(&mut got).unwrap();
+    writer.join().unwrap();
+    assert_bytes_eq(&got, &late, "upload read late");
+    exchange(
+        client,
+        server,
+        random_bytes(BULK, 1000),
+        random_bytes(BULK, 1001),
+    );
+    let stats = pair.wait().expect("pair");
+    let counters = delta(&guard, &before);
+    eprintln!("{stats:?}; {counters}");
+    let up = ROUNDS * MESSAGE as u64 + 2 * BULK as u64;
+    let down = ROUNDS * MESSAGE as u64 + BULK as u64;
+    assert_eq!(stats.end, ForwardEnd::Closed);
+    assert!(stats.in_kernel, "handed to the kernel: {stats:?}");
+    assert_eq!(stats.downstream_to_upstream, up);
+    assert_eq!(stats.upstream_to_downstream, down);
+    // 8 turns take 9 messages of 1 KiB; the hand-over waits for a step
+    // with both pipes empty, which may be a round later.
+    assert!(
+        (9 * MESSAGE as u64..=16 * MESSAGE as u64).contains(&stats.relayed),
+        "the relay moved the first turns only: {stats:?}"
+    );
+    assert_eq!(
+        counters.fwd_bytes + stats.copied,
+        up + down,
+        "the kernel forwarded the rest: {counters}"
+    );
+    assert!(counters.fwd_bytes > BULK as u64, "{counters}");
+    assert_eq!(forwarder.pairs(), 0);
+}
+
+/// Writes `data` on a thread of its own, then half-closes.
+fn send_and_half_close(stream: &TcpStream, data: Vec<u8>) -> thread::JoinHandle<()> {
+    let mut stream = stream.try_clone().unwrap();
+    thread::spawn(move || {
+        stream.write_all(&data).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+    })
+}
+
+/// Bulk on the adaptive path: 32 MiB up, then (after the client's
+/// half-close) 32 MiB down. One change of direction after a long run is
+/// no request/response turn, so the relay moves every byte and the kernel
+/// none.
+#[test]
+fn an_adaptive_bulk_pair_stays_on_the_relay() {
+    let Some(_env) = privileged_env() else { return };
+    let guard = egress_guard();
+    let before = guard.stats().unwrap();
+    let (forwarder, mut client, mut server, pair) = adaptive_pair(&guard);
+    const BULK: usize = 32 << 20;
+    let upload = random_bytes(BULK, 41);
+    let writer = send_and_half_close(&client, upload.clone());
+    assert_bytes_eq(&read_all(&mut server), &upload, "upload");
+    writer.join().unwrap();
+    let download = random_bytes(BULK, 42);
+    let writer = send_and_half_close(&server, download.clone());
+    assert_bytes_eq(&read_all(&mut client), &download, "download");
+    writer.join().unwrap();
+    let stats = pair.wait().expect("pair");
+    let counters = delta(&guard, &before);
+    assert_eq!(stats.end, ForwardEnd::Closed);
+    assert!(!stats.in_kernel, "{stats:?}");
+    assert_eq!(stats.downstream_to_upstream, BULK as u64);
+    assert_eq!(stats.upstream_to_downstream, BULK as u64);
+    assert_eq!(stats.relayed, 2 * BULK as u64, "{stats:?}");
+    assert_eq!(stats.copied, stats.relayed, "{stats:?}");
+    assert_eq!(
+        counters.fwd_bytes, 0,
+        "the kernel forwarded nothing: {counters}"
+    );
     assert_eq!(forwarder.pairs(), 0);
 }
 

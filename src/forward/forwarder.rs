@@ -15,8 +15,10 @@ use nix::poll::PollFlags;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use super::pump::COPY_BUFFER;
-use super::{ForwardEnd, ForwardMaps, ForwardStats, Forwarding, NotEstablished, DOWN, UP};
+use super::pump::Scratch;
+use super::{
+    ForwardEnd, ForwardMaps, ForwardPath, ForwardStats, Forwarding, NotEstablished, DOWN, UP,
+};
 use crate::error::{Error, Result};
 
 /// Serves any number of forwarded pairs from one thread (named
@@ -33,12 +35,18 @@ use crate::error::{Error, Result};
 /// when, blocking ([`ForwardedPair::wait`]) or as a `Future` (any async
 /// runtime; no `spawn_blocking`).
 ///
+/// With [`ForwardPath::Adaptive`] ([`with_path`](Self::with_path)) it
+/// relays each pair itself with splice(2) first and hands it to the kernel
+/// once its traffic shows request/response turns: bulk pairs stay on the
+/// relay, where they move fastest.
+///
 /// Dropping the forwarder takes no new pairs; its thread serves the pairs
 /// it has until the last one ends, then exits.
 #[must_use = "a forwarder forwards nothing until pairs are handed to it"]
 pub struct Forwarder {
     shared: Arc<Shared>,
     maps: Arc<ForwardMaps>,
+    path: ForwardPath,
 }
 
 struct Shared {
@@ -130,7 +138,16 @@ impl Forwarder {
         Ok(Forwarder {
             shared,
             maps: Arc::new(maps),
+            path: ForwardPath::Kernel,
         })
+    }
+
+    /// How pairs handed over from now on are served: see [`ForwardPath`].
+    /// In both mode, [`ForwardPath::Adaptive`] serves them as
+    /// [`ForwardPath::Kernel`] does.
+    pub fn with_path(mut self, path: ForwardPath) -> Self {
+        self.path = path;
+        self
     }
 
     /// Hands a proxy's pair of connections to the kernel, as
@@ -153,8 +170,15 @@ impl Forwarder {
             .try_clone()
             .and_then(|down| Ok((down, upstream.try_clone()?)))
             .map_err(|err| Error::io("dup", "forwarded socket", err));
-        let forwarding = match dups.and_then(|(down, up)| {
-            Forwarding::start(Arc::clone(&self.maps), down, up, NotEstablished::Copy)
+        let maps = Arc::clone(&self.maps);
+        let forwarding = match dups.and_then(|(down, up)| match self.path {
+            ForwardPath::Adaptive {
+                turns,
+                max_turn_bytes,
+            } if maps.direct.is_none() => {
+                Forwarding::start_relay(maps, down, up, turns, max_turn_bytes)
+            }
+            _ => Forwarding::start(maps, down, up, NotEstablished::Copy),
         }) {
             Ok(forwarding) => forwarding,
             Err(error) => {
@@ -236,6 +260,7 @@ impl std::fmt::Debug for Forwarder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Forwarder")
             .field("pairs", &self.pairs())
+            .field("path", &self.path)
             .finish()
     }
 }
@@ -245,7 +270,7 @@ impl std::fmt::Debug for Forwarder {
 /// and its last pair has ended.
 fn serve(shared: &Shared) {
     let mut events = vec![EpollEvent::empty(); EVENTS_PER_WAIT];
-    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut scratch = Scratch::new();
     loop {
         let timeout = {
             let state = lock(&shared.state);
@@ -290,7 +315,7 @@ fn serve(shared: &Shared) {
             revents.entry(id).or_insert([PollFlags::empty(); 2]);
         }
         for (id, revents) in revents {
-            step_pair(shared, &mut state, id, revents, &mut buf);
+            step_pair(shared, &mut state, id, revents, &mut scratch);
         }
     }
 }
@@ -304,11 +329,17 @@ fn timeout_until(due: Instant, now: Instant) -> EpollTimeout {
     EpollTimeout::from(left.as_micros().div_ceil(1000).min(u16::MAX.into()) as u16)
 }
 
-fn step_pair(shared: &Shared, state: &mut State, id: u64, revents: [PollFlags; 2], buf: &mut [u8]) {
+fn step_pair(
+    shared: &Shared,
+    state: &mut State,
+    id: u64,
+    revents: [PollFlags; 2],
+    scratch: &mut Scratch,
+) {
     let Some(entry) = state.pairs.get_mut(&id) else {
         return;
     };
-    let end = match entry.forwarding.step(revents, buf) {
+    let end = match entry.forwarding.step(revents, scratch) {
         Ok(None) => match update_interest(shared, entry, id) {
             Ok(retry_in) => {
                 if let Some(at) = entry.retry_at.take() {

@@ -58,10 +58,62 @@ impl Forwarding {
         up: TcpStream,
         not_established: NotEstablished,
     ) -> Result<Self> {
+        let mut forwarding = Self::prepare(maps, down, up)?;
+        match forwarding.insert() {
+            Ok(()) => forwarding.in_kernel = true,
+            // EOPNOTSUPP: the socket is not established. Nothing is
+            // forwarded by the kernel (a socket that did go into
+            // fwd_map has no direction entry, so the verdict keeps its bytes
+            // where the pump reads them): copy every byte.
+            Err(Error::Bpf { source, .. })
+                if not_established == NotEstablished::Copy
+                    && source.kind() == std::io::ErrorKind::Unsupported => {}
+            Err(err) => return Err(err),
+        }
+        forwarding.show_queued_bytes()?;
+        Ok(forwarding)
+    }
+
+    /// A pair a `Forwarder` relays with splice(2) until its traffic shows
+    /// request/response turns (`ForwardPath::Adaptive`), then hands to
+    /// the kernel ([`promote_if_turning`](Self::promote_if_turning)).
+    pub(crate) fn start_relay(
+        maps: Arc<ForwardMaps>,
+        down: TcpStream,
+        up: TcpStream,
+        turns: u32,
+        max_turn_bytes: u64,
+    ) -> Result<Self> {
+        let mut forwarding = Self::prepare(maps, down, up)?;
+        // splice(2) into a socket blocks unless the socket's file is
+        // non-blocking (SPLICE_F_NONBLOCK covers only the pipe). The
+        // forwarder owns the streams from now on.
+        for side in &forwarding.sides {
+            side.stream
+                .set_nonblocking(true)
+                .map_err(io_err("fcntl(F_SETFL, O_NONBLOCK)", "forwarded socket"))?;
+        }
+        forwarding.splice = true;
+        forwarding.promote_after = Some((turns, max_turn_bytes));
+        Ok(forwarding)
+    }
+
+    /// The pair, not in the maps yet (`in_kernel` false): each side's
+    /// cookie and what it had sent, both mode's key, and the socket option
+    /// a forwarded socket needs whoever moves its bytes.
+    fn prepare(maps: Arc<ForwardMaps>, down: TcpStream, up: TcpStream) -> Result<Self> {
         let side = |stream: TcpStream, what: &'static str| -> Result<Side> {
             let cookie = socket2::SockRef::from(&stream)
                 .cookie()
                 .map_err(io_err("getsockopt(SO_COOKIE)", what))?;
+            // Bytes kept in a socket's own queue (while the other side's
+            // backlog is full) hold its receive window shut. Should the
+            // proxy die, TCP would not count them as unread at close, so it
+            // would end the connection with a FIN instead of a reset, and
+            // its FIN_WAIT2 remnant would keep the window shut: a peer
+            // blocked on it would wait a minute (measured: 100 s) to learn.
+            sys::abort_in_fin_wait2(stream.as_fd())
+                .map_err(io_err("setsockopt(TCP_LINGER2)", what))?;
             Ok(Side {
                 stream,
                 cookie,
@@ -71,6 +123,9 @@ impl Forwarding {
                 blocked: false,
                 held: false,
                 copied: 0,
+                copied_before_kernel: 0,
+                relayed: 0,
+                in_pipe: None,
             })
         };
         let (down, up) = (
@@ -85,40 +140,55 @@ impl Forwarding {
             sides: [down, up],
             maps,
             direct_key,
-            in_kernel: true,
+            in_kernel: false,
+            splice: false,
+            promote_after: None,
+            turns: Default::default(),
             idle_retries: 0,
         };
         for i in [DOWN, UP] {
             forwarding.sides[i].sent_before = forwarding.sent(i)?;
         }
-        match forwarding.insert() {
-            Ok(()) => {}
-            // EOPNOTSUPP: the socket is not established. Nothing is
-            // forwarded by the kernel (a socket that did go into
-            // fwd_map has no direction entry, so the verdict keeps its bytes
-            // where the pump reads them): copy every byte.
-            Err(Error::Bpf { source, .. })
-                if not_established == NotEstablished::Copy
-                    && source.kind() == std::io::ErrorKind::Unsupported =>
-            {
-                forwarding.in_kernel = false;
-            }
-            Err(err) => return Err(err),
-        }
-        for side in &forwarding.sides {
-            // Bytes kept in a socket's own queue (while the other side's
-            // backlog is full) hold its receive window shut. Should the
-            // proxy die, TCP would not count them as unread at close, so it
-            // would end the connection with a FIN instead of a reset, and
-            // its FIN_WAIT2 remnant would keep the window shut: a peer
-            // blocked on it would wait a minute (measured: 100 s) to learn.
-            sys::abort_in_fin_wait2(side.stream.as_fd())
-                .map_err(io_err("setsockopt(TCP_LINGER2)", "forwarded socket"))?;
-            // Bytes queued before the hand-over: make the verdict see them.
+        Ok(forwarding)
+    }
+
+    /// Bytes queued before the hand-over: make the verdict see them.
+    fn show_queued_bytes(&self) -> Result<()> {
+        for side in &self.sides {
             sys::set_rcvlowat(side.stream.as_fd(), 1)
                 .map_err(io_err("setsockopt(SO_RCVLOWAT)", "forwarded socket"))?;
         }
-        Ok(forwarding)
+        Ok(())
+    }
+
+    /// A relayed pair whose traffic has shown enough request/response
+    /// turns goes to the kernel, at a moment nothing waits in its pipes
+    /// and neither side has half-closed (bytes queued on the sockets are
+    /// forwarded by the hand-over, as for any pair). If the kernel will not
+    /// take it (a full map; a socket no longer established), the pump
+    /// copies it from then on, without splice: a socket that did go into
+    /// the map has its bytes taken where splice does not look.
+    pub(super) fn promote_if_turning(&mut self) -> Result<()> {
+        let Some((turns, _)) = self.promote_after else {
+            return Ok(());
+        };
+        let settled = self
+            .sides
+            .iter()
+            .all(|s| s.in_pipe.is_none() && !s.fin_passed && !s.draining && !s.blocked && !s.held);
+        if self.turns.count() < turns || !settled {
+            return Ok(());
+        }
+        self.promote_after = None;
+        self.splice = false;
+        if self.insert().is_err() {
+            return Ok(());
+        }
+        self.in_kernel = true;
+        for side in &mut self.sides {
+            side.copied_before_kernel = side.copied;
+        }
+        self.show_queued_bytes()
     }
 
     /// Inserts both directions, then both sockets. On failure it removes

@@ -51,6 +51,7 @@
 mod forwarder;
 mod handover;
 mod pump;
+mod relay;
 
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -61,6 +62,7 @@ use crate::abi::{fp_fwd_dir, fp_sock_key, Plain};
 use crate::error::{Error, Result};
 
 pub use forwarder::{ForwardedPair, Forwarder, Refused};
+pub use relay::ForwardPath;
 
 pub(crate) use handover::{DirectMaps, ForwardMaps, NotEstablished};
 
@@ -94,11 +96,18 @@ pub struct ForwardStats {
     pub copied_at_hand_over: u64,
     /// Of both directions, the bytes `wait()` copied in user space rather
     /// than the kernel forwarding them: the downstream ones above and,
-    /// likewise, upstream ones (all of them when `in_kernel` is false).
+    /// likewise, upstream ones, and those in `relayed` (all of them when
+    /// `in_kernel` is false).
     pub copied: u64,
-    /// Whether the kernel forwarded the pair. `false`: a [`Forwarder`]
-    /// was handed a socket the kernel no longer takes (its peer had sent
-    /// its FIN before the hand-over) and copied the pair in user space.
+    /// Of `copied`, the bytes a [`Forwarder`] relayed with splice(2)
+    /// ([`ForwardPath::Adaptive`]) before it handed the pair to the kernel,
+    /// or all of them if it never did.
+    pub relayed: u64,
+    /// Whether the kernel forwarded the pair (from the start, or after the
+    /// relay of [`ForwardPath::Adaptive`]). `false`: a [`Forwarder`] was
+    /// handed a socket the kernel no longer takes (its peer had sent its
+    /// FIN before the hand-over) and copied the pair in user space, or it
+    /// relayed the pair to its end.
     pub in_kernel: bool,
     /// How it ended.
     pub end: ForwardEnd,
@@ -127,6 +136,15 @@ struct Side {
     held: bool,
     /// Bytes `wait()` copied from its receive queue to the other side.
     copied: u64,
+    /// Of `copied`, those copied before the kernel took the pair (a
+    /// relayed pair handed over later): the forwarding program counts what
+    /// it kept from the hand-over on.
+    copied_before_kernel: u64,
+    /// Of `copied`, those the splice relay moved.
+    relayed: u64,
+    /// Relay: bytes taken off this socket that wait in a pipe for room on
+    /// the other side.
+    in_pipe: Option<relay::InPipe>,
 }
 
 /// A pair the kernel forwards; see the [module docs](self) for the protocol.
@@ -146,6 +164,13 @@ pub struct Forwarding {
     direct_key: Option<fp_sock_key>,
     /// The kernel forwards the pair; else the pump copies every byte.
     in_kernel: bool,
+    /// Not in the kernel: the pump copies with splice(2) (the sockets were
+    /// never in a socket map, where splice would miss the bytes).
+    splice: bool,
+    /// [`ForwardPath::Adaptive`]'s limits while the pair is relayed:
+    /// (turns, max_turn_bytes).
+    promote_after: Option<(u32, u64)>,
+    turns: relay::Turns,
     /// Steps in a row that waited for the kernel and found nothing moved
     /// (see [`Forwarding::retry_in`]).
     idle_retries: u32,
@@ -167,6 +192,14 @@ impl std::fmt::Debug for Forwarding {
 
 fn io_err(call: &'static str, what: &'static str) -> impl Fn(std::io::Error) -> Error {
     move |source| Error::io(call, what, source)
+}
+
+impl Side {
+    /// Bytes copied since the kernel took the pair: what the forwarding
+    /// program compares with what it kept (it counts from the hand-over).
+    fn copied_in_kernel(&self) -> u64 {
+        self.copied - self.copied_before_kernel
+    }
 }
 
 impl Forwarding {
@@ -206,8 +239,13 @@ impl Forwarding {
         let stats = ForwardStats {
             downstream_to_upstream: self.forwarded_from(down).total() + down.copied,
             upstream_to_downstream: self.forwarded_from(up).total() + up.copied,
-            copied_at_hand_over: if self.in_kernel { down.copied } else { 0 },
+            copied_at_hand_over: if self.in_kernel {
+                down.copied - down.copied_before_kernel
+            } else {
+                0
+            },
             copied: down.copied + up.copied,
+            relayed: down.relayed + up.relayed,
             in_kernel: self.in_kernel,
             end: end?,
         };

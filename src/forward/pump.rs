@@ -9,6 +9,7 @@ use std::time::Duration;
 use libbpf_rs::{MapCore, MapFlags};
 use nix::poll::PollFlags;
 
+use super::relay::PipePool;
 use super::{io_err, ForwardEnd, Forwarding, DOWN, RESET_BY, UP};
 use crate::abi::{fp_fwd_dir, fp_sock_state, Plain};
 use crate::error::{Error, Result};
@@ -32,7 +33,23 @@ const FAST_RETRIES: u32 = 8;
 const MAX_RETRY_MS: u32 = 32;
 
 /// The buffer bytes are copied through.
-pub(super) const COPY_BUFFER: usize = 64 << 10;
+const COPY_BUFFER: usize = 64 << 10;
+
+/// What a thread that steps pairs lends each step: the buffer bytes are
+/// copied through and the pipes the relay splices through.
+pub(super) struct Scratch {
+    buf: Vec<u8>,
+    pipes: PipePool,
+}
+
+impl Scratch {
+    pub(super) fn new() -> Self {
+        Scratch {
+            buf: vec![0u8; COPY_BUFFER],
+            pipes: PipePool::default(),
+        }
+    }
+}
 
 impl Forwarding {
     /// What to wait for on each side: bytes to copy and its FIN, until the
@@ -81,22 +98,25 @@ impl Forwarding {
     pub(super) fn step(
         &mut self,
         revents: [PollFlags; 2],
-        buf: &mut [u8],
+        scratch: &mut Scratch,
     ) -> Result<Option<ForwardEnd>> {
         let before = self.progress();
-        let end = self.step_sides(revents, buf);
+        let end = self.step_sides(revents, scratch);
         self.idle_retries = if self.progress() == before {
             self.idle_retries.saturating_add(1)
         } else {
             0
         };
+        if let Ok(None) = end {
+            self.promote_if_turning()?;
+        }
         end
     }
 
     fn step_sides(
         &mut self,
         revents: [PollFlags; 2],
-        buf: &mut [u8],
+        scratch: &mut Scratch,
     ) -> Result<Option<ForwardEnd>> {
         for from in [DOWN, UP] {
             let side = &self.sides[from];
@@ -104,9 +124,17 @@ impl Forwarding {
                 || ((side.draining || side.held) && !side.blocked);
             if readable || revents[1 - from].contains(PollFlags::POLLOUT) {
                 let copied_before = self.sides[from].copied;
-                let outcome = self.copy_queued(from, buf);
-                if self.in_kernel && self.sides[from].copied != copied_before {
+                let outcome = if self.splice {
+                    Ok(self.splice_queued(from, &mut scratch.pipes))
+                } else {
+                    self.copy_queued(from, &mut scratch.buf)
+                };
+                let copied = self.sides[from].copied - copied_before;
+                if self.in_kernel && copied != 0 {
                     self.record_copied(from)?;
+                }
+                if let Some((_, max_turn_bytes)) = self.promote_after {
+                    self.turns.moved(from, copied, max_turn_bytes);
                 }
                 let side = &mut self.sides[from];
                 (side.blocked, side.held) = (false, false);
@@ -144,7 +172,7 @@ impl Forwarding {
 
     /// `wait()`'s loop: poll this pair's two sockets, then [`step`](Self::step).
     pub(super) fn run_until_end(&mut self) -> Result<ForwardEnd> {
-        let mut buf = vec![0u8; COPY_BUFFER];
+        let mut scratch = Scratch::new();
         loop {
             let interest = self.interest();
             let fds = self.sides.each_ref().map(|s| s.stream.as_fd());
@@ -158,7 +186,7 @@ impl Forwarding {
             )
             .map_err(io_err("poll", "forwarded sockets"))?
             .map(PollFlags::from_bits_retain);
-            if let Some(end) = self.step(revents, &mut buf)? {
+            if let Some(end) = self.step(revents, &mut scratch)? {
                 return Ok(end);
             }
         }
@@ -167,16 +195,17 @@ impl Forwarding {
     /// Shuts down the other side's sending half once every byte received on
     /// `from` before its FIN has entered the other side's send queue.
     fn try_pass_fin(&mut self, from: usize) -> Result<bool> {
-        // Copied by the loop first (POLLIN).
-        if has_unread_bytes(self.sides[from].stream.as_raw_fd())
-            .map_err(io_err("recv(MSG_PEEK)", "forwarded socket"))?
+        // Copied by the loop first (POLLIN), and out of the relay's pipe.
+        if self.sides[from].in_pipe.is_some()
+            || has_unread_bytes(self.sides[from].stream.as_raw_fd())
+                .map_err(io_err("recv(MSG_PEEK)", "forwarded socket"))?
         {
             return Ok(false);
         }
         // Bytes the program kept may not show in the queue yet (see
         // kept_bytes_wait in the BPF source).
         let dir = self.forwarded_from(&self.sides[from]);
-        if dir.kept > self.sides[from].copied || self.in_flight(from, &dir)? {
+        if dir.kept > self.sides[from].copied_in_kernel() || self.in_flight(from, &dir)? {
             return Ok(false);
         }
         let to = 1 - from;
@@ -217,7 +246,7 @@ impl Forwarding {
             .copied
             .update(
                 &side.cookie.to_ne_bytes(),
-                &side.copied.to_ne_bytes(),
+                &side.copied_in_kernel().to_ne_bytes(),
                 MapFlags::EXIST,
             )
             .map_err(|e| Error::bpf("bpf(BPF_MAP_UPDATE_ELEM) on fwd_copied", e))
@@ -315,8 +344,8 @@ impl Forwarding {
     }
 }
 
-/// What [`Forwarding::copy_queued`] stopped at.
-enum Copy {
+/// What [`Forwarding::copy_queued`] (or the relay's splice) stopped at.
+pub(super) enum Copy {
     /// Nothing left to copy (or the other side failed a write: poll()
     /// reports it).
     Done,

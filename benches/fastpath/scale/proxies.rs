@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 use sockmap_fastpath::{
-    Accelerator, Cgroup, FastpathGuard, ForwardedPair, RedirectMode, SpliceGuard,
+    Accelerator, Cgroup, FastpathGuard, ForwardPath, ForwardedPair, RedirectMode, SpliceGuard,
 };
 use support::connect::connect_nonblocking;
 
@@ -32,14 +32,19 @@ pub enum ProxyKind {
     Egress,
     /// This crate's `Forwarder` in both mode.
     Both,
+    /// This crate's `Forwarder` in egress mode on `ForwardPath::ADAPTIVE`:
+    /// its own splice relay first, the kernel once a pair turns out to be
+    /// request/response.
+    Adaptive,
 }
 
 impl ProxyKind {
-    pub const ALL: [ProxyKind; 4] = [
+    pub const ALL: [ProxyKind; 5] = [
         ProxyKind::Copy,
         ProxyKind::Splice,
         ProxyKind::Egress,
         ProxyKind::Both,
+        ProxyKind::Adaptive,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +53,7 @@ impl ProxyKind {
             ProxyKind::Splice => "splice relay",
             ProxyKind::Egress => "egress mode",
             ProxyKind::Both => "both mode",
+            ProxyKind::Adaptive => "adaptive",
         }
     }
 
@@ -57,6 +63,7 @@ impl ProxyKind {
             ProxyKind::Splice => "splice",
             ProxyKind::Egress => "egress",
             ProxyKind::Both => "both",
+            ProxyKind::Adaptive => "adaptive",
         }
     }
 
@@ -64,8 +71,12 @@ impl ProxyKind {
         ProxyKind::ALL.into_iter().find(|k| k.arg() == arg)
     }
 
+    /// Whether it is this crate's (a guard and a `Forwarder`).
     pub fn in_kernel(self) -> bool {
-        matches!(self, ProxyKind::Egress | ProxyKind::Both)
+        matches!(
+            self,
+            ProxyKind::Egress | ProxyKind::Both | ProxyKind::Adaptive
+        )
     }
 }
 
@@ -81,7 +92,7 @@ pub fn listen_loopback() -> std::io::Result<TcpListener> {
 
 /// The child's main: `--scale-proxy KIND UPSTREAM_PORT MAX_PIPES`.
 pub fn proxy_role(args: &[String]) -> ! {
-    let usage = "usage: --scale-proxy copy|splice|egress|both UPSTREAM_PORT MAX_PIPES";
+    let usage = "usage: --scale-proxy copy|splice|egress|both|adaptive UPSTREAM_PORT MAX_PIPES";
     let kind = args
         .first()
         .and_then(|a| ProxyKind::from_arg(a))
@@ -102,7 +113,13 @@ pub fn proxy_role(args: &[String]) -> ! {
         (ProxyKind::Splice, _) => SpliceRelay::new(listener, upstream, max_pipes)
             .expect("splice relay")
             .run(),
-        (_, Some(guard)) => forwarder_proxy(&guard, listener, upstream, &ends),
+        (_, Some(guard)) => {
+            let path = match kind {
+                ProxyKind::Adaptive => ForwardPath::ADAPTIVE,
+                _ => ForwardPath::Kernel,
+            };
+            forwarder_proxy(&guard, path, listener, upstream, &ends)
+        }
         (_, None) => unreachable!("kernel proxies have a guard"),
     }
 }
@@ -110,7 +127,7 @@ pub fn proxy_role(args: &[String]) -> ! {
 fn attach(kind: ProxyKind, port: u16) -> FastpathGuard {
     let builder = Accelerator::builder().splice_guard(SpliceGuard::Off);
     let builder = match kind {
-        ProxyKind::Egress => builder.redirect(RedirectMode::Egress),
+        ProxyKind::Egress | ProxyKind::Adaptive => builder.redirect(RedirectMode::Egress),
         // The client-to-proxy hop, in the bench's child cgroup (this
         // process's own).
         _ => builder
@@ -185,7 +202,8 @@ impl PairEnds {
         let mut ended = self.ended.lock().unwrap();
         for pair in finished {
             let end = match pair.wait() {
-                Ok(stats) => format!("{:?}", stats.end),
+                Ok(stats) if stats.in_kernel => format!("{:?}", stats.end),
+                Ok(stats) => format!("{:?} in user space", stats.end),
                 Err(err) => format!("error: {err}"),
             };
             *ended.entry(end).or_default() += 1;
@@ -201,11 +219,12 @@ impl PairEnds {
 
 fn forwarder_proxy(
     guard: &FastpathGuard,
+    path: ForwardPath,
     listener: TcpListener,
     upstream: SocketAddr,
     ends: &Arc<PairEnds>,
 ) -> ! {
-    let forwarder = guard.forwarder().expect("forwarder");
+    let forwarder = guard.forwarder().expect("forwarder").with_path(path);
     let reaper = Arc::clone(ends);
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_millis(100));
