@@ -363,6 +363,30 @@ fn adaptive_pair(
     (forwarder, client, server, pair)
 }
 
+/// The size of each request and response in `request_response`.
+const MESSAGE: usize = 1 << 10;
+
+/// One request and one response of `MESSAGE` bytes per round, each checked.
+fn request_response(client: &mut TcpStream, server: &mut TcpStream, rounds: std::ops::Range<u64>) {
+    let (mut request, mut response) = (vec![0u8; MESSAGE], vec![0u8; MESSAGE]);
+    for round in rounds {
+        client.write_all(&random_bytes(MESSAGE, 2 * round)).unwrap();
+        server.read_exact(&mut request).unwrap();
+        assert_bytes_eq(&request, &random_bytes(MESSAGE, 2 * round), "request");
+        server
+            .write_all(&random_bytes(MESSAGE, 2 * round + 1))
+            .unwrap();
+        client.read_exact(&mut response).unwrap();
+        assert_bytes_eq(&response, &random_bytes(MESSAGE, 2 * round + 1), "response");
+    }
+}
+
+/// The range `relayed` falls in when the hand-over came after `bytes`:
+/// it waits for a step with both pipes empty, which may be a round later.
+fn handed_over_after(bytes: u64) -> std::ops::RangeInclusive<u64> {
+    bytes..=bytes + 8 * MESSAGE as u64
+}
+
 /// Request/response on the adaptive path: the forwarder relays the first
 /// turns itself with splice(2), then hands the pair to the kernel, which
 /// forwards the rest: 8 MiB to a server that reads late, then 8 MiB each
@@ -375,18 +399,7 @@ fn an_adaptive_request_response_pair_moves_to_the_kernel() {
     let before = guard.stats().unwrap();
     let (forwarder, mut client, mut server, pair) = adaptive_pair(&guard);
     const ROUNDS: u64 = 200;
-    const MESSAGE: usize = 1 << 10;
-    let (mut request, mut response) = (vec![0u8; MESSAGE], vec![0u8; MESSAGE]);
-    for round in 0..ROUNDS {
-        client.write_all(&random_bytes(MESSAGE, 2 * round)).unwrap();
-        server.read_exact(&mut request).unwrap();
-        assert_bytes_eq(&request, &random_bytes(MESSAGE, 2 * round), "request");
-        server
-            .write_all(&random_bytes(MESSAGE, 2 * round + 1))
-            .unwrap();
-        client.read_exact(&mut response).unwrap();
-        assert_bytes_eq(&response, &random_bytes(MESSAGE, 2 * round + 1), "response");
-    }
+    request_response(&mut client, &mut server, 0..ROUNDS);
     // A server that reads late: the kernel path keeps segments on the
     // proxy's socket once the backlog is full (6.2+), and the forwarder
     // copies them, counting from the hand-over, not from the relay.
@@ -416,10 +429,9 @@ fn an_adaptive_request_response_pair_moves_to_the_kernel() {
     assert!(stats.in_kernel, "handed to the kernel: {stats:?}");
     assert_eq!(stats.downstream_to_upstream, up);
     assert_eq!(stats.upstream_to_downstream, down);
-    // 8 turns take 9 messages of 1 KiB; the hand-over waits for a step
-    // with both pipes empty, which may be a round later.
+    // 8 turns take 9 messages of 1 KiB.
     assert!(
-        (9 * MESSAGE as u64..=16 * MESSAGE as u64).contains(&stats.relayed),
+        handed_over_after(9 * MESSAGE as u64).contains(&stats.relayed),
         "the relay moved the first turns only: {stats:?}"
     );
     assert_eq!(
@@ -428,6 +440,47 @@ fn an_adaptive_request_response_pair_moves_to_the_kernel() {
         "the kernel forwarded the rest: {counters}"
     );
     assert!(counters.fwd_bytes > BULK as u64, "{counters}");
+    assert_eq!(forwarder.pairs(), 0);
+}
+
+/// `max_in_kernel` caps the pairs in the kernel: with a cap of one, a
+/// second request/response pair stays on the relay while the first is in
+/// the kernel, and moves there once the first has ended.
+#[test]
+fn adaptive_pairs_beyond_the_kernel_cap_stay_on_the_relay() {
+    let Some(_env) = privileged_env() else { return };
+    let guard = egress_guard();
+    let forwarder = guard
+        .forwarder()
+        .expect("forwarder")
+        .with_path(ForwardPath::Adaptive {
+            turns: 8,
+            max_turn_bytes: 16 << 10,
+            max_in_kernel: Some(1),
+        });
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut first_client, mut first_server, first) = forwarded(&forwarder, &upstream);
+    let (mut client, mut server, second) = forwarded(&forwarder, &upstream);
+    const ROUNDS: u64 = 20;
+    request_response(&mut first_client, &mut first_server, 0..ROUNDS);
+    request_response(&mut client, &mut server, 0..ROUNDS);
+    drop((first_client, first_server));
+    let first = first.wait().expect("first pair");
+    assert!(first.in_kernel, "{first:?}");
+    assert!(
+        handed_over_after(9 * MESSAGE as u64).contains(&first.relayed),
+        "{first:?}"
+    );
+    // The second pair had its turns long ago; the first step after the
+    // first pair ended hands it over.
+    request_response(&mut client, &mut server, ROUNDS..2 * ROUNDS);
+    drop((client, server));
+    let second = second.wait().expect("second pair");
+    assert!(second.in_kernel, "{second:?}");
+    assert!(
+        handed_over_after(2 * ROUNDS * MESSAGE as u64).contains(&second.relayed),
+        "{second:?}"
+    );
     assert_eq!(forwarder.pairs(), 0);
 }
 

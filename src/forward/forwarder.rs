@@ -17,7 +17,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::pump::Scratch;
 use super::{
-    ForwardEnd, ForwardMaps, ForwardPath, ForwardStats, Forwarding, NotEstablished, DOWN, UP,
+    relay, ForwardEnd, ForwardMaps, ForwardPath, ForwardStats, Forwarding, NotEstablished, DOWN, UP,
 };
 use crate::error::{Error, Result};
 
@@ -62,6 +62,10 @@ struct State {
     /// Pairs that wait for the kernel, by when they are stepped again
     /// (`Forwarding::retry_in`), events or not.
     retries: BTreeSet<(Instant, u64)>,
+    /// Pairs the kernel forwards now, and how many a relayed pair may join
+    /// (`ForwardPath::Adaptive`'s `max_in_kernel`).
+    in_kernel: usize,
+    max_in_kernel: usize,
     next_id: u64,
     /// The `Forwarder` was dropped: the thread ends with the last pair.
     closed: bool,
@@ -146,6 +150,9 @@ impl Forwarder {
     /// In both mode, [`ForwardPath::Adaptive`] serves them as
     /// [`ForwardPath::Kernel`] does.
     pub fn with_path(mut self, path: ForwardPath) -> Self {
+        if let ForwardPath::Adaptive { max_in_kernel, .. } = path {
+            lock(&self.shared.state).max_in_kernel = relay::kernel_pair_limit(max_in_kernel);
+        }
         self.path = path;
         self
     }
@@ -175,6 +182,7 @@ impl Forwarder {
             ForwardPath::Adaptive {
                 turns,
                 max_turn_bytes,
+                ..
             } if maps.direct.is_none() => {
                 Forwarding::start_relay(maps, down, up, turns, max_turn_bytes)
             }
@@ -198,6 +206,7 @@ impl Forwarder {
         let interest = forwarding.interest();
         match self.register(&forwarding, id, interest) {
             Ok(()) => {
+                state.in_kernel += usize::from(forwarding.in_kernel);
                 state.pairs.insert(
                     id,
                     Entry {
@@ -317,6 +326,9 @@ fn serve(shared: &Shared) {
         for (id, revents) in revents {
             step_pair(shared, &mut state, id, revents, &mut scratch);
         }
+        if state.pairs.is_empty() {
+            scratch.idle();
+        }
     }
 }
 
@@ -336,10 +348,14 @@ fn step_pair(
     revents: [PollFlags; 2],
     scratch: &mut Scratch,
 ) {
+    let kernel_has_room = state.in_kernel < state.max_in_kernel;
     let Some(entry) = state.pairs.get_mut(&id) else {
         return;
     };
-    let end = match entry.forwarding.step(revents, scratch) {
+    let was_in_kernel = entry.forwarding.in_kernel;
+    let stepped = entry.forwarding.step(revents, scratch, kernel_has_room);
+    state.in_kernel += usize::from(!was_in_kernel && entry.forwarding.in_kernel);
+    let end = match stepped {
         Ok(None) => match update_interest(shared, entry, id) {
             Ok(retry_in) => {
                 if let Some(at) = entry.retry_at.take() {
@@ -384,6 +400,7 @@ fn end_pair(shared: &Shared, state: &mut State, id: u64, end: Result<ForwardEnd>
     let Some(mut entry) = state.pairs.remove(&id) else {
         return;
     };
+    state.in_kernel -= usize::from(entry.forwarding.in_kernel);
     if let Some(at) = entry.retry_at {
         state.retries.remove(&(at, id));
     }

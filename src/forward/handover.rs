@@ -162,13 +162,14 @@ impl Forwarding {
     }
 
     /// A relayed pair whose traffic has shown enough request/response
-    /// turns goes to the kernel, at a moment nothing waits in its pipes
+    /// turns goes to the kernel (if it has room for one more pair: see
+    /// `ForwardPath::Adaptive`), at a moment nothing waits in its pipes
     /// and neither side has half-closed (bytes queued on the sockets are
     /// forwarded by the hand-over, as for any pair). If the kernel will not
     /// take it (a full map; a socket no longer established), the pump
     /// copies it from then on, without splice: a socket that did go into
     /// the map has its bytes taken where splice does not look.
-    pub(super) fn promote_if_turning(&mut self) -> Result<()> {
+    pub(super) fn promote_if_turning(&mut self, kernel_has_room: bool) -> Result<()> {
         let Some((turns, _)) = self.promote_after else {
             return Ok(());
         };
@@ -176,7 +177,7 @@ impl Forwarding {
             .sides
             .iter()
             .all(|s| s.in_pipe.is_none() && !s.fin_passed && !s.draining && !s.blocked && !s.held);
-        if self.turns.count() < turns || !settled {
+        if self.turns.count() < turns || !settled || !kernel_has_room {
             return Ok(());
         }
         self.promote_after = None;

@@ -49,6 +49,11 @@ impl Scratch {
             pipes: PipePool::default(),
         }
     }
+
+    /// Nothing is served any more: close the relay's free pipes.
+    pub(super) fn idle(&mut self) {
+        self.pipes.close_free();
+    }
 }
 
 impl Forwarding {
@@ -95,10 +100,12 @@ impl Forwarding {
     /// redirected there around the forwarding program; every mode: kept
     /// there while the pair was being inserted) to the other socket, passes
     /// resets and half-closes on. `Some(end)` once the pair has ended.
+    /// A relayed pair may go to the kernel if `kernel_has_room`.
     pub(super) fn step(
         &mut self,
         revents: [PollFlags; 2],
         scratch: &mut Scratch,
+        kernel_has_room: bool,
     ) -> Result<Option<ForwardEnd>> {
         let before = self.progress();
         let end = self.step_sides(revents, scratch);
@@ -108,7 +115,7 @@ impl Forwarding {
             0
         };
         if let Ok(None) = end {
-            self.promote_if_turning()?;
+            self.promote_if_turning(kernel_has_room)?;
         }
         end
     }
@@ -186,7 +193,7 @@ impl Forwarding {
             )
             .map_err(io_err("poll", "forwarded sockets"))?
             .map(PollFlags::from_bits_retain);
-            if let Some(end) = self.step(revents, &mut scratch)? {
+            if let Some(end) = self.step(revents, &mut scratch, true)? {
                 return Ok(end);
             }
         }
