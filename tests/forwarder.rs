@@ -275,10 +275,21 @@ fn forwarded(
     forwarder: &sockmap_fastpath::Forwarder,
     upstream: &TcpListener,
 ) -> (TcpStream, TcpStream, sockmap_fastpath::ForwardedPair) {
+    forwarded_with(forwarder, upstream, |_| {})
+}
+
+/// [`forwarded`], with the proxy's upstream socket set up by `set_up_up`
+/// before the hand-over.
+fn forwarded_with(
+    forwarder: &sockmap_fastpath::Forwarder,
+    upstream: &TcpListener,
+    set_up_up: impl FnOnce(&TcpStream),
+) -> (TcpStream, TcpStream, sockmap_fastpath::ForwardedPair) {
     let front = TcpListener::bind("127.0.0.1:0").unwrap();
     let client = connect(front.local_addr().unwrap());
     let (down, _) = front.accept().unwrap();
     let up = connect(upstream.local_addr().unwrap());
+    set_up_up(&up);
     let (server, _) = upstream.accept().unwrap();
     let pair = forwarder.forward(down, up).expect("forward");
     (client, server, pair)
@@ -482,6 +493,49 @@ fn adaptive_pairs_beyond_the_kernel_cap_stay_on_the_relay() {
         "{second:?}"
     );
     assert_eq!(forwarder.pairs(), 0);
+}
+
+/// The relay copies short reads through user memory and splices long
+/// runs; what the other side has no room for waits, and goes out before
+/// anything read later. 1 KiB messages with pauses between them, behind
+/// the smallest socket buffers and a server that starts reading late,
+/// arrive complete and in order.
+#[test]
+fn an_adaptive_relay_keeps_what_the_other_side_had_no_room_for() {
+    let Some(_env) = privileged_env() else { return };
+    let guard = egress_guard();
+    let forwarder = guard
+        .forwarder()
+        .expect("forwarder")
+        .with_path(ForwardPath::ADAPTIVE);
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let smallest = |s: socket2::SockRef<'_>| {
+        s.set_send_buffer_size(1).unwrap();
+        s.set_recv_buffer_size(1).unwrap();
+    };
+    smallest(socket2::SockRef::from(&upstream));
+    let (client, mut server, pair) = forwarded_with(&forwarder, &upstream, |up| {
+        smallest(socket2::SockRef::from(up))
+    });
+    const MESSAGES: usize = 2048;
+    let sent = random_bytes(MESSAGES * MESSAGE, 77);
+    let writer = {
+        let (mut client, sent) = (client.try_clone().unwrap(), sent.clone());
+        thread::spawn(move || {
+            for message in sent.chunks(MESSAGE) {
+                client.write_all(message).unwrap();
+                thread::sleep(Duration::from_micros(100));
+            }
+            client.shutdown(Shutdown::Write).unwrap();
+        })
+    };
+    thread::sleep(Duration::from_millis(300));
+    assert_bytes_eq(&read_all(&mut server), &sent, "upload read late");
+    writer.join().unwrap();
+    drop((client, server));
+    let stats = pair.wait().expect("pair");
+    assert!(!stats.in_kernel, "{stats:?}");
+    assert_eq!(stats.relayed, sent.len() as u64, "{stats:?}");
 }
 
 /// Writes `data` on a thread of its own, then half-closes.

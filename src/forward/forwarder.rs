@@ -36,7 +36,8 @@ use crate::error::{Error, Result};
 /// runtime; no `spawn_blocking`).
 ///
 /// With [`ForwardPath::Adaptive`] ([`with_path`](Self::with_path)) it
-/// relays each pair itself with splice(2) first and hands it to the kernel
+/// relays each pair itself first (long runs with splice(2), short reads
+/// copied) and hands it to the kernel
 /// once its traffic shows request/response turns: bulk pairs stay on the
 /// relay, where they move fastest.
 ///

@@ -74,7 +74,7 @@ impl Forwarding {
         Ok(forwarding)
     }
 
-    /// A pair a `Forwarder` relays with splice(2) until its traffic shows
+    /// A pair a `Forwarder` relays itself until its traffic shows
     /// request/response turns (`ForwardPath::Adaptive`), then hands to
     /// the kernel ([`promote_if_turning`](Self::promote_if_turning)).
     pub(crate) fn start_relay(
@@ -93,7 +93,7 @@ impl Forwarding {
                 .set_nonblocking(true)
                 .map_err(io_err("fcntl(F_SETFL, O_NONBLOCK)", "forwarded socket"))?;
         }
-        forwarding.splice = true;
+        forwarding.relay = true;
         forwarding.promote_after = Some((turns, max_turn_bytes));
         Ok(forwarding)
     }
@@ -125,7 +125,8 @@ impl Forwarding {
                 copied: 0,
                 copied_before_kernel: 0,
                 relayed: 0,
-                in_pipe: None,
+                unsent: None,
+                streaming: false,
             })
         };
         let (down, up) = (
@@ -141,7 +142,7 @@ impl Forwarding {
             maps,
             direct_key,
             in_kernel: false,
-            splice: false,
+            relay: false,
             promote_after: None,
             turns: Default::default(),
             idle_retries: 0,
@@ -167,8 +168,9 @@ impl Forwarding {
     /// and neither side has half-closed (bytes queued on the sockets are
     /// forwarded by the hand-over, as for any pair). If the kernel will not
     /// take it (a full map; a socket no longer established), the pump
-    /// copies it from then on, without splice: a socket that did go into
-    /// the map has its bytes taken where splice does not look.
+    /// copies it from then on as it copies any pair the kernel refused
+    /// (not with the relay's splice: a socket that did go into the map has
+    /// its bytes taken where splice does not look).
     pub(super) fn promote_if_turning(&mut self, kernel_has_room: bool) -> Result<()> {
         let Some((turns, _)) = self.promote_after else {
             return Ok(());
@@ -176,12 +178,12 @@ impl Forwarding {
         let settled = self
             .sides
             .iter()
-            .all(|s| s.in_pipe.is_none() && !s.fin_passed && !s.draining && !s.blocked && !s.held);
+            .all(|s| s.unsent.is_none() && !s.fin_passed && !s.draining && !s.blocked && !s.held);
         if self.turns.count() < turns || !settled || !kernel_has_room {
             return Ok(());
         }
         self.promote_after = None;
-        self.splice = false;
+        self.relay = false;
         if self.insert().is_err() {
             return Ok(());
         }

@@ -99,7 +99,7 @@ pub struct ForwardStats {
     /// likewise, upstream ones, and those in `relayed` (all of them when
     /// `in_kernel` is false).
     pub copied: u64,
-    /// Of `copied`, the bytes a [`Forwarder`] relayed with splice(2)
+    /// Of `copied`, the bytes a [`Forwarder`] relayed itself
     /// ([`ForwardPath::Adaptive`]) before it handed the pair to the kernel,
     /// or all of them if it never did.
     pub relayed: u64,
@@ -140,11 +140,14 @@ struct Side {
     /// relayed pair handed over later): the forwarding program counts what
     /// it kept from the hand-over on.
     copied_before_kernel: u64,
-    /// Of `copied`, those the splice relay moved.
+    /// Of `copied`, those the relay moved.
     relayed: u64,
-    /// Relay: bytes taken off this socket that wait in a pipe for room on
-    /// the other side.
-    in_pipe: Option<relay::InPipe>,
+    /// Relay: bytes taken off this socket that wait for room on the other
+    /// side.
+    unsent: Option<relay::Unsent>,
+    /// Relay: the last read from this socket took a long run, so the next
+    /// is spliced rather than copied.
+    streaming: bool,
 }
 
 /// A pair the kernel forwards; see the [module docs](self) for the protocol.
@@ -164,9 +167,10 @@ pub struct Forwarding {
     direct_key: Option<fp_sock_key>,
     /// The kernel forwards the pair; else the pump copies every byte.
     in_kernel: bool,
-    /// Not in the kernel: the pump copies with splice(2) (the sockets were
-    /// never in a socket map, where splice would miss the bytes).
-    splice: bool,
+    /// Not in the kernel: the pump relays (`relay_queued`: splice(2) for
+    /// long runs, which is safe since the sockets were never in a socket
+    /// map, where splice would miss the bytes).
+    relay: bool,
     /// [`ForwardPath::Adaptive`]'s limits while the pair is relayed:
     /// (turns, max_turn_bytes).
     promote_after: Option<(u32, u64)>,

@@ -32,20 +32,17 @@ const FAST_RETRIES: u32 = 8;
 /// the receiver has resumed.
 const MAX_RETRY_MS: u32 = 32;
 
-/// The buffer bytes are copied through.
-const COPY_BUFFER: usize = 64 << 10;
-
 /// What a thread that steps pairs lends each step: the buffer bytes are
 /// copied through and the pipes the relay splices through.
 pub(super) struct Scratch {
-    buf: Vec<u8>,
-    pipes: PipePool,
+    pub(super) buf: Vec<u8>,
+    pub(super) pipes: PipePool,
 }
 
 impl Scratch {
     pub(super) fn new() -> Self {
         Scratch {
-            buf: vec![0u8; COPY_BUFFER],
+            buf: vec![0u8; super::relay::RELAY_CHUNK],
             pipes: PipePool::default(),
         }
     }
@@ -131,8 +128,8 @@ impl Forwarding {
                 || ((side.draining || side.held) && !side.blocked);
             if readable || revents[1 - from].contains(PollFlags::POLLOUT) {
                 let copied_before = self.sides[from].copied;
-                let outcome = if self.splice {
-                    Ok(self.splice_queued(from, &mut scratch.pipes))
+                let outcome = if self.relay {
+                    Ok(self.relay_queued(from, scratch))
                 } else {
                     self.copy_queued(from, &mut scratch.buf)
                 };
@@ -203,7 +200,7 @@ impl Forwarding {
     /// `from` before its FIN has entered the other side's send queue.
     fn try_pass_fin(&mut self, from: usize) -> Result<bool> {
         // Copied by the loop first (POLLIN), and out of the relay's pipe.
-        if self.sides[from].in_pipe.is_some()
+        if self.sides[from].unsent.is_some()
             || has_unread_bytes(self.sides[from].stream.as_raw_fd())
                 .map_err(io_err("recv(MSG_PEEK)", "forwarded socket"))?
         {
@@ -351,7 +348,7 @@ impl Forwarding {
     }
 }
 
-/// What [`Forwarding::copy_queued`] (or the relay's splice) stopped at.
+/// What [`Forwarding::copy_queued`] (or the relay) stopped at.
 pub(super) enum Copy {
     /// Nothing left to copy (or the other side failed a write: poll()
     /// reports it).

@@ -1,21 +1,23 @@
 //! The user-space relay a [`Forwarder`](super::Forwarder) starts a pair on
-//! with [`ForwardPath::Adaptive`]: splice(2) through a pipe, so no byte is
-//! copied through user memory, and the count of request/response turns
-//! that decides when the pair is handed to the kernel.
+//! with [`ForwardPath::Adaptive`] (long runs spliced through a pipe, so
+//! no byte is copied through user memory; short reads copied, which costs
+//! less for a few KiB), and the count of request/response turns that
+//! decides when the pair is handed to the kernel.
 //!
 //! Why both: the kernel's forwarding wins on request/response (no wake-up
 //! of the proxy per message) and loses on bulk (its backlog worker sends
-//! one segment at a time), where a splice relay between the proxy's own
-//! plain sockets is the fastest user-space path. Handing a relayed pair to
+//! one segment at a time), where a relay between the proxy's own plain
+//! sockets is the fastest path. Handing a relayed pair to
 //! the kernel is safe at any moment its pipes are empty (the hand-over
 //! protocol covers bytes queued on the sockets); the way back is not
 //! (bytes in the kernel's queues would be lost), so a pair moves once.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
+use nix::sys::socket::{recv, send, MsgFlags};
 
-use super::pump::Copy;
+use super::pump::{Copy, Scratch};
 use super::Forwarding;
 use crate::sys;
 
@@ -26,8 +28,9 @@ pub enum ForwardPath {
     /// The kernel forwards the pair from the start (the default).
     #[default]
     Kernel,
-    /// The forwarder relays the pair itself with splice(2) (no copy
-    /// through user memory: the fastest user-space path for bulk) and hands
+    /// The forwarder relays the pair itself (long runs with splice(2), no
+    /// copy through user memory: the fastest path for bulk; short reads
+    /// copied) and hands
     /// it to the kernel once it has seen `turns` changes of direction in a
     /// row, each after at most `max_turn_bytes` one way (request/response
     /// traffic, where the kernel path wins while few pairs are busy), if
@@ -68,8 +71,13 @@ pub(super) fn kernel_pair_limit(max_in_kernel: Option<usize>) -> usize {
     max_in_kernel.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// The longest run of bytes one splice moves (a pipe's default capacity).
-const SPLICE_CHUNK: usize = 64 << 10;
+/// The most one read takes off a socket: a pipe's default capacity, and
+/// the size of the buffer short reads are copied through.
+pub(super) const RELAY_CHUNK: usize = 64 << 10;
+
+/// A read at least this long means the socket streams: its next bytes are
+/// spliced rather than copied.
+const STREAMING_READ: usize = 32 << 10;
 
 /// Empty pipes kept for the next pair that needs one; more are closed.
 const FREE_PIPES_KEPT: usize = 64;
@@ -111,11 +119,12 @@ impl PipePool {
 
 /// Bytes one side's relay took off its socket that have not reached the
 /// other socket yet.
-pub(super) struct InPipe {
-    pipe: Pipe,
-    bytes: usize,
+pub(super) enum Unsent {
+    /// Spliced into a pipe.
+    InPipe { pipe: Pipe, bytes: usize },
+    /// Read into user memory, and the first `sent` of them sent.
+    Copied { bytes: Vec<u8>, sent: usize },
 }
-
 /// Counts request/response turns: changes of direction after short runs.
 #[derive(Debug, Default)]
 pub(super) struct Turns {
@@ -152,61 +161,159 @@ impl Turns {
 }
 
 impl Forwarding {
-    /// The relay's copy from side `from` to the other: first what waits in
-    /// its pipe, then socket -> pipe -> socket until the socket is empty
-    /// (or at its end) or the other side is full. Bytes in the pipe are
-    /// counted as copied once they reached the other socket.
-    pub(super) fn splice_queued(&mut self, from: usize, pipes: &mut PipePool) -> Copy {
-        let to = 1 - from;
+    /// The relay's copy from side `from` to the other: first what waits
+    /// unsent, then from the socket until it is empty (or at its end) or
+    /// the other side is full. A socket whose last read took a long run
+    /// is spliced through a pipe (no copy through user memory); short
+    /// reads (requests, responses) are copied, which costs less than
+    /// splice's page handling for a few KiB. Bytes count as copied once
+    /// they reached the other socket.
+    pub(super) fn relay_queued(&mut self, from: usize, scratch: &mut Scratch) -> Copy {
+        let (mut emptied, mut first) = (false, true);
         loop {
-            let mut in_pipe = match self.sides[from].in_pipe.take() {
-                Some(in_pipe) => in_pipe,
-                None => {
-                    let Ok(pipe) = pipes.take() else {
-                        // No pipe (out of file descriptors): try again on
-                        // the next event; the bytes stay on the socket.
-                        return Copy::Done;
-                    };
-                    let source = self.sides[from].stream.as_fd();
-                    match sys::splice(source, pipe.write.as_fd(), SPLICE_CHUNK) {
-                        Ok(0) | Err(Errno::EAGAIN) => {
-                            pipes.give_back(pipe);
-                            return Copy::Done;
-                        }
-                        Ok(bytes) => InPipe { pipe, bytes },
-                        Err(Errno::EINTR) => {
-                            pipes.give_back(pipe);
-                            continue;
-                        }
-                        Err(_) => return Copy::Failed,
-                    }
-                }
-            };
-            let target = self.sides[to].stream.as_fd();
-            match sys::splice(in_pipe.pipe.read.as_fd(), target, in_pipe.bytes) {
-                Ok(moved) => {
-                    in_pipe.bytes -= moved;
-                    self.sides[from].copied += moved as u64;
-                    self.sides[from].relayed += moved as u64;
-                }
-                Err(Errno::EAGAIN) => {
-                    self.sides[from].in_pipe = Some(in_pipe);
-                    return Copy::Full;
-                }
-                Err(Errno::EINTR) => {}
-                // The other side failed: poll() reports it.
-                Err(_) => {
-                    self.sides[from].in_pipe = Some(in_pipe);
-                    return Copy::Done;
+            if let Some(unsent) = self.sides[from].unsent.take() {
+                if let Some(stop) = self.send_unsent(from, unsent, &mut scratch.pipes) {
+                    return stop;
                 }
             }
-            if in_pipe.bytes == 0 {
-                pipes.give_back(in_pipe.pipe);
+            // A read shorter than the most one read takes most likely
+            // emptied the socket: rather than a read that finds nothing (a
+            // third syscall per request), leave the rest to the next event
+            // (poll and the forwarder's epoll are level-triggered).
+            if emptied {
+                return Copy::Done;
+            }
+            let read = if self.sides[from].streaming {
+                self.splice_in(from, &mut scratch.pipes)
             } else {
-                self.sides[from].in_pipe = Some(in_pipe);
+                self.copy_through(from, &mut scratch.buf)
+            };
+            match read {
+                Ok(0) => return Copy::Done,
+                Ok(bytes) => {
+                    // The last read of a run is short too: only a short
+                    // first read says the socket held a message, not a run.
+                    let side = &mut self.sides[from];
+                    side.streaming = bytes >= STREAMING_READ || (side.streaming && !first);
+                    emptied = bytes < RELAY_CHUNK;
+                    first = false;
+                }
+                Err(stop) => return stop,
             }
         }
     }
+
+    /// Splices what side `from`'s socket holds into a pipe, left unsent.
+    /// `Ok(0)`: nothing to read (or no pipe: out of file descriptors, the
+    /// bytes stay on the socket until the next event).
+    fn splice_in(&mut self, from: usize, pipes: &mut PipePool) -> Result<usize, Copy> {
+        let Ok(pipe) = pipes.take() else {
+            return Ok(0);
+        };
+        loop {
+            match sys::splice(
+                self.sides[from].stream.as_fd(),
+                pipe.write.as_fd(),
+                RELAY_CHUNK,
+            ) {
+                Ok(0) | Err(Errno::EAGAIN) => break,
+                Ok(bytes) => {
+                    self.sides[from].unsent = Some(Unsent::InPipe { pipe, bytes });
+                    return Ok(bytes);
+                }
+                Err(Errno::EINTR) => {}
+                Err(_) => return Err(Copy::Failed),
+            }
+        }
+        pipes.give_back(pipe);
+        Ok(0)
+    }
+
+    /// Reads what side `from`'s socket holds and sends it on at once; what
+    /// the other side has no room for is left unsent. `Ok(0)`: nothing to
+    /// read.
+    fn copy_through(&mut self, from: usize, buf: &mut [u8]) -> Result<usize, Copy> {
+        let read = loop {
+            match recv(
+                self.sides[from].stream.as_raw_fd(),
+                buf,
+                MsgFlags::MSG_DONTWAIT,
+            ) {
+                Ok(read) => break read,
+                Err(Errno::EAGAIN) => return Ok(0),
+                Err(Errno::EINTR) => {}
+                Err(_) => return Err(Copy::Failed),
+            }
+        };
+        // An error here (EAGAIN, EINTR, or the other side failed) leaves
+        // every byte unsent: send_unsent deals with it.
+        let sent = send_now(self.sides[1 - from].stream.as_raw_fd(), &buf[..read]).unwrap_or(0);
+        self.count_relayed(from, sent);
+        if sent < read {
+            self.sides[from].unsent = Some(Unsent::Copied {
+                bytes: buf[sent..read].to_vec(),
+                sent: 0,
+            });
+        }
+        Ok(read)
+    }
+
+    /// Sends what waits unsent from side `from`. `None` once all of it is
+    /// sent; else why it stopped, with the rest kept.
+    fn send_unsent(
+        &mut self,
+        from: usize,
+        mut unsent: Unsent,
+        pipes: &mut PipePool,
+    ) -> Option<Copy> {
+        loop {
+            let target = self.sides[1 - from].stream.as_fd();
+            let left = match &mut unsent {
+                Unsent::InPipe { pipe, bytes } => sys::splice(pipe.read.as_fd(), target, *bytes)
+                    .map(|moved| {
+                        *bytes -= moved;
+                        (moved, *bytes)
+                    }),
+                Unsent::Copied { bytes, sent } => send_now(target.as_raw_fd(), &bytes[*sent..])
+                    .map(|moved| {
+                        *sent += moved;
+                        (moved, bytes.len() - *sent)
+                    }),
+            };
+            match left {
+                Ok((moved, left)) => {
+                    self.count_relayed(from, moved);
+                    if left == 0 {
+                        if let Unsent::InPipe { pipe, .. } = unsent {
+                            pipes.give_back(pipe);
+                        }
+                        return None;
+                    }
+                }
+                Err(Errno::EINTR) => {}
+                Err(e) => {
+                    self.sides[from].unsent = Some(unsent);
+                    // Any other error: the other side failed, and poll()
+                    // reports it.
+                    return Some(if e == Errno::EAGAIN {
+                        Copy::Full
+                    } else {
+                        Copy::Done
+                    });
+                }
+            }
+        }
+    }
+
+    fn count_relayed(&mut self, from: usize, bytes: usize) {
+        self.sides[from].copied += bytes as u64;
+        self.sides[from].relayed += bytes as u64;
+    }
+}
+
+/// One non-blocking send(2) without SIGPIPE.
+fn send_now(fd: RawFd, bytes: &[u8]) -> nix::Result<usize> {
+    send(fd, bytes, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT)
 }
 
 #[cfg(test)]
