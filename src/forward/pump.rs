@@ -147,6 +147,7 @@ impl Forwarding {
                     Copy::Full => side.blocked = true,
                     Copy::Held => side.held = true,
                     Copy::Failed => return Ok(Some(self.reset_by(from))),
+                    Copy::WriteFailed => return Ok(Some(self.reset_by(1 - from))),
                 }
             }
         }
@@ -301,8 +302,7 @@ impl Forwarding {
     /// backlog: checked after the peek, since only once kept bytes are in
     /// the queue does the program stop forwarding (a check before could
     /// pass, and the program then forward more and keep the next segment).
-    /// A read error means side `from` failed; on a write error it stops,
-    /// and poll() then reports the other side's failure.
+    /// A read error means side `from` failed, a write error the other.
     fn copy_queued(&mut self, from: usize, buf: &mut [u8]) -> Result<Copy> {
         use nix::errno::Errno;
         use nix::sys::socket::{recv, send, MsgFlags};
@@ -334,7 +334,7 @@ impl Forwarding {
                 Ok(written) => written,
                 Err(Errno::EAGAIN) => return Ok(Copy::Full),
                 Err(Errno::EINTR) => continue,
-                Err(_) => return Ok(Copy::Done),
+                Err(_) => return Ok(Copy::WriteFailed),
             };
             let mut consumed = 0;
             while consumed < written {
@@ -350,8 +350,7 @@ impl Forwarding {
 
 /// What [`Forwarding::copy_queued`] (or the relay) stopped at.
 pub(super) enum Copy {
-    /// Nothing left to copy (or the other side failed a write: poll()
-    /// reports it).
+    /// Nothing left to copy.
     Done,
     /// The other side had no room: wait for POLLOUT there.
     Full,
@@ -359,6 +358,11 @@ pub(super) enum Copy {
     Held,
     /// Reading side `from` failed.
     Failed,
+    /// Writing to the other side failed (its peer reset it). Not left for
+    /// poll() to report: the failed send cleared the socket's error, and
+    /// bytes taken for it could never leave, so the pair would wait for
+    /// them forever.
+    WriteFailed,
 }
 
 /// How long a waiting pair rests before its next step, after

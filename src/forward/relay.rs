@@ -291,16 +291,11 @@ impl Forwarding {
                     }
                 }
                 Err(Errno::EINTR) => {}
-                Err(e) => {
+                Err(Errno::EAGAIN) => {
                     self.sides[from].unsent = Some(unsent);
-                    // Any other error: the other side failed, and poll()
-                    // reports it.
-                    return Some(if e == Errno::EAGAIN {
-                        Copy::Full
-                    } else {
-                        Copy::Done
-                    });
+                    return Some(Copy::Full);
                 }
+                Err(_) => return Some(Copy::WriteFailed),
             }
         }
     }
