@@ -8,9 +8,11 @@
 //!    other side yourself, all **before** calling
 //!    [`FastpathGuard::forward`](crate::FastpathGuard::forward).
 //! 3. After `forward()`, do not read or write either socket: the kernel
-//!    moves the bytes. Call [`Forwarding::wait`] (blocking; from async code
-//!    use `spawn_blocking`) to pass half-closes and resets on and learn when
-//!    the pair has ended, then drop your streams.
+//!    moves the bytes. Call [`Forwarding::wait`] (blocking) to pass
+//!    half-closes and resets on and learn when the pair has ended, then
+//!    drop your streams. A [`Forwarder`] does the same for any number of
+//!    pairs from one thread and takes the streams
+//!    ([`Forwarder::forward`]; [`ForwardedPair`] is waited on or awaited).
 //!
 //! Bytes already queued on a socket when it is handed over are forwarded
 //! too. A segment that arrives while `forward()` has put one socket into
@@ -30,6 +32,14 @@
 //! the same holds for bytes from upstream; an application's bytes queued
 //! on the downstream socket while the upstream has no room are not
 //! bounded (docs/known-limits.md).
+//!
+//! # Adaptive path
+//! [`Forwarder::with_path`]`(`[`ForwardPath::ADAPTIVE`]`)`: the forwarder
+//! relays each pair itself first (long runs spliced, short reads copied)
+//! and hands it to the kernel once its traffic shows request/response
+//! turns, at most one pair per CPU at a time; bulk pairs stay on the
+//! relay, where they move fastest. [`ForwardStats::relayed`] counts what
+//! the relay moved. Egress mode only (docs/proxy-modes.md).
 //!
 //! # Both mode
 //! In [`RedirectMode::Both`](crate::RedirectMode::Both) the downstream
