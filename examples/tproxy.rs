@@ -10,20 +10,23 @@
 //!   application and the proxy must both run in it);
 //! - `--mode egress`: the kernel forwards each pair (egress mode), handed
 //!   to one `Forwarder`: one thread serves every pair;
+//! - `--mode adaptive`: egress mode on the adaptive path: the forwarder
+//!   relays each pair itself (bulk stays there) and hands request/response
+//!   pairs to the kernel;
 //! - `--mode both`: both at once (both mode, needs `--cgroup`): the kernel
 //!   forwards each pair, the application's later bytes leave straight
 //!   through the upstream socket, and the upstream's bytes go straight into
 //!   the application's receive queue.
 //!
 //! In copy and ingress modes each connection gets two copying threads; in
-//! egress and both modes the accepting thread connects upstream and hands
+//! egress, adaptive and both modes the accepting thread connects upstream and hands
 //! the pair over, and no thread per connection exists.
 //!
 //! It stops after `--seconds N` or on SIGINT/SIGTERM and prints its
 //! counters.
 //!
 //! ```text
-//! tproxy [--listen 127.0.0.1:15001] [--mode copy|ingress|egress|both] [--cgroup DIR] [--seconds N]
+//! tproxy [--listen 127.0.0.1:15001] [--mode copy|ingress|egress|adaptive|both] [--cgroup DIR] [--seconds N]
 //! ```
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -34,7 +37,7 @@ use std::time::Duration;
 use nix::sys::signal::{SigSet, Signal};
 use socket2::{Domain, Socket, Type};
 use sockmap_fastpath::{
-    Accelerator, Cgroup, FastpathGuard, ForwardedPair, Forwarder, RedirectMode,
+    Accelerator, Cgroup, FastpathGuard, ForwardPath, ForwardedPair, Forwarder, RedirectMode,
 };
 use support::relay::copy_until_eof;
 use support::{attach, report};
@@ -47,6 +50,7 @@ enum Mode {
     Copy,
     Ingress,
     Egress,
+    Adaptive,
     Both,
 }
 
@@ -80,9 +84,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         "copy" => Mode::Copy,
         "ingress" => Mode::Ingress,
         "egress" => Mode::Egress,
+        "adaptive" => Mode::Adaptive,
         "both" => Mode::Both,
         other => {
-            return Err(format!("unknown --mode {other}: copy, ingress, egress or both").into())
+            return Err(
+                format!("unknown --mode {other}: copy, ingress, egress, adaptive or both").into(),
+            )
         }
     };
     let seconds: Option<f64> = opt("--seconds").map(|s| s.parse()).transpose()?;
@@ -97,7 +104,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     let guard: Option<Arc<FastpathGuard>> = match mode {
         Mode::Copy => None,
-        Mode::Egress => Some(Arc::new(
+        Mode::Egress | Mode::Adaptive => Some(Arc::new(
             Accelerator::builder()
                 .redirect(RedirectMode::Egress)
                 .attach()?,
@@ -130,12 +137,17 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("tproxy: listening on {listen}");
 
     let copied = Arc::new(Copied::default());
+    let path = match mode {
+        Mode::Adaptive => ForwardPath::ADAPTIVE,
+        _ => ForwardPath::Kernel,
+    };
     let forwarder = match mode {
-        Mode::Egress | Mode::Both => Some(
+        Mode::Egress | Mode::Adaptive | Mode::Both => Some(
             guard
                 .as_ref()
                 .expect("egress and both modes have a guard")
-                .forwarder()?,
+                .forwarder()?
+                .with_path(path),
         ),
         Mode::Copy | Mode::Ingress => None,
     };
@@ -176,16 +188,20 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         *pairs = open;
         ended
     };
-    let (mut at_hand_over, mut by_forwarder) = (0, 0);
+    let (mut at_hand_over, mut by_forwarder, mut relayed) = (0, 0, 0);
     for pair in ended {
         let stats = pair.wait()?;
         at_hand_over += stats.copied_at_hand_over;
-        by_forwarder += stats.copied;
+        by_forwarder += stats.copied - stats.relayed;
+        relayed += stats.relayed;
     }
     println!("tproxy: bytes copied at hand-over: {at_hand_over}");
     // Egress mode: bytes kept on a socket while the other side's backlog
     // was full (its receiver lagged), copied on by the forwarder in order.
     println!("tproxy: bytes the forwarder copied: {by_forwarder}");
+    // Adaptive path: bytes the forwarder's relay moved before a hand-over
+    // to the kernel, or to the pair's end.
+    println!("tproxy: bytes the forwarder relayed: {relayed}");
     if let Some(guard) = &guard {
         print!("tproxy: counters\n{}", guard.stats()?);
     }

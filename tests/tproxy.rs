@@ -9,9 +9,9 @@ fn transparent_proxy_in_every_mode() {
     let Some(_env) = privileged_env() else { return };
     // Both mode needs Linux 6.2 (probe(); tests/both.rs checks the refusal).
     let modes: &[&str] = if kernel().both_mode.is_yes() {
-        &["copy", "ingress", "egress", "both"]
+        &["copy", "ingress", "egress", "adaptive", "both"]
     } else {
-        &["copy", "ingress", "egress"]
+        &["copy", "ingress", "egress", "adaptive"]
     };
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tproxy/run.sh");
     let out = std::process::Command::new("bash")

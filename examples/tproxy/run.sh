@@ -5,12 +5,12 @@
 # arrives and that the counters show the path each mode took; prints a table.
 # Root; installs iptables/curl if missing; removes everything it made.
 #
-#   examples/tproxy/run.sh                      # copy, ingress, egress, both; 256 MiB
+#   examples/tproxy/run.sh                      # copy, ingress, egress, adaptive, both; 256 MiB
 #   MODES="egress" SIZE_MIB=64 examples/tproxy/run.sh
 #   RATES=1 examples/tproxy/run.sh              # also requests/s: wrk -> proxy -> nginx
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-MODES=${MODES:-copy ingress egress both}
+MODES=${MODES:-copy ingress egress adaptive both}
 SIZE_MIB=${SIZE_MIB:-256}
 MANY=${MANY:-1000}  # concurrent connections through the proxy, 16 KiB each way
 command -v iptables >/dev/null && command -v curl >/dev/null || scripts/install-deps.sh iptables curl
@@ -123,6 +123,11 @@ for mode in $MODES; do
     copy) proof="user space copied ${copied:-0} bytes"; [ "${copied:-0}" -ge "$size" ] || ok="not copied in user space" ;;
     ingress) proof=$redirect_proof; redirected_ok || ok="not redirected" ;;
     egress) proof=$forward_proof; forwarded_ok || ok="not forwarded by the kernel" ;;
+    # Adaptive: bulk (the download, the concurrent connections) stays on
+    # the forwarder's relay; wrk's keep-alive requests may go to the kernel.
+    adaptive) relayed=$(sed -n 's/^tproxy: bytes the forwarder relayed: //p' "$out.log")
+      proof="forwarder relayed ${relayed:-0} bytes, kernel forwarded ${forwarded:-0}, ${waited:-0} kept and copied on, user-space loops ${copied:-0}"
+      { [ "${relayed:-0}" -ge "$size" ] && [ "${copied:-1}" = 0 ]; } || ok="not relayed by the forwarder" ;;
     both) proof="$forward_proof; $redirect_proof; app sent ${direct:-0} straight upstream, ${handover:-0} copied at hand-over"
       { forwarded_ok && redirected_ok; } || ok="not forwarded and redirected by the kernel" ;;
   esac
