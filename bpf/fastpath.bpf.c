@@ -625,6 +625,18 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int passi
 		connect_side_established(skops, &key, st);
 }
 
+/* A forwarded socket that was waiting to pair (a both-mode proxy's
+ * upstream socket) was refused: the application's bytes may now leave
+ * straight through it (upstream_on_shortcut). */
+static __always_inline void left_shortcut(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	struct fp_fwd_dir *dir = bpf_map_lookup_elem(&fwd_dirs, &cookie);
+
+	if (dir)
+		dir->on_shortcut = 0;
+}
+
 /* The connecting side learns its pair's decision: on its first outgoing
  * segment after the peer decided, or once it has received bytes (its peer
  * sends only after its own establishment, so it has decided by then).
@@ -669,6 +681,7 @@ static __always_inline void on_connect_side_segment(struct bpf_sock_ops *skops)
 	} else {
 		st->flags &= ~FP_ACCELERATED;
 		remove_unpaired(&key);
+		left_shortcut(skops);
 	}
 	bpf_map_delete_elem(&pairs, &key);
 done:
@@ -1044,19 +1057,23 @@ static __always_inline int redirect_target_has_room(struct sk_msg_md *msg, __u32
 	return !tcp_memory_under_pressure(sk);
 }
 
-/* Whether the socket this message was just redirected to (a forwarded
- * upstream socket) is itself paired with a local server, or waiting to be:
- * its own sends (the bytes Forwarding copies) are then redirected into that
- * server's queue, which the server reads before its TCP queue, so a direct
- * send through its TCP path could be read after later bytes. Decided per
- * message from the socket's own state: it is waiting from the moment its
- * connect() completes, and once it has left the map it never pairs again,
- * so a direct send is never followed by the socket pairing. */
-static __always_inline int redirect_target_on_shortcut(struct sk_msg_md *msg)
+/* Whether the upstream socket of `pair` is itself paired with a local
+ * server, or waiting to be: its own sends (the bytes Forwarding copies) are
+ * then redirected into that server's queue, which the server reads before
+ * its TCP queue, so a direct send through its TCP path could be read after
+ * later bytes. Read from the socket's fwd_dirs entry (on_shortcut), which
+ * forward() sets from the socket's state and fp_sock_ops clears when the
+ * pairing is refused: once a socket has left the map it never pairs again,
+ * so a direct send is never followed by the socket pairing. (Not from the
+ * socket's storage: the socket is known here only through
+ * bpf_cast_to_kern_ctx, and verifiers that mark pointers read through it
+ * untrusted refuse them to bpf_sk_storage_get.) No entry counts as on the
+ * shortcut. */
+static __always_inline int upstream_on_shortcut(const struct fp_proxy_pair *pair)
 {
-	struct fp_sock_state *up = bpf_sk_storage_get(&sock_state, redirect_target(msg), 0, 0);
+	struct fp_fwd_dir *up = bpf_map_lookup_elem(&fwd_dirs, &pair->up_cookie);
 
-	return up && (up->flags & (FP_PAIRED | FP_WAITING));
+	return !up || up->on_shortcut;
 }
 
 /* Both mode: like fp_sk_msg, except that a message to a proxy's forwarded
@@ -1067,7 +1084,7 @@ static __always_inline int redirect_target_on_shortcut(struct sk_msg_md *msg)
  * be overtaken; (2) the upstream socket has room, so the sender never
  * waits on a socket it does not own; and (3) the upstream socket is not
  * paired (or waiting to pair) with a local server itself (see
- * redirect_target_on_shortcut). Otherwise it joins the queue. Every other
+ * upstream_on_shortcut). Otherwise it joins the queue. Every other
  * redirect (the downstream socket's bytes to its application, ordinary
  * pairs) is bounded by receive_queue_limit as in fp_sk_msg. */
 SEC("sk_msg")
@@ -1093,7 +1110,7 @@ int fp_sk_msg_both(struct sk_msg_md *msg)
 	/* A failed redirect leaves the message redirected to the peer. */
 	if (!dir || bpf_msg_redirect_hash(msg, &fwd_map, &pair->up_cookie, 0) != SK_PASS)
 		return count_msg(s, st, MSG_REDIRECTED, size);
-	if ((!redirect_target_has_room(msg, size) || redirect_target_on_shortcut(msg)) &&
+	if ((!redirect_target_has_room(msg, size) || upstream_on_shortcut(pair)) &&
 	    redirect_to_peer(msg, st, s, 1) == MSG_REDIRECTED)
 		return count_msg(s, st, MSG_REDIRECTED, size);
 	/* Room upstream, or the peer left the map between the two redirects:

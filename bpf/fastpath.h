@@ -98,6 +98,13 @@ struct fp_fwd_dir {
 			    * earlier ones, or while the peer's backlog is full) */
 	__u64 next_seq;    /* FP_SEQ_KNOWN | the TCP sequence number after the
 			    * last byte the verdict took in this direction */
+	__u64 on_shortcut; /* both mode: 1 while the receiving socket is paired,
+			    * or waiting to pair, with a local peer of its own
+			    * (its sends then go into that peer's queue). Set by
+			    * forward() from the socket's state, cleared by
+			    * fp_sock_ops when the pairing is refused; it never
+			    * turns on again (a socket pairs only when it is
+			    * established, before forward() sees it). */
 };
 
 /* fp_fwd_dir.next_seq holds a sequence number. */

@@ -17,6 +17,9 @@ pub(crate) const FP_COMM_LEN: usize = 16;
 pub(crate) const FP_MATCH_PORTS: u32 = 1;
 pub(crate) const FP_MATCH_CIDRS: u32 = 2;
 pub(crate) const FP_MATCH_COMMS: u32 = 4;
+/// `fp_sock_state.flags`: paired with a local peer, or waiting to pair.
+pub(crate) const FP_PAIRED: u32 = 8;
+pub(crate) const FP_WAITING: u32 = 16;
 
 /// Fixed map sizes (`FP_MAX_*` in the header): inputs larger than these are
 /// refused before anything is loaded.
@@ -140,6 +143,8 @@ mod tests {
         assert_eq!(header_value("FP_MATCH_PORTS"), FP_MATCH_PORTS);
         assert_eq!(header_value("FP_MATCH_CIDRS"), FP_MATCH_CIDRS);
         assert_eq!(header_value("FP_MATCH_COMMS"), FP_MATCH_COMMS);
+        assert_eq!(header_value("FP_PAIRED"), FP_PAIRED);
+        assert_eq!(header_value("FP_WAITING"), FP_WAITING);
     }
 
     #[test]

@@ -381,6 +381,73 @@ fn a_local_upstream_in_the_policy_is_forwarded_too() {
     assert_eq!(stats.copied_at_hand_over, to_server.len() as u64);
 }
 
+/// Every connection selected, the upstream server outside the cgroup (as a
+/// remote service would be): the proxy's upstream socket joins the map and
+/// waits for a peer that never joins, so until its first segment settles
+/// that, the client's bytes join the downstream queue and are copied; once
+/// it has left the map they leave straight through it. Its fwd_dirs entry
+/// says which (`on_shortcut`: set at forward(), cleared by fp_sock_ops when
+/// the pairing is refused; without the clearing no byte went direct).
+#[test]
+fn an_upstream_whose_server_never_pairs_takes_direct_sends_once_refused() {
+    let Some(env) = privileged_env() else { return };
+    if !both_mode_or_refused(&env) {
+        return;
+    }
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = env
+        .cgroup
+        .outside(|| TcpListener::bind("127.0.0.1:0").unwrap());
+    let guard = env.attach(|b| b.redirect(RedirectMode::Both));
+    let before = guard.stats().unwrap();
+    // The first bytes are copied: the upstream socket's first segment
+    // settles its pairing.
+    let Proxied {
+        mut client,
+        mut server,
+        proxy,
+    } = proxied_via(&guard, &front, &upstream, b"hello", |_, _| {});
+    let mut hello = [0u8; 5];
+    server.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello, b"hello");
+    assert_eq!(delta(&guard, &before).unpaired_removed, 1);
+    // Turns: nothing queued downstream, room upstream, so each request may
+    // go straight out.
+    const TURNS: usize = 256;
+    const REQUEST: usize = 4096;
+    let requests = random_bytes(TURNS * REQUEST, 30);
+    let mut got = vec![0u8; REQUEST];
+    for request in requests.chunks(REQUEST) {
+        client.write_all(request).unwrap();
+        server.read_exact(&mut got).unwrap();
+        assert_bytes_eq(&got, request, "a request");
+    }
+    const SIZE: usize = 8 << 20;
+    exchange(client, server, Vec::new(), random_bytes(SIZE, 31));
+    let stats = proxy.join().unwrap();
+    let counters = delta(&guard, &before);
+    assert_eq!(stats.end, ForwardEnd::Closed);
+    assert_eq!(
+        (stats.downstream_to_upstream, stats.upstream_to_downstream),
+        ((5 + TURNS * REQUEST) as u64, SIZE as u64)
+    );
+    assert_eq!(
+        (counters.sockets_inserted, counters.unpaired_removed),
+        (3, 1),
+        "the client, the downstream socket, and the upstream socket, which \
+         left again: {counters}"
+    );
+    assert!(
+        counters.fwd_direct_bytes > (TURNS * REQUEST / 2) as u64,
+        "most requests straight upstream: {counters}"
+    );
+    assert_eq!(
+        stats.copied_at_hand_over + counters.fwd_direct_bytes,
+        (5 + TURNS * REQUEST) as u64,
+        "every client byte either copied or sent straight upstream: {counters}"
+    );
+}
+
 /// Sets TCP_NOTSENT_LOWAT: the socket takes no more bytes while more than
 /// `bytes` of its queue are unsent (proxies set it to keep latency low).
 fn set_notsent_lowat(socket: &std::net::TcpStream, bytes: u32) {

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
 use super::{io_err, Forwarding, Side, DOWN, UP};
-use crate::abi::{fp_fwd_dir, fp_proxy_pair, fp_sock_key, Plain};
+use crate::abi::{
+    fp_fwd_dir, fp_proxy_pair, fp_sock_key, fp_sock_state, Plain, FP_PAIRED, FP_WAITING,
+};
 use crate::error::{Error, Result};
 use crate::sys;
 
@@ -209,14 +211,23 @@ impl Forwarding {
                 (&self.sides[DOWN], &self.sides[UP]),
                 (&self.sides[UP], &self.sides[DOWN]),
             ] {
-                let dir = fp_fwd_dir {
+                let mut dir = fp_fwd_dir {
                     peer_cookie: to.cookie,
+                    on_shortcut: self.on_shortcut(from).into(),
                     ..Default::default()
                 };
                 let key = from.cookie.to_ne_bytes();
                 dirs.update(&key, dir.as_bytes(), MapFlags::NO_EXIST)
                     .map_err(|e| Error::bpf(REFUSED, e))?;
                 added.push(key);
+                // Refused between the look and the entry: fp_sock_ops found
+                // no entry to clear. (Nothing else writes the entry before
+                // the sockets are in fwd_map.)
+                if dir.on_shortcut == 1 && !self.on_shortcut(from) {
+                    dir.on_shortcut = 0;
+                    dirs.update(&key, dir.as_bytes(), MapFlags::EXIST)
+                        .map_err(|e| Error::bpf(REFUSED, e))?;
+                }
                 self.maps
                     .copied
                     .update(&key, &0u64.to_ne_bytes(), MapFlags::ANY)
@@ -255,6 +266,27 @@ impl Forwarding {
             }
         }
         result
+    }
+
+    /// Both mode: whether `side`'s socket is paired, or waiting to pair,
+    /// with a local peer of its own (`fp_fwd_dir.on_shortcut`).
+    fn on_shortcut(&self, side: &Side) -> bool {
+        self.socket_state(side)
+            .is_some_and(|st| st.flags & (FP_PAIRED | FP_WAITING) != 0)
+    }
+
+    /// Both mode: the BPF side's state of `side`'s socket (`None` in egress
+    /// mode, or when the socket was never selected).
+    pub(super) fn socket_state(&self, side: &Side) -> Option<fp_sock_state> {
+        let direct = self.maps.direct.as_ref()?;
+        // The key of a socket-storage map is the socket's fd, an int.
+        let fd: i32 = side.stream.as_raw_fd();
+        direct
+            .sock_state
+            .lookup(&fd.to_ne_bytes(), MapFlags::ANY)
+            .ok()
+            .flatten()
+            .and_then(|v| fp_sock_state::from_bytes(&v))
     }
 
     pub(super) fn remove_dirs(&self) {

@@ -11,7 +11,7 @@ use nix::poll::PollFlags;
 
 use super::relay::PipePool;
 use super::{io_err, ForwardEnd, Forwarding, DOWN, RESET_BY, UP};
-use crate::abi::{fp_fwd_dir, fp_sock_state, Plain};
+use crate::abi::fp_fwd_dir;
 use crate::error::{Error, Result};
 use crate::sys;
 
@@ -262,20 +262,12 @@ impl Forwarding {
     /// both mode, what its sk_msg program sent around TCP (a downstream
     /// socket's bytes go straight into a local application's queue).
     pub(super) fn sent(&self, i: usize) -> Result<u64> {
-        let fd = self.sides[i].stream.as_raw_fd();
         let queued = sys::bytes_into_send_queue(self.sides[i].stream.as_fd())
             .map_err(io_err("getsockopt(TCP_INFO)", "forwarded socket"))?;
         // No socket-storage entry: the socket is not accelerated.
-        let around = match &self.maps.direct {
-            Some(direct) => direct
-                .sock_state
-                .lookup(&fd.to_ne_bytes(), MapFlags::ANY)
-                .ok()
-                .flatten()
-                .and_then(|v| fp_sock_state::from_bytes(&v))
-                .map_or(0, |st| st.bytes_redirected),
-            None => 0,
-        };
+        let around = self
+            .socket_state(&self.sides[i])
+            .map_or(0, |st| st.bytes_redirected);
         Ok(queued + around)
     }
 
