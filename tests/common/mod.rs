@@ -115,9 +115,25 @@ fn watch(cgroup: &TestCgroup) {
                 .as_bytes(),
             );
             // Leave no cgroup behind: the process's sockets and links go
-            // with it.
+            // with it. (Once, after a hang, the removal failed and left the
+            // cgroup: retry briefly, and name it if it stays.)
             let _ = r.original.add_process(std::process::id());
-            let _ = std::fs::remove_dir(&r.cgroup);
+            let removed = (0..20).any(|_| {
+                std::fs::remove_dir(&r.cgroup).is_ok() || {
+                    thread::sleep(Duration::from_millis(50));
+                    false
+                }
+            });
+            if !removed {
+                let _ = std::io::Write::write_all(
+                    &mut std::io::stderr(),
+                    format!(
+                        "could not remove {}: rmdir it by hand\n",
+                        r.cgroup.display()
+                    )
+                    .as_bytes(),
+                );
+            }
             std::process::exit(124);
         });
     });
