@@ -416,9 +416,9 @@ fn remote_upstream(client_first: &[u8]) -> Option<RemoteUpstream> {
 /// A remote upstream (`remote_upstream`): until the upstream socket's first
 /// segment settles its pairing, the client's bytes join the downstream
 /// queue and are copied; once it has left the map they leave straight
-/// through it. Its fwd_dirs entry
-/// says which (`on_shortcut`: set at forward(), cleared by fp_sock_ops when
-/// the pairing is refused; without the clearing no byte went direct).
+/// through it. Its fwd_dirs entry says which (`on_shortcut`: set at
+/// forward(), cleared by fp_sock_ops when the pairing is refused; without
+/// the clearing no byte went direct).
 #[test]
 fn an_upstream_whose_server_never_pairs_takes_direct_sends_once_refused() {
     // The first bytes are copied: the upstream socket's first segment

@@ -118,12 +118,14 @@ fn watch(cgroup: &TestCgroup) {
             // with it. (Once, after a hang, the removal failed and left the
             // cgroup: retry briefly, and name it if it stays.)
             let _ = r.original.add_process(std::process::id());
-            let removed = (0..20).any(|_| {
-                std::fs::remove_dir(&r.cgroup).is_ok() || {
-                    thread::sleep(Duration::from_millis(50));
-                    false
+            let mut removed = false;
+            for _ in 0..20 {
+                removed = std::fs::remove_dir(&r.cgroup).is_ok();
+                if removed {
+                    break;
                 }
-            });
+                thread::sleep(Duration::from_millis(50));
+            }
             if !removed {
                 let _ = std::io::Write::write_all(
                     &mut std::io::stderr(),
