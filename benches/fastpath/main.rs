@@ -3,8 +3,10 @@
 //! median and spread per workload. Needs root.
 //!
 //! `cargo bench --bench fastpath -- [--quick] [--json PATH] [--markdown PAGE]`
-//! (`--scale-only [--scale-pairs N] [--scale-workload PREFIX]`: just the
-//! proxy-at-scale tables, or one scale or workload of them, printed.)
+//! (`--scale-only [--scale-pairs N] [--scale-workload PREFIX]
+//! [--scale-proxies splice,adaptive,...] [--scale-seconds S]`: just the
+//! proxy-at-scale tables, or one scale, workload or proxy of them, with
+//! measurements of S seconds, printed.)
 //!
 //! Writes markdown tables to stdout and JSON to `target/bench/fastpath.json`
 //! (or PATH); with `--markdown docs/benchmarks.md` it also replaces that

@@ -51,13 +51,15 @@ impl Section {
     }
 
     /// One workload: median and spread of each path, then the ratios. A
-    /// path with no rate failed ("failed"; the section says why), a ratio
-    /// that is not a number shows as "-".
+    /// path with no rate failed ("failed"; the section says why), one whose
+    /// rates are not numbers was not run ("-"), and a ratio that is not a
+    /// number shows as "-".
     pub fn row(&mut self, name: &str, unit: &str, rates: &[Vec<f64>], ratios: &[f64]) {
         let cells: Vec<String> = rates
             .iter()
             .map(|r| match r.is_empty() {
                 true => "failed".to_owned(),
+                false if r.iter().all(|x| x.is_nan()) => "-".to_owned(),
                 false => format!("{} {}", num(median(r)), spread(r)),
             })
             .chain(ratios.iter().map(|r| match r.is_finite() {

@@ -31,11 +31,17 @@ const WORKLOADS: [Workload; 5] = [
 ];
 
 /// A part of the section to run alone (`--scale-pairs N`,
-/// `--scale-workload NAME-PREFIX`), for looking into one row.
+/// `--scale-workload NAME-PREFIX`, `--scale-proxies KIND,KIND`), and for
+/// how long (`--scale-seconds S` per measurement: long enough to profile a
+/// proxy with `perf record -p`), for looking into one row.
 #[derive(Default)]
 pub struct Only {
     pub pairs: Option<usize>,
     pub workload: Option<String>,
+    /// The proxies to measure (`ProxyKind::arg` names); the others' cells
+    /// show "-".
+    pub proxies: Option<Vec<String>>,
+    pub seconds: Option<f64>,
 }
 
 impl Only {
@@ -47,10 +53,42 @@ impl Only {
             ),
             None => None,
         };
+        let seconds = match crate::arg_value(args, "--scale-seconds") {
+            Some(s) => Some(
+                s.parse::<f64>()
+                    .ok()
+                    .filter(|s| *s > 0.0 && s.is_finite())
+                    .ok_or_else(|| format!("--scale-seconds {s}: not a positive number"))?,
+            ),
+            None => None,
+        };
+        let proxies = match crate::arg_value(args, "--scale-proxies") {
+            Some(list) => {
+                let names: Vec<String> = list.split(',').map(str::to_owned).collect();
+                if let Some(unknown) = names.iter().find(|n| ProxyKind::from_arg(n).is_none()) {
+                    let known: Vec<&str> = ProxyKind::ALL.iter().map(|k| k.arg()).collect();
+                    return Err(format!(
+                        "--scale-proxies: unknown proxy {unknown:?} (known: {})",
+                        known.join(",")
+                    )
+                    .into());
+                }
+                Some(names)
+            }
+            None => None,
+        };
         Ok(Only {
             pairs,
             workload: crate::arg_value(args, "--scale-workload").map(str::to_owned),
+            proxies,
+            seconds,
         })
+    }
+
+    fn proxy(&self, kind: ProxyKind) -> bool {
+        self.proxies
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == kind.arg()))
     }
 
     fn workload(&self, workload: Workload) -> bool {
@@ -87,6 +125,7 @@ pub fn scale_tables(parent: &Cgroup, quick: bool, only: &Only) -> Result<Vec<Sec
     } else {
         (3, Duration::from_millis(300), Duration::from_secs(1))
     };
+    let duration = only.seconds.map_or(duration, Duration::from_secs_f64);
     let load = Load::new()?;
     let kinds: Vec<&'static str> = ProxyKind::ALL.iter().map(|k| k.name()).collect();
     let mut throughput = Section::new(
@@ -127,6 +166,10 @@ pub fn scale_tables(parent: &Cgroup, quick: bool, only: &Only) -> Result<Vec<Sec
             let mut cells: Vec<Cell> = children.iter().map(|_| Cell::default()).collect();
             for _ in 0..reps {
                 for (i, child) in children.iter_mut().enumerate() {
+                    if !only.proxy(child.kind) {
+                        (cells[i].rates, cells[i].p99s) = (vec![f64::NAN], vec![f64::NAN]);
+                        continue;
+                    }
                     if cells[i].failure.is_some() {
                         continue;
                     }
@@ -200,7 +243,7 @@ pub fn scale_tables(parent: &Cgroup, quick: bool, only: &Only) -> Result<Vec<Sec
         for child in children.drain(..) {
             let kind = child.kind;
             let said = child.finish()?;
-            if kind.in_kernel() {
+            if kind.in_kernel() && only.proxy(kind) {
                 // The adaptive proxy relays bulk itself: with bulk rows
                 // alone, the kernel rightly forwards nothing.
                 if kind != ProxyKind::Adaptive {

@@ -67,7 +67,7 @@ impl ProxyKind {
         }
     }
 
-    fn from_arg(arg: &str) -> Option<ProxyKind> {
+    pub fn from_arg(arg: &str) -> Option<ProxyKind> {
         ProxyKind::ALL.into_iter().find(|k| k.arg() == arg)
     }
 

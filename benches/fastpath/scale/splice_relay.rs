@@ -5,7 +5,7 @@
 //! A pipe is held only while it has bytes the destination could not take
 //! yet, and returned to a pool when empty, so idle pairs cost two sockets
 //! and no pipe (HAProxy does the same). When the pool may not grow, a
-//! direction waits for a pipe.
+//! direction waits for a pipe. The pool is closed when the last pair ends.
 
 use std::collections::VecDeque;
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -268,6 +268,12 @@ impl SpliceRelay {
             }
         }
         // Dropping the sockets closes them and takes them out of epoll.
+        // With no pair left, the free pipes are closed too (as the crate's
+        // relay does), so the proxy is back to its idle files.
+        if self.free_slots.len() == self.pairs.len() {
+            self.pipes_made -= self.pool.len();
+            self.pool.clear();
+        }
     }
 }
 
