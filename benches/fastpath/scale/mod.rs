@@ -221,11 +221,18 @@ pub fn scale_tables(parent: &Cgroup, quick: bool, only: &Only) -> Result<Vec<Sec
                 latency.row(&name, "µs p99", &p99s, &ratios);
             }
         }
-        let rss: Vec<Vec<f64>> = children
-            .iter()
-            .map(|c| vec![c.peak_rss_kib() as f64 / 1024.0])
-            .collect();
-        let thread_rows: Vec<Vec<f64>> = threads.iter().map(|&t| vec![t]).collect();
+        // One figure per proxy; "-" for those not measured.
+        let figures = |figure: &dyn Fn(usize) -> f64| -> Vec<Vec<f64>> {
+            (0..children.len())
+                .map(|i| match only.proxy(children[i].kind) {
+                    true => vec![figure(i)],
+                    false => vec![f64::NAN],
+                })
+                .collect()
+        };
+        let thread_rows = figures(&|i| threads[i]);
+        let rss = figures(&|i| children[i].peak_rss_kib() as f64 / 1024.0);
+        let rise = figures(&|i| memory_rise[i]);
         resources.row(
             &format!("threads, {pairs} pairs"),
             "threads",
@@ -233,7 +240,6 @@ pub fn scale_tables(parent: &Cgroup, quick: bool, only: &Only) -> Result<Vec<Sec
             &[],
         );
         resources.row(&format!("peak RSS, {pairs} pairs"), "MiB", &rss, &[]);
-        let rise: Vec<Vec<f64>> = memory_rise.iter().map(|&m| vec![m]).collect();
         resources.row(
             &format!("machine memory rise, {pairs} pairs"),
             "MiB",
