@@ -50,7 +50,12 @@ pub enum ForwardPath {
         /// of its own, the relay serves every ready pair per wake-up of one
         /// thread: on a 2-CPU machine request/response through the kernel
         /// was 1.8-2.3x the splice relay's rate with 1 or 2 pairs busy and
-        /// 0.6-0.9x with 4 to 1,000 (docs/proxy-modes.md).
+        /// 0.6-0.9x with 4 to 1,000 (docs/proxy-modes.md). The pairs in the
+        /// kernel take CPU from the relayed ones: with 100 busy pairs, two
+        /// in the kernel raised the forwarder's round trips to 1.11-1.19x
+        /// the splice relay's, and their p99 to 1.53-1.85x of its (none in
+        /// the kernel: 0.98-1.01x, p99 0.94-1.52x; docs/benchmarks.md).
+        /// `Some(0)` keeps every pair on the relay.
         max_in_kernel: Option<usize>,
     },
 }
