@@ -16,7 +16,7 @@ fn transparent_proxy_in_every_mode() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/tproxy/run.sh");
     let out = std::process::Command::new("bash")
         .arg(script)
-        .env("SIZE_MIB", "64")
+        .env("SIZE_MIB", "256")
         .env("MODES", modes.join(" "))
         .output()
         .expect("run examples/tproxy/run.sh");
