@@ -41,9 +41,11 @@ pub(crate) struct LoadConfig {
 /// Egress and both modes: segments a forwarded socket's psock backlog (bytes
 /// forwarded to it that wait for room in its send buffer) may hold before
 /// the forwarding program keeps further bytes on the receiving socket, where
-/// TCP's window pushes back. Loopback segments carry up to 64 KiB, so at
-/// most about 4 MiB per direction wait there, besides the two sockets'
-/// buffers (as in front of a user-space proxy).
+/// TCP's window pushes back. Loopback segments leave the sender with up to
+/// 64 KiB, so usually at most about 4 MiB per direction wait there, besides
+/// the two sockets' buffers (as in front of a user-space proxy); segments a
+/// busy receiver coalesced can hold up to 17 page fragments (about 576 KiB),
+/// so at worst about 36 MiB.
 pub(crate) const FORWARD_BACKLOG_SEGMENTS: u32 = 64;
 
 /// The kernel's TCP memory pressure threshold in pages (`tcp_mem[1]`), or 0

@@ -309,8 +309,8 @@ fn kernel_has_kfuncs() -> bool {
 }
 
 /// What the forwarding backlog may hold besides the sockets' own buffers:
-/// the library's 64 segments of at most 64 KiB (loopback).
-const FORWARD_BACKLOG_BOUND: usize = 64 * (64 << 10);
+/// the library's 64 segments, each at most the largest a verdict sees.
+const FORWARD_BACKLOG_BOUND: usize = 64 * LARGEST_VERDICT_SEGMENT;
 
 /// Which way a stalled proxied transfer runs.
 #[derive(Clone, Copy)]
@@ -482,7 +482,8 @@ fn stall_many(pairs: Vec<(TcpStream, TcpStream)>, data: &Arc<Vec<u8>>) -> (usize
 /// and the kernel's TCP memory stays within the same order as plain TCP's.
 /// What the writers wrote is the measure that bites: `/proc/net/sockstat`
 /// does not count the forwarding backlog (without the bound the writers
-/// wrote all 48 MiB each, and TCP memory stayed at plain TCP's).
+/// wrote all they had, 48 MiB each when measured, and TCP memory stayed at
+/// plain TCP's).
 /// As many connections as keep the total (up to about 20 MiB each,
 /// measured) at a quarter of the TCP memory pressure mark (`tcp_mem[1]`),
 /// at most 100: past the mark TCP itself drops segments, and the
@@ -498,9 +499,14 @@ fn stalled_receivers_behind_an_egress_proxy_hold_about_what_plain_tcp_holds() {
     }
     let pressure = support::limits::tcp_memory_pressure_pages().unwrap() * 4096;
     let connections = (pressure / (80 << 20)).clamp(4, 100) as usize;
-    // Above the per-connection bound asserted below: the writers of an
-    // unbounded backlog would write it all.
-    let data = Arc::new(random_bytes(48 << 20, 9));
+    // Per connection, at most: the backlog bound and the proxy's two
+    // sockets' buffers at their largest (measured: they grow to 4-9 MiB).
+    let proxy_buffers = (support::limits::tcp_receive_buffer_max().unwrap()
+        + support::limits::tcp_send_buffer_max().unwrap()) as usize;
+    let bound = FORWARD_BACKLOG_BOUND + proxy_buffers;
+    // More than plain TCP's share (at most those two buffers again) and
+    // the bound together: the writers of an unbounded backlog write it all.
+    let data = Arc::new(random_bytes(proxy_buffers + bound + (16 << 20), 9));
     let plain_pairs = (0..connections)
         .map(|_| connected_pair("127.0.0.1:0"))
         .collect();
@@ -535,12 +541,8 @@ fn stalled_receivers_behind_an_egress_proxy_hold_about_what_plain_tcp_holds() {
     );
     assert!(intact, "bytes lost, repeated or reordered: {stats}");
     assert!(stats.fwd_backlog_kept as usize >= connections, "{stats}");
-    // Per connection: plain TCP's share, the backlog bound, and the
-    // proxy's two socket buffers as far as they grew (measured 4-9 MiB);
-    // an unbounded backlog takes all 48 MiB.
-    let slack = 24 << 20;
     assert!(
-        written <= plain + connections * (FORWARD_BACKLOG_BOUND + slack),
+        written <= plain + connections * bound,
         "{written} written, plain {plain}: {stats}"
     );
     assert!(

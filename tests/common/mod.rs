@@ -649,6 +649,14 @@ pub fn both_mode_or_refused(env: &Env) -> bool {
     false
 }
 
+/// The most payload a stream verdict may see in one segment on loopback.
+/// A segment leaves the sender with at most 64 KiB, but a receiver whose
+/// socket is busy (owned by its psock backlog sending the other way, say)
+/// coalesces what arrives meanwhile, up to `MAX_SKB_FRAGS` (17) page
+/// fragments of at most 32 KiB (the sender's page frag) plus the linear
+/// head. Seen in CI: 192 forwarded segments carried 13 MB, 68 KiB each.
+pub const LARGEST_VERDICT_SEGMENT: usize = 18 * (32 << 10);
+
 /// Every one of `total` bytes went through the kernel: forwarded by the
 /// program, or kept by it on the receiving socket while the other socket's
 /// backlog was full and copied on by `wait()` (counted on both sides).
