@@ -1140,9 +1140,12 @@ static __always_inline struct sock *receiving_socket(struct __sk_buff *skb)
 }
 
 /* The most bpf_skb_adjust_room takes off an sk_skb segment at once, and
- * how many such steps cover the largest segment (64 KiB, loopback). */
+ * how many such steps cover the largest segment a verdict sees: 64 KiB as
+ * sent on loopback, but a busy receiver coalesces segments up to 17 page
+ * fragments of 32 KiB plus the head (about 576 KiB), and the repeated part
+ * can be one such segment. */
 #define TRIM_STEP 4095
-#define TRIM_STEPS 17
+#define TRIM_STEPS 145
 
 /* What the segment repeats of the bytes this direction already took, cut
  * off its head. TCP queues a segment that starts before its next expected
