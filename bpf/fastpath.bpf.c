@@ -533,7 +533,7 @@ static __always_inline void remove_unpaired(struct fp_sock_key *key)
 }
 
 /* Connecting side (established first): joins the map and waits for its
- * peer's decision, watching its own outgoing segments until it knows. */
+ * peer's decision, watching its own segments, both ways, until it knows. */
 static __always_inline void connect_side_established(struct bpf_sock_ops *skops,
 						     struct fp_sock_key *key,
 						     struct fp_sock_state *st)
@@ -551,6 +551,7 @@ static __always_inline void connect_side_established(struct bpf_sock_ops *skops,
 	}
 	st->flags |= FP_ACCELERATED | FP_WAITING;
 	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG |
+					 BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG |
 					 BPF_SOCK_OPS_STATE_CB_FLAG);
 	COUNT(sockets_inserted, 1);
 }
@@ -638,17 +639,22 @@ static __always_inline void left_shortcut(struct bpf_sock_ops *skops)
 }
 
 /* The connecting side learns its pair's decision: on its first outgoing
- * segment after the peer decided, or once it has received bytes (its peer
- * sends only after its own establishment, so it has decided by then).
- * A refused socket leaves the map before its plain bytes can be misread. */
-static __always_inline void on_connect_side_segment(struct bpf_sock_ops *skops)
+ * segment after the peer decided, or at the first segment that brings it
+ * bytes (its peer sends only after its own establishment, so it has decided
+ * by then). `sent` is the outgoing segment's payload, `received` the
+ * incoming one's. A refused socket leaves the map before its plain bytes
+ * can be misread: an incoming segment is seen before the kernel queues it
+ * and wakes the reader, which then reads FIONREAD from a plain socket (a
+ * FIONREAD begun while the socket was still a map member reads 0 even when
+ * it returns after the removal, measured on 6.18.44). */
+static __always_inline void on_connect_side_segment(struct bpf_sock_ops *skops, __u32 sent,
+						    __u32 received)
 {
 	struct endpoint_fields f;
 	struct fp_sock_key key = {};
 	struct fp_sock_state *st;
 	__u64 *pair, state;
 	__u64 bytes_received = skops->bytes_received;
-	__u32 payload = skops->skb_len;
 
 	READ_ENDPOINT_FIELDS(skops, &f);
 	if (!skops->sk)
@@ -663,7 +669,7 @@ static __always_inline void on_connect_side_segment(struct bpf_sock_ops *skops)
 	pair = bpf_map_lookup_elem(&pairs, &key);
 	state = pair ? *pair : FP_PAIR_PLAIN;
 	if (state == FP_PAIR_PENDING) {
-		if (!bytes_received && !payload)
+		if (!bytes_received && !sent && !received)
 			return; /* e.g. the handshake's last ACK: keep waiting */
 		state = __sync_val_compare_and_swap(pair, FP_PAIR_PENDING, FP_PAIR_PLAIN);
 		if (state == FP_PAIR_PENDING)
@@ -674,7 +680,7 @@ static __always_inline void on_connect_side_segment(struct bpf_sock_ops *skops)
 		st->flags |= FP_PAIRED;
 		/* Plain bytes a send() queued before the insertion: later
 		 * redirected ones would overtake them. */
-		if (payload) {
+		if (sent) {
 			st->flags |= FP_FELL_BACK;
 			COUNT(late_plain, 1);
 		}
@@ -686,6 +692,22 @@ static __always_inline void on_connect_side_segment(struct bpf_sock_ops *skops)
 	bpf_map_delete_elem(&pairs, &key);
 done:
 	bpf_sock_ops_cb_flags_set(skops, 0);
+}
+
+/* Payload bytes of the incoming segment a BPF_SOCK_OPS_PARSE_HDR_OPT_CB
+ * shows (skb_len counts its TCP header, which skb_data..skb_data_end
+ * covers; the data offset is the high nibble of header byte 12). A header
+ * that cannot be read counts as payload: deciding early is always safe. */
+static __always_inline __u32 incoming_payload(struct bpf_sock_ops *skops)
+{
+	__u8 *header = (__u8 *)(long)skops->skb_data;
+	__u8 *end = (__u8 *)(long)skops->skb_data_end;
+	__u32 header_len;
+
+	if (header + 13 > end)
+		return 1;
+	header_len = (header[12] >> 4) * 4;
+	return skops->skb_len > header_len ? skops->skb_len - header_len : 0;
 }
 
 /* A connecting socket closed before learning its pair's decision. */
@@ -718,7 +740,10 @@ int fp_sock_ops(struct bpf_sock_ops *skops)
 		on_established(skops, 1);
 		break;
 	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
-		on_connect_side_segment(skops);
+		on_connect_side_segment(skops, skops->skb_len, 0);
+		break;
+	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
+		on_connect_side_segment(skops, 0, incoming_payload(skops));
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		on_state_change(skops);
