@@ -188,17 +188,24 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         *pairs = open;
         ended
     };
-    let (mut at_hand_over, mut by_forwarder, mut relayed) = (0, 0, 0);
+    let (mut at_hand_over, mut by_forwarder, mut not_taken, mut relayed) = (0, 0, 0, 0);
     for pair in ended {
         let stats = pair.wait()?;
         at_hand_over += stats.copied_at_hand_over;
-        by_forwarder += stats.copied - stats.relayed;
+        if stats.in_kernel {
+            by_forwarder += stats.copied - stats.relayed;
+        } else {
+            not_taken += stats.copied - stats.relayed;
+        }
         relayed += stats.relayed;
     }
     println!("tproxy: bytes copied at hand-over: {at_hand_over}");
     // Egress mode: bytes kept on a socket while the other side's backlog
     // was full (its receiver lagged), copied on by the forwarder in order.
     println!("tproxy: bytes the forwarder copied: {by_forwarder}");
+    // Pairs whose client had sent its FIN before we handed them over (the
+    // kernel takes only established sockets): copied in user space whole.
+    println!("tproxy: bytes of pairs the kernel did not take: {not_taken}");
     // Adaptive path: bytes the forwarder's relay moved before a hand-over
     // to the kernel, or to the pair's end.
     println!("tproxy: bytes the forwarder relayed: {relayed}");
