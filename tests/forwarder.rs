@@ -1,10 +1,11 @@
-//! A `Forwarder`: one thread serving many forwarded pairs (egress mode).
+//! A `Forwarder`: a few threads serving many forwarded pairs (egress mode).
 
 mod common;
 use common::*;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -20,6 +21,31 @@ fn threads_named(prefix: &str) -> usize {
         .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
         .filter(|comm| comm.starts_with(prefix))
         .count()
+}
+
+/// How many forwarder threads there are once `done` holds of that count,
+/// or after 5 s.
+fn wait_for_threads(done: impl Fn(usize) -> bool) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let threads = threads_named("fastpath-fwd");
+        if done(threads) || std::time::Instant::now() > deadline {
+            return threads;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A forwarder of `guard` with `threads` threads.
+fn forwarder_with_threads(
+    guard: &sockmap_fastpath::FastpathGuard,
+    threads: usize,
+) -> sockmap_fastpath::Forwarder {
+    guard
+        .forwarder()
+        .expect("forwarder")
+        .with_threads(NonZeroUsize::new(threads).unwrap())
+        .expect("forwarder threads")
 }
 
 /// The most forwarder threads seen while it runs, sampled every 5 ms.
@@ -79,14 +105,14 @@ struct Progress {
 const CONNECTING: usize = 64;
 
 /// 1000 client -> proxy -> server connections open at once, all handed to
-/// one forwarder (it holds all 1000 pairs before any client half-closes)
-/// and awaited as futures on a two-worker tokio runtime: every byte arrives
-/// both ways (each client's upload is its own pseudo-random stream, the
-/// server answers after the client's half-close), every pair ends `Closed`
-/// in the kernel with exact byte counts, and the forwarder never runs more
-/// than its one thread.
+/// one forwarder with two threads (it holds all 1000 pairs before any
+/// client half-closes) and awaited as futures on a two-worker tokio
+/// runtime: every byte arrives both ways (each client's upload is its own
+/// pseudo-random stream, the server answers after the client's
+/// half-close), every pair ends `Closed` in the kernel with exact byte
+/// counts, and the forwarder never runs more than its two threads.
 #[test]
-fn one_thread_serves_a_thousand_pairs() {
+fn two_threads_serve_a_thousand_pairs() {
     let Some(_env) = privileged_env() else { return };
     // Four sockets per connection, and a dup of two while handing over.
     let wanted = (6 * PAIRS + 200) as u64;
@@ -97,7 +123,9 @@ fn one_thread_serves_a_thousand_pairs() {
          CAP_SYS_RESOURCE)"
     );
     let guard = egress_guard();
-    let forwarder = Arc::new(guard.forwarder().expect("forwarder"));
+    let forwarder = forwarder_with_threads(&guard, 2);
+    assert_eq!(forwarder.threads(), 2);
+    let forwarder = Arc::new(forwarder);
     let watch = ThreadWatch::start();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -218,7 +246,10 @@ fn one_thread_serves_a_thousand_pairs() {
         assert_eq!(s.downstream_to_upstream, (8 + UPLOAD) as u64, "{s:?}");
         assert_eq!(s.upstream_to_downstream, RESPONSE as u64, "{s:?}");
     }
-    assert_eq!(most_threads, 1, "one forwarder thread, none per pair");
+    assert_eq!(
+        most_threads, 2,
+        "the forwarder's two threads, none per pair"
+    );
     assert!(counters.fwd_bytes > 0, "the kernel forwarded: {counters}");
     assert_eq!(forwarder.pairs(), 0);
 }
@@ -454,21 +485,19 @@ fn an_adaptive_request_response_pair_moves_to_the_kernel() {
     assert_eq!(forwarder.pairs(), 0);
 }
 
-/// `max_in_kernel` caps the pairs in the kernel: with a cap of one, a
+/// `max_in_kernel` caps the pairs in the kernel, across the forwarder's
+/// threads: with a cap of one and two threads (each pair on its own), a
 /// second request/response pair stays on the relay while the first is in
 /// the kernel, and moves there once the first has ended.
 #[test]
 fn adaptive_pairs_beyond_the_kernel_cap_stay_on_the_relay() {
     let Some(_env) = privileged_env() else { return };
     let guard = egress_guard();
-    let forwarder = guard
-        .forwarder()
-        .expect("forwarder")
-        .with_path(ForwardPath::Adaptive {
-            turns: 8,
-            max_turn_bytes: 16 << 10,
-            max_in_kernel: Some(1),
-        });
+    let forwarder = forwarder_with_threads(&guard, 2).with_path(ForwardPath::Adaptive {
+        turns: 8,
+        max_turn_bytes: 16 << 10,
+        max_in_kernel: Some(1),
+    });
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
     let (mut first_client, mut first_server, first) = forwarded(&forwarder, &upstream);
     let (mut client, mut server, second) = forwarded(&forwarder, &upstream);
@@ -493,6 +522,89 @@ fn adaptive_pairs_beyond_the_kernel_cap_stay_on_the_relay() {
         "{second:?}"
     );
     assert_eq!(forwarder.pairs(), 0);
+}
+
+/// `with_threads` given fewer threads than it has: a thread given up takes
+/// no new pairs, serves the ones it has to their end (every byte), then
+/// exits; the remaining thread serves new pairs.
+#[test]
+fn a_thread_given_up_serves_its_pairs_to_the_end() {
+    let Some(_env) = privileged_env() else { return };
+    let guard = egress_guard();
+    let forwarder = forwarder_with_threads(&guard, 2);
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    // The fewest pairs first: one pair on each thread.
+    let (mut kept_client, mut kept_server, kept) = forwarded(&forwarder, &upstream);
+    let (mut client, mut server, given_up) = forwarded(&forwarder, &upstream);
+    let forwarder = forwarder
+        .with_threads(NonZeroUsize::MIN)
+        .expect("one thread");
+    assert_eq!(forwarder.threads(), 1);
+    // A new thread names itself once it runs.
+    let with_both = wait_for_threads(|n| n >= 2);
+    request_response(&mut client, &mut server, 0..20);
+    drop((client, server));
+    let given_up = given_up.wait().expect("pair on the thread given up");
+    assert_eq!(given_up.end, ForwardEnd::Closed, "{given_up:?}");
+    assert_eq!(given_up.downstream_to_upstream, 20 * MESSAGE as u64);
+    let after = wait_for_threads(|n| n < with_both);
+    assert!(
+        after < with_both,
+        "the thread given up exits after its last pair ({with_both} threads before, {after} after)"
+    );
+    let (mut new_client, mut new_server, new) = forwarded(&forwarder, &upstream);
+    request_response(&mut new_client, &mut new_server, 0..20);
+    request_response(&mut kept_client, &mut kept_server, 0..20);
+    drop((new_client, new_server, kept_client, kept_server));
+    for pair in [kept, new] {
+        let stats = pair.wait().expect("pair");
+        assert_eq!(
+            stats.upstream_to_downstream,
+            20 * MESSAGE as u64,
+            "{stats:?}"
+        );
+    }
+    assert_eq!(forwarder.pairs(), 0);
+}
+
+/// A thread `with_threads` cannot set up (no file descriptor left for its
+/// epoll set): the error names the call, and the forwarder's threads,
+/// the one it had included, end.
+#[test]
+fn a_thread_that_cannot_be_set_up_is_an_error_naming_the_call() {
+    let Some(_env) = privileged_env() else { return };
+    let guard = egress_guard();
+    let forwarder = forwarder_with_threads(&guard, 1);
+    let before = wait_for_threads(|n| n <= 1);
+    let grown = {
+        let _no_more_files = support::limits::NoMoreFiles::start().expect("RLIMIT_NOFILE");
+        forwarder.with_threads(NonZeroUsize::new(3).unwrap())
+    };
+    let err = grown.expect_err("no descriptor for a second epoll set");
+    assert!(
+        matches!(
+            err,
+            Error::Io {
+                call: "epoll_create1",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Io);
+    assert!(err.to_string().contains("forwarder"), "{err}");
+    let after = wait_for_threads(|n| n < before);
+    assert!(
+        after < before,
+        "its thread ended: {before} before, {after} after"
+    );
+    // With descriptors again, a new forwarder serves pairs.
+    let forwarder = guard.forwarder().expect("forwarder");
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut client, mut server, pair) = forwarded(&forwarder, &upstream);
+    request_response(&mut client, &mut server, 0..4);
+    drop((client, server));
+    assert_eq!(pair.wait().expect("pair").end, ForwardEnd::Closed);
 }
 
 /// The relay copies short reads through user memory and splices long

@@ -4,16 +4,18 @@
 //!
 //! `cargo bench --bench fastpath -- [--quick] [--json PATH] [--markdown PAGE]`
 //! (`--scale-only [--scale-pairs N] [--scale-workload PREFIX]
-//! [--scale-proxies splice,adaptive,...] [--scale-seconds S]`: just the
-//! proxy-at-scale tables, or one scale, workload or proxy of them, with
-//! measurements of S seconds, printed.)
+//! [--scale-proxies splice,adaptive,...] [--scale-seconds S]
+//! [--scale-forwarder-threads N]`: just the proxy-at-scale tables, or one
+//! scale, workload or proxy of them, with measurements of S seconds and
+//! N `Forwarder` threads, printed.)
 //!
 //! Writes markdown tables to stdout and JSON to `target/bench/fastpath.json`
 //! (or PATH); with `--markdown docs/benchmarks.md` it also replaces that
 //! page's generated part. `--quick` finishes in well under two minutes.
 //!
 //! The scale section starts this binary again as its proxy processes
-//! (`--scale-proxy KIND UPSTREAM_PORT MAX_PIPES`, see `scale/proxies.rs`).
+//! (`--scale-proxy KIND UPSTREAM_PORT MAX_PIPES FORWARDER_THREADS`, see
+//! `scale/proxies.rs`).
 
 mod bpf_stats;
 mod cases;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
+use super::relay::KernelSlots;
 use super::{io_err, Forwarding, Side, DOWN, UP};
 use crate::abi::{
     fp_fwd_dir, fp_proxy_pair, fp_sock_key, fp_sock_state, Plain, FP_PAIRED, FP_WAITING,
@@ -173,7 +174,9 @@ impl Forwarding {
     /// copies it from then on as it copies any pair the kernel refused
     /// (not with the relay's splice: a socket that did go into the map has
     /// its bytes taken where splice does not look).
-    pub(super) fn promote_if_turning(&mut self, kernel_has_room: bool) -> Result<()> {
+    /// The pair takes one of `slots` (none: no cap) for the kernel, and
+    /// gives it back if the kernel does not take the pair.
+    pub(super) fn promote_if_turning(&mut self, slots: Option<&KernelSlots>) -> Result<()> {
         let Some((turns, _)) = self.promote_after else {
             return Ok(());
         };
@@ -181,12 +184,13 @@ impl Forwarding {
             .sides
             .iter()
             .all(|s| s.unsent.is_none() && !s.fin_passed && !s.draining && !s.blocked && !s.held);
-        if self.turns.count() < turns || !settled || !kernel_has_room {
+        if self.turns.count() < turns || !settled || !slots.is_none_or(KernelSlots::try_take) {
             return Ok(());
         }
         self.promote_after = None;
         self.relay = false;
         if self.insert().is_err() {
+            slots.inspect(|slots| slots.give_back());
             return Ok(());
         }
         self.in_kernel = true;

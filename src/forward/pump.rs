@@ -9,7 +9,7 @@ use std::time::Duration;
 use libbpf_rs::{MapCore, MapFlags};
 use nix::poll::PollFlags;
 
-use super::relay::PipePool;
+use super::relay::{KernelSlots, PipePool};
 use super::{io_err, ForwardEnd, Forwarding, DOWN, RESET_BY, UP};
 use crate::abi::fp_fwd_dir;
 use crate::error::{Error, Result};
@@ -97,12 +97,13 @@ impl Forwarding {
     /// redirected there around the forwarding program; every mode: kept
     /// there while the pair was being inserted) to the other socket, passes
     /// resets and half-closes on. `Some(end)` once the pair has ended.
-    /// A relayed pair may go to the kernel if `kernel_has_room`.
+    /// A relayed pair may go to the kernel if it gets one of `slots` (none:
+    /// no cap).
     pub(super) fn step(
         &mut self,
         revents: [PollFlags; 2],
         scratch: &mut Scratch,
-        kernel_has_room: bool,
+        slots: Option<&KernelSlots>,
     ) -> Result<Option<ForwardEnd>> {
         let before = self.progress();
         let end = self.step_sides(revents, scratch);
@@ -112,7 +113,7 @@ impl Forwarding {
             0
         };
         if let Ok(None) = end {
-            self.promote_if_turning(kernel_has_room)?;
+            self.promote_if_turning(slots)?;
         }
         end
     }
@@ -191,7 +192,7 @@ impl Forwarding {
             )
             .map_err(io_err("poll", "forwarded sockets"))?
             .map(PollFlags::from_bits_retain);
-            if let Some(end) = self.step(revents, &mut scratch, true)? {
+            if let Some(end) = self.step(revents, &mut scratch, None)? {
                 return Ok(end);
             }
         }

@@ -13,6 +13,7 @@
 //! (bytes in the kernel's queues would be lost), so a pair moves once.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nix::errno::Errno;
 use nix::sys::socket::{recv, send, MsgFlags};
@@ -74,6 +75,47 @@ impl ForwardPath {
 /// [`ForwardPath::Adaptive`]'s `max_in_kernel` with `None` resolved.
 pub(super) fn kernel_pair_limit(max_in_kernel: Option<usize>) -> usize {
     max_in_kernel.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// How many of a forwarder's pairs the kernel forwards now, and how many
+/// relayed pairs may join them (`max_in_kernel`): one count for all the
+/// forwarder's threads, so the cap holds whichever thread serves a pair.
+#[derive(Debug)]
+pub(super) struct KernelSlots {
+    taken: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl KernelSlots {
+    pub(super) fn new() -> Self {
+        KernelSlots {
+            taken: AtomicUsize::new(0),
+            max: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    pub(super) fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    /// Takes a slot for a relayed pair if fewer than `max` are taken.
+    pub(super) fn try_take(&self) -> bool {
+        let max = self.max.load(Ordering::Relaxed);
+        self.taken
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Counts a pair that starts in the kernel (no cap applies to those).
+    pub(super) fn take(&self) {
+        self.taken.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(super) fn give_back(&self) {
+        self.taken.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The most one read takes off a socket: a pipe's default capacity, and

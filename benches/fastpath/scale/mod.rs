@@ -31,9 +31,11 @@ const WORKLOADS: [Workload; 5] = [
 ];
 
 /// A part of the section to run alone (`--scale-pairs N`,
-/// `--scale-workload NAME-PREFIX`, `--scale-proxies KIND,KIND`), and for
-/// how long (`--scale-seconds S` per measurement: long enough to profile a
-/// proxy with `perf record -p`), for looking into one row.
+/// `--scale-workload NAME-PREFIX`, `--scale-proxies KIND,KIND`), for how
+/// long (`--scale-seconds S` per measurement: long enough to profile a
+/// proxy with `perf record -p`), and with how many `Forwarder` threads
+/// (`--scale-forwarder-threads N`; default: one per CPU), for looking into
+/// one row.
 #[derive(Default)]
 pub struct Only {
     pub pairs: Option<usize>,
@@ -42,6 +44,7 @@ pub struct Only {
     /// show "-".
     pub proxies: Option<Vec<String>>,
     pub seconds: Option<f64>,
+    pub forwarder_threads: Option<usize>,
 }
 
 impl Only {
@@ -77,8 +80,16 @@ impl Only {
             }
             None => None,
         };
+        let forwarder_threads =
+            match crate::arg_value(args, "--scale-forwarder-threads") {
+                Some(n) => Some(n.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    format!("--scale-forwarder-threads {n}: not a positive number")
+                })?),
+                None => None,
+            };
         Ok(Only {
             pairs,
+            forwarder_threads,
             workload: crate::arg_value(args, "--scale-workload").map(str::to_owned),
             proxies,
             seconds,
@@ -157,7 +168,9 @@ pub fn scale_tables(parent: &Cgroup, quick: bool, only: &Only) -> Result<Vec<Sec
         let max_pipes = (open_files as usize).saturating_sub(2 * pairs + 512) / 2;
         let mut children = ProxyKind::ALL
             .iter()
-            .map(|&kind| ProxyChild::spawn(kind, load.server_port(), max_pipes))
+            .map(|&kind| {
+                ProxyChild::spawn(kind, load.server_port(), max_pipes, only.forwarder_threads)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let mut threads = vec![0.0f64; children.len()];
         let mut memory_rise = vec![0.0f64; children.len()];
@@ -315,7 +328,12 @@ struct ProxyChild {
 }
 
 impl ProxyChild {
-    fn spawn(kind: ProxyKind, upstream_port: u16, max_pipes: usize) -> Result<Self, BoxError> {
+    fn spawn(
+        kind: ProxyKind,
+        upstream_port: u16,
+        max_pipes: usize,
+        forwarder_threads: Option<usize>,
+    ) -> Result<Self, BoxError> {
         let mut command = Command::new(std::env::current_exe()?);
         command
             .args([
@@ -323,6 +341,7 @@ impl ProxyChild {
                 kind.arg(),
                 &upstream_port.to_string(),
                 &max_pipes.to_string(),
+                &forwarder_threads.unwrap_or(0).to_string(),
             ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());

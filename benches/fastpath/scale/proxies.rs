@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,15 +91,18 @@ pub fn listen_loopback() -> std::io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// The child's main: `--scale-proxy KIND UPSTREAM_PORT MAX_PIPES`.
+/// The child's main: `--scale-proxy KIND UPSTREAM_PORT MAX_PIPES
+/// FORWARDER_THREADS` (0: the `Forwarder`'s default).
 pub fn proxy_role(args: &[String]) -> ! {
-    let usage = "usage: --scale-proxy copy|splice|egress|both|adaptive UPSTREAM_PORT MAX_PIPES";
+    let usage = "usage: --scale-proxy copy|splice|egress|both|adaptive UPSTREAM_PORT MAX_PIPES \
+                 FORWARDER_THREADS";
     let kind = args
         .first()
         .and_then(|a| ProxyKind::from_arg(a))
         .expect(usage);
     let upstream_port: u16 = args.get(1).and_then(|a| a.parse().ok()).expect(usage);
     let max_pipes: usize = args.get(2).and_then(|a| a.parse().ok()).expect(usage);
+    let forwarder_threads: usize = args.get(3).and_then(|a| a.parse().ok()).expect(usage);
     let upstream = SocketAddr::from((Ipv4Addr::LOCALHOST, upstream_port));
     support::limits::raise_open_files(1 << 20).expect("raise the open-file limit");
     let listener = listen_loopback().expect("listen");
@@ -118,7 +122,8 @@ pub fn proxy_role(args: &[String]) -> ! {
                 ProxyKind::Adaptive => ForwardPath::ADAPTIVE,
                 _ => ForwardPath::Kernel,
             };
-            forwarder_proxy(&guard, path, listener, upstream, &ends)
+            let threads = NonZeroUsize::new(forwarder_threads);
+            forwarder_proxy(&guard, path, threads, listener, upstream, &ends)
         }
         (_, None) => unreachable!("kernel proxies have a guard"),
     }
@@ -220,11 +225,15 @@ impl PairEnds {
 fn forwarder_proxy(
     guard: &FastpathGuard,
     path: ForwardPath,
+    threads: Option<NonZeroUsize>,
     listener: TcpListener,
     upstream: SocketAddr,
     ends: &Arc<PairEnds>,
 ) -> ! {
-    let forwarder = guard.forwarder().expect("forwarder").with_path(path);
+    let mut forwarder = guard.forwarder().expect("forwarder").with_path(path);
+    if let Some(threads) = threads {
+        forwarder = forwarder.with_threads(threads).expect("forwarder threads");
+    }
     let reaper = Arc::clone(ends);
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_millis(100));

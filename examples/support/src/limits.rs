@@ -58,3 +58,31 @@ fn sysctl_value(name: &str, index: usize) -> Option<u64> {
     let values = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).ok()?;
     values.split_whitespace().nth(index)?.parse().ok()
 }
+
+/// Lowers this process's soft limit of open files so that the next file
+/// it opens fails with EMFILE, for testing what a call does when it cannot
+/// get a descriptor; the old limit comes back on drop (also on a panic).
+/// Every thread of the process is affected while it lives.
+pub struct NoMoreFiles {
+    soft: u64,
+    hard: u64,
+}
+
+impl NoMoreFiles {
+    pub fn start() -> std::io::Result<Self> {
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+        // The lowest free descriptor: a new file would get it.
+        let lowest_free = {
+            let probe = std::fs::File::open("/dev/null")?;
+            std::os::fd::AsRawFd::as_raw_fd(&probe) as u64
+        };
+        setrlimit(Resource::RLIMIT_NOFILE, lowest_free, hard)?;
+        Ok(NoMoreFiles { soft, hard })
+    }
+}
+
+impl Drop for NoMoreFiles {
+    fn drop(&mut self) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, self.soft, self.hard);
+    }
+}
