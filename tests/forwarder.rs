@@ -575,7 +575,8 @@ fn a_thread_that_cannot_be_set_up_is_an_error_naming_the_call() {
     let Some(_env) = privileged_env() else { return };
     let guard = egress_guard();
     let forwarder = forwarder_with_threads(&guard, 1);
-    let before = wait_for_threads(|n| n <= 1);
+    // A new thread names itself once it runs.
+    let before = wait_for_threads(|n| n >= 1);
     let grown = {
         let _no_more_files = support::limits::NoMoreFiles::start().expect("RLIMIT_NOFILE");
         forwarder.with_threads(NonZeroUsize::new(3).unwrap())
