@@ -1311,6 +1311,33 @@ int fp_fwd_verdict(struct __sk_buff *skb)
 	return SK_PASS;
 }
 
+/* Both mode, on the cgroup: answers getsockopt(FP_SOL_FASTPATH,
+ * FP_SO_BACKLOG_LEN) with the socket's psock backlog length (see
+ * fastpath.h); every other getsockopt is left as the kernel answered it.
+ * Runs for the sockets of the cgroup, which is where a both-mode proxy's
+ * accelerated sockets are. */
+SEC("cgroup/getsockopt")
+int fp_backlog_query(struct bpf_sockopt *ctx)
+{
+	__u32 *len = ctx->optval;
+
+	if (ctx->level != FP_SOL_FASTPATH || ctx->optname != FP_SO_BACKLOG_LEN) {
+		/* The program sees at most a page of a larger buffer: 0 tells
+		 * the kernel to keep its own answer (else it logs that it did). */
+		if (ctx->optlen > 4096)
+			ctx->optlen = 0;
+		return 1;
+	}
+	if ((void *)(len + 1) > ctx->optval_end || !ctx->sk)
+		return 1; /* too short a buffer: the kernel's error stands */
+	*len = psock_backlog_len(bpf_rdonly_cast(ctx->sk, bpf_core_type_id_kernel(struct sock)));
+	ctx->optlen = sizeof(*len);
+	/* Two stores: merged into one 8-byte store, the verifier refuses it. */
+	asm volatile("" ::: "memory");
+	ctx->retval = 0;
+	return 1;
+}
+
 /* Set before load (splice_guard.rs, from /proc/kallsyms): [start, end)
  * addresses of the kernel functions a splice read passes through (do_splice
  * and the functions below it, whichever this kernel has); zero pairs are

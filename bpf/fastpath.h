@@ -119,6 +119,17 @@ struct fp_proxy_pair {
 	__u64 up_cookie;   /* the proxy's upstream socket, in fwd_map */
 };
 
+/* Both mode: getsockopt(fd, FP_SOL_FASTPATH, FP_SO_BACKLOG_LEN, &u32)
+ * on an accelerated socket reads how many segments wait in its psock
+ * backlog (fp_backlog_query). A segment leaves that queue only after the
+ * backlog has sent all of it, and a send redirected to a local peer is
+ * counted at its verdict but queued there after the socket lock is let
+ * go: Forwarding may write bytes of its own to the socket only once the
+ * count says every forwarded byte was sent and this says none is in the
+ * middle of it. */
+#define FP_SOL_FASTPATH 0x46504654 /* "FPFT": a level no protocol uses */
+#define FP_SO_BACKLOG_LEN 1
+
 /* Per-socket state in socket-local storage. */
 enum fp_sock_flags {
 	FP_OWNER_KNOWN = 1, /* owner_tgid/owner_comm were recorded */

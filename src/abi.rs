@@ -21,6 +21,10 @@ pub(crate) const FP_MATCH_COMMS: u32 = 4;
 pub(crate) const FP_PAIRED: u32 = 8;
 pub(crate) const FP_WAITING: u32 = 16;
 
+/// Both mode: the getsockopt level and name `fp_backlog_query` answers.
+pub(crate) const FP_SOL_FASTPATH: u32 = 0x4650_4654;
+pub(crate) const FP_SO_BACKLOG_LEN: i32 = 1;
+
 /// Fixed map sizes (`FP_MAX_*` in the header): inputs larger than these are
 /// refused before anything is loaded.
 pub(crate) const FP_MAX_PORTS: usize = 1024;
@@ -134,7 +138,11 @@ mod tests {
             .skip_while(|w| *w != name)
             .nth(1)
             .unwrap();
-        value.parse().unwrap_or_else(|_| panic!("{name}: {line}"))
+        match value.strip_prefix("0x") {
+            Some(hex) => u32::from_str_radix(hex, 16),
+            None => value.parse(),
+        }
+        .unwrap_or_else(|_| panic!("{name}: {line}"))
     }
 
     #[test]
@@ -145,6 +153,8 @@ mod tests {
         assert_eq!(header_value("FP_MATCH_COMMS"), FP_MATCH_COMMS);
         assert_eq!(header_value("FP_PAIRED"), FP_PAIRED);
         assert_eq!(header_value("FP_WAITING"), FP_WAITING);
+        assert_eq!(header_value("FP_SOL_FASTPATH"), FP_SOL_FASTPATH);
+        assert_eq!(header_value("FP_SO_BACKLOG_LEN") as i32, FP_SO_BACKLOG_LEN);
     }
 
     #[test]

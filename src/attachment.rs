@@ -9,6 +9,7 @@
 //! socket map drops its attached programs when its last user fd closes.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -36,6 +37,11 @@ pub(crate) struct Links {
     msg_verdict: Option<Attachment>,
     /// fp_fwd_verdict on fwd_map (egress and both modes).
     fwd_verdict: Option<Attachment>,
+    /// Both mode: fp_backlog_query on the cgroup, held as its link's fd,
+    /// which each forwarder of the guard shares: the link stays attached
+    /// until the last of them is gone, since pairs stay forwarded after
+    /// the guard detaches and their pumps keep asking.
+    backlog_query: Option<Arc<OwnedFd>>,
     /// fp_splice_guard on the file_permission LSM hook.
     splice_guard: Option<Link>,
 }
@@ -87,6 +93,20 @@ impl Links {
         )?);
         let cgroup_dir =
             File::open(cgroup.as_path()).map_err(|err| Error::io("open", cgroup.as_path(), err))?;
+        if mode == RedirectMode::Both {
+            let query = skel
+                .progs
+                .fp_backlog_query
+                .attach_cgroup(cgroup_dir.as_raw_fd())
+                .map_err(|err| classify_attach_error(AttachStep::CgroupLink, libbpf_to_io(&err)))?;
+            // Closing every fd of a cgroup link detaches it; dropping the
+            // libbpf link closes only its own.
+            let fd = query
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|err| Error::io("dup", "the fp_backlog_query link", err))?;
+            links.backlog_query = Some(Arc::new(fd));
+        }
         let ops_link = skel
             .progs
             .fp_sock_ops
@@ -104,7 +124,14 @@ impl Links {
         self.sock_ops.is_some()
             || self.msg_verdict.is_some()
             || self.fwd_verdict.is_some()
+            || self.backlog_query.is_some()
             || self.splice_guard.is_some()
+    }
+
+    /// Both mode: a share of the fp_backlog_query link, which keeps it
+    /// attached (see the field).
+    pub fn backlog_query(&self) -> Option<Arc<OwnedFd>> {
+        self.backlog_query.clone()
     }
 
     /// Whether the programs on socket maps are attached with BPF links
@@ -133,6 +160,7 @@ impl Links {
                 first_error.get_or_insert(err);
             }
         }
+        self.backlog_query = None;
         if let Some(link) = self.splice_guard.take() {
             match MapHandle::try_from(&programs.skel().maps.sock_map) {
                 Ok(sock_map) => splice_guard::linger(link, sock_map),

@@ -113,7 +113,13 @@ impl FastpathGuard {
         if self.mode == RedirectMode::Ingress {
             return Err(Error::NotEgressMode);
         }
-        self.programs.forward_maps(self.mode == RedirectMode::Both)
+        let mut maps = self
+            .programs
+            .forward_maps(self.mode == RedirectMode::Both)?;
+        if let Some(direct) = maps.direct.as_mut() {
+            direct.backlog_query = self.links.backlog_query();
+        }
+        Ok(maps)
     }
 
     /// The redirect mode.

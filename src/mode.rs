@@ -27,7 +27,13 @@ pub enum RedirectMode {
     /// downstream socket and the upstream socket has room; the rest is
     /// copied by [`Forwarding::wait`](crate::Forwarding::wait), in order.
     /// The upstream's bytes go straight into the application's queue.
-    /// Needs a cgroup.
+    /// Needs a cgroup, on which it also attaches a `cgroup/getsockopt`
+    /// program (`fp_backlog_query`) that tells `Forwarding` when the
+    /// kernel has delivered the bytes it forwarded to an accelerated socket
+    /// (so bytes it writes itself, or a FIN, never overtake them); every
+    /// other `getsockopt()` of the cgroup's sockets passes through it
+    /// unchanged. It stays attached while a `Forwarder` or `Forwarding` of
+    /// the guard remains.
     ///
     /// # Minimum kernel version
     /// 6.2: the `bpf_cast_to_kern_ctx` and `bpf_rdonly_cast` kfuncs and

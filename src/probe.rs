@@ -255,7 +255,8 @@ fn probe_socket_owners() -> Finding {
 fn probe_both_mode() -> Finding {
     let programs = Programs::load(LoadConfig::new(RedirectMode::Both, 2, false));
     Finding::from_result(programs, |_| {
-        "fp_sk_msg_both loads (kfuncs, CO-RE reads of sk_msg and sk_psock)".into()
+        "fp_sk_msg_both and fp_backlog_query load (kfuncs, CO-RE reads of sk_msg and sk_psock)"
+            .into()
     })
 }
 

@@ -206,6 +206,7 @@ impl Programs {
             .fp_sk_msg
             .set_autoload(config.mode == RedirectMode::Ingress);
         open.progs.fp_sk_msg_both.set_autoload(both);
+        open.progs.fp_backlog_query.set_autoload(both);
         open.progs
             .fp_sock_ops
             .set_autoload(config.mode != RedirectMode::Egress);
@@ -277,6 +278,7 @@ impl Programs {
                     pairs: dup(&maps.proxy_pairs, "dup of the proxy_pairs fd")?,
                     sock_state: dup(&maps.sock_state, "dup of the sock_state fd")?,
                     netns_spaces: dup(&maps.netns_spaces, "dup of the netns_spaces fd")?,
+                    backlog_query: None,
                 })
             } else {
                 None

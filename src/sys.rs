@@ -8,6 +8,8 @@ use std::ptr::NonNull;
 
 use libbpf_rs::{AsRawLibbpf, Link, Program};
 
+use crate::abi;
+
 /// Which socket-map hook a program goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SockmapHook {
@@ -224,6 +226,21 @@ pub(crate) fn socket_error(fd: BorrowedFd<'_>) -> io::Result<i32> {
     let mut err: i32 = 0;
     getsockopt_into(fd, nix::libc::SOL_SOCKET, nix::libc::SO_ERROR, &mut err)?;
     Ok(err)
+}
+
+/// Both mode: how many segments wait in an accelerated socket's psock
+/// backlog, as `fp_backlog_query` answers getsockopt(FP_SOL_FASTPATH,
+/// FP_SO_BACKLOG_LEN) for sockets of the guard's cgroup (ENOPROTOOPT for
+/// others, or with the program detached).
+pub(crate) fn psock_backlog_len(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut len: u32 = 0;
+    getsockopt_into(
+        fd,
+        abi::FP_SOL_FASTPATH as i32,
+        abi::FP_SO_BACKLOG_LEN,
+        &mut len,
+    )?;
+    Ok(len)
 }
 
 /// poll(2) on sockets, each for its own `events`; returns each fd's

@@ -610,3 +610,145 @@ fn assert_plain_only_past_the_limit(counters: &sockmap_fastpath::Stats) {
         assert!(counters.queue_limit_fallbacks > 0, "{counters}");
     }
 }
+
+/// `bpf/fastpath.h`'s FP_SOL_FASTPATH and FP_SO_BACKLOG_LEN (the crate's
+/// unit test checks its own copy against the header; a wrong copy here
+/// fails this test with ENOPROTOOPT).
+const FP_SOL_FASTPATH: i32 = 0x4650_4654;
+const FP_SO_BACKLOG_LEN: i32 = 1;
+
+/// getsockopt(2) into a buffer of `size` bytes: what it wrote.
+fn getsockopt_bytes(
+    socket: &std::net::TcpStream,
+    level: i32,
+    name: i32,
+    size: usize,
+) -> std::io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut value = vec![0xa5u8; size];
+    let mut len = size as nix::libc::socklen_t;
+    // SAFETY: a valid socket fd, and pointers to a buffer of `len` bytes
+    // and to its length, both outliving the call.
+    let rc = unsafe {
+        nix::libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            value.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    value.truncate(len as usize);
+    Ok(value)
+}
+
+/// What fp_backlog_query answers for `socket`: its psock backlog length.
+fn backlog_len(socket: &std::net::TcpStream) -> std::io::Result<u32> {
+    let value = getsockopt_bytes(socket, FP_SOL_FASTPATH, FP_SO_BACKLOG_LEN, 4)?;
+    Ok(u32::from_ne_bytes(value.try_into().expect("4 bytes")))
+}
+
+/// The question `Forwarding` asks before it writes bytes of its own to an
+/// accelerated socket whose backlog may still be sending forwarded ones
+/// (its sk_msg program counts them before the kernel queues them at the
+/// local peer). A client that does not read its download, behind small
+/// buffers and a 256 KiB receive-queue limit: the downstream socket's psock
+/// backlog fills and stays full (the forwarding program keeps what comes
+/// next on the upstream socket), and the answer is that many segments.
+/// The upstream socket, in the cgroup but not in a socket map, has no
+/// backlog: 0. A socket outside the cgroup gets the kernel's own error.
+/// Every other getsockopt passes through unchanged: TCP_INFO into a
+/// buffer of two pages, and SO_TYPE.
+/// With the guard dropped the program still answers while the pair's
+/// `Forwarding` lives; the client then reads everything (intact), and once
+/// the pair has ended the program is gone and nothing is left attached.
+#[test]
+fn the_backlog_query_counts_what_waits_to_be_sent() {
+    let Some(env) = privileged_env() else { return };
+    if !both_mode_or_refused(&env) {
+        return;
+    }
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = front.local_addr().unwrap().port();
+    let baseline = loaded_programs();
+    let guard = env.attach(|b| {
+        b.redirect(RedirectMode::Both)
+            .ports([port])
+            .receive_queue_limit(256 << 10)
+    });
+    let before = guard.stats().unwrap();
+    let mut sockets = None;
+    let Proxied {
+        mut client,
+        server,
+        proxy,
+    } = proxied_via(&guard, &front, &upstream, b"", |down, up| {
+        socket2::SockRef::from(&*down)
+            .set_send_buffer_size(64 << 10)
+            .unwrap();
+        sockets = Some((down.try_clone().unwrap(), up.try_clone().unwrap()));
+    });
+    socket2::SockRef::from(&client)
+        .set_recv_buffer_size(64 << 10)
+        .unwrap();
+    let (down, up) = sockets.unwrap();
+    const SIZE: usize = 16 << 20;
+    let download = random_bytes(SIZE, 41);
+    let writer = {
+        let (mut server, download) = (server, download.clone());
+        thread::spawn(move || {
+            server.write_all(&download).unwrap();
+            server.shutdown(Shutdown::Write).unwrap();
+            server
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while delta(&guard, &before).fwd_backlog_kept == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the downstream backlog never filled: {}",
+            delta(&guard, &before)
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let queued = backlog_len(&down).expect("asked in the cgroup");
+    eprintln!("downstream backlog while the client does not read: {queued} segments");
+    assert!(
+        queued > 0,
+        "segments wait for the client: {}",
+        delta(&guard, &before)
+    );
+    assert_eq!(backlog_len(&up).expect("asked in the cgroup"), 0);
+    let outside = env.cgroup.outside(|| {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let socket = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        (listener, socket)
+    });
+    let refused = backlog_len(&outside.1).expect_err("no program outside the cgroup");
+    eprintln!("outside the cgroup: {refused}");
+    let info = getsockopt_bytes(&down, nix::libc::IPPROTO_TCP, nix::libc::TCP_INFO, 8192)
+        .expect("TCP_INFO");
+    assert!(
+        info.len() >= 104 && info.len() < 8192,
+        "{} bytes",
+        info.len()
+    );
+    assert_eq!(info[0], 1, "tcpi_state: TCP_ESTABLISHED");
+    let kind = getsockopt_bytes(&down, nix::libc::SOL_SOCKET, nix::libc::SO_TYPE, 4).unwrap();
+    assert_eq!(kind, nix::libc::SOCK_STREAM.to_ne_bytes());
+    drop(guard);
+    let after_drop = backlog_len(&down).expect("answered while the pair is forwarded");
+    assert!(after_drop > 0, "still waiting for the client");
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_bytes_eq(&read_all(&mut client), &download, "download read late");
+    drop(writer.join().unwrap());
+    let stats = proxy.join().unwrap();
+    assert_eq!(stats.end, ForwardEnd::Closed);
+    backlog_len(&down).expect_err("detached with the last Forwarding");
+    drop((down, up, client, outside));
+    assert_nothing_left(&env.cgroup.cgroup(), &baseline);
+}

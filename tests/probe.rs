@@ -60,14 +60,16 @@ fn probe_reports_this_kernel_and_leaves_nothing_behind() {
         );
     }
     assert!(report.can_accelerate());
+    // Both mode needs the 6.2 kfuncs: a "no" from 6.2 on is our programs
+    // failing to load.
+    assert_eq!(
+        report.both_mode.is_yes(),
+        kernel_at_least(6, 2),
+        "{:?}",
+        report.both_mode
+    );
     // Sockmap links came with 6.10; before, the older attach is used.
-    let version: Vec<u32> = report
-        .kernel_release
-        .split(|c: char| !c.is_ascii_digit())
-        .take(2)
-        .map(|n| n.parse().unwrap())
-        .collect();
-    if version >= vec![6, 10] {
+    if kernel_at_least(6, 10) {
         assert!(report.sockmap_link.is_yes(), "{:?}", report.sockmap_link);
     } else {
         assert!(

@@ -2,7 +2,7 @@
 //! then both sockets, then, in both mode, the pair) and leaves them again.
 
 use std::net::TcpStream;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
@@ -37,6 +37,9 @@ pub(crate) struct DirectMaps {
     pub sock_state: MapHandle,
     /// `netns_spaces`: what keys use in place of a namespace's cookie.
     pub netns_spaces: MapHandle,
+    /// A share of the fp_backlog_query link (`sys::psock_backlog_len`
+    /// answers while it is attached).
+    pub backlog_query: Option<Arc<OwnedFd>>,
 }
 
 /// What `start` does when the kernel will not take a socket because it is
