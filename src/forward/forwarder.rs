@@ -1,5 +1,6 @@
-//! A few threads for any number of forwarded pairs: on each, an epoll loop
-//! over its pairs' sockets that runs the same steps as `Forwarding::wait`.
+//! One thread (or as many as `with_threads` asks) for any number of
+//! forwarded pairs: on each, an epoll loop over its pairs' sockets that
+//! runs the same steps as `Forwarding::wait`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -60,7 +61,8 @@ pub struct Forwarder {
 /// One serving thread's epoll loop and pairs.
 struct Shared {
     epoll: Epoll,
-    /// Wakes the thread when the forwarder is dropped.
+    /// Wakes the thread when it is closed (the forwarder dropped, or
+    /// fewer threads asked for).
     wake: EventFd,
     state: Mutex<State>,
     slots: Arc<KernelSlots>,
