@@ -77,6 +77,10 @@ struct fp_stats {
 	__u64 fwd_backlog_overrun;   /* egress: forwarded into a full backlog anyway:
 				      * the receiving socket's own backlog was busy
 				      * (bytes kept there would be hidden) */
+	__u64 fwd_kept_unseen;       /* of the segments kept behind, those kept
+				      * while the receiving socket's own backlog
+				      * was busy: they wait there, unseen by
+				      * reads, until it reaches them */
 	__u64 fwd_overlaps;          /* segments that began before bytes the
 				      * verdict had already taken (TCP queues a
 				      * partly retransmitted segment whole) */
@@ -105,6 +109,12 @@ struct fp_fwd_dir {
 			    * fp_sock_ops when the pairing is refused; it never
 			    * turns on again (a socket pairs only when it is
 			    * established, before forward() sees it). */
+	__u64 unseen;      /* segments kept while the receiving socket's own
+			    * psock backlog was busy (sending the other
+			    * direction): they wait in that backlog, where no
+			    * read sees them, until it reaches them. Once one
+			    * was, nothing in this direction may overtake that
+			    * backlog while it holds anything. */
 };
 
 /* fp_fwd_dir.next_seq holds a sequence number. */

@@ -224,6 +224,7 @@ impl Programs {
         rodata.keep_blocking_plain = u32::from(config.keep_blocking_plain);
         rodata.receive_queue_limit = config.receive_queue_limit;
         rodata.fwd_backlog_limit = FORWARD_BACKLOG_SEGMENTS;
+        rodata.apps_queue_on_forwarded = u32::from(both);
         rodata.tcp_memory_pressure_pages = tcp_memory_pressure_pages();
         if config.splice_guard {
             crate::splice_guard::write_splice_read_text(&mut rodata.splice_read_text);

@@ -130,6 +130,14 @@ counters! {
     /// because the receiving socket's own backlog was busy sending the
     /// other direction (a segment kept then would wait unseen behind it).
     fwd_backlog_overrun,
+    /// Egress and both modes: of the kept segments, those kept while the
+    /// receiving socket's own forwarding backlog was busy sending the
+    /// other direction: they wait there, where no read sees them, until it
+    /// reaches them (both mode: an application's bytes past its queue's
+    /// bound while it does not read its download). `Forwarding` passes no
+    /// FIN on, and the forwarding program forwards nothing in that
+    /// direction, while that backlog holds anything.
+    fwd_kept_unseen,
     /// Egress and both modes: received segments that began before bytes
     /// the forwarding program had already taken. TCP queues a segment that
     /// partly repeats delivered bytes (a retransmission overlapping data

@@ -89,13 +89,10 @@ fn an_applications_bytes_go_straight_upstream_after_the_queued_ones() {
         counters.fwd_direct_msgs >= 1 && counters.fwd_direct_msgs <= counters.fwd_direct_bytes,
         "{counters}"
     );
+    let client_plain =
+        client_bytes_forwarded_plain(&stats, &counters, (request.len() + SIZE) as u64);
     assert_eq!(
-        stats.copied_at_hand_over + counters.fwd_direct_bytes,
-        (request.len() + SIZE) as u64,
-        "every client byte either copied or sent straight upstream: {counters}"
-    );
-    assert_eq!(
-        counters.fwd_bytes + stats.copied - stats.copied_at_hand_over,
+        counters.fwd_bytes - client_plain + stats.copied - stats.copied_at_hand_over,
         SIZE as u64,
         "every server byte forwarded by the kernel, or kept while the \
          downstream socket's backlog was full and copied: {counters}"
@@ -150,11 +147,7 @@ fn a_client_writing_during_the_hand_over_keeps_its_order() {
     let counters = e.guard.stats().unwrap();
     assert_eq!(stats.end, ForwardEnd::Closed);
     assert!(stats.copied_at_hand_over >= 1 << 20, "{stats:?}");
-    assert_eq!(
-        stats.copied_at_hand_over + counters.fwd_direct_bytes,
-        SIZE as u64,
-        "every byte either copied at the hand-over or sent straight upstream: {counters}"
-    );
+    client_bytes_forwarded_plain(&stats, &counters, SIZE as u64);
     assert!(counters.fwd_direct_bytes > 0, "{counters}");
 }
 
@@ -234,47 +227,62 @@ fn dropping_the_guard_mid_transfer_loses_nothing() {
     let p = proxied_via(&guard, &front, &upstream, &data[..4096], |_, _| {});
     let (at_drop, end, sent_after, _) = upload_across_guard_drop(p, guard, &data, 4096);
     // The programs still carried the bytes written after the drop: straight
-    // upstream, or into the downstream queue while earlier bytes wait there.
+    // upstream, or into the downstream queue while earlier bytes wait there;
+    // plain only past the downstream queue's bound (then the forwarding
+    // program carried them).
     let d = end.since(&at_drop);
     assert!(
-        d.fwd_direct_bytes + d.bytes_redirected >= sent_after,
-        "{sent_after} bytes written after the drop, not all on the kernel path: {d}"
+        d.fwd_direct_bytes + d.bytes_redirected + d.bytes_passed >= sent_after,
+        "{sent_after} bytes written after the drop, not all seen by the programs: {d}"
     );
-    assert_eq!(d.bytes_passed, 0, "{d}");
+    assert!(d.bytes_passed == 0 || end.queue_limit_fallbacks >= 1, "{d}");
 }
 
-/// A client, its proxied pair, and `SIZE` bytes it wrote without blocking
-/// while the server did not read (so the upstream socket filled up and
-/// the rest waits in the downstream queue).
+fn kernel_bounds_queue() -> bool {
+    kernel().receive_queue_bound.is_yes()
+}
+
+/// A client, its proxied pair, and the bytes it wrote without blocking
+/// (until EAGAIN, or `SIZE`) while the server did not read: the upstream
+/// socket filled up, the rest queued in the downstream socket up to
+/// `receive_queue_limit`, and past it the client's bytes went plain, where
+/// the downstream socket's TCP window pushed back (on kernels that charge
+/// redirected bytes: `probe()`'s receive queue bound; elsewhere all `SIZE`
+/// queue).
 fn client_filled_the_upstream(e: &BothEnv) -> (Proxied, Vec<u8>) {
     const SIZE: usize = 64 << 20;
     let p = proxied_via(&e.guard, &e.front, &e.upstream, &[], |_, _| {});
     p.client.set_nonblocking(true).unwrap();
-    let data = random_bytes(SIZE, 27);
+    let mut data = random_bytes(SIZE, 27);
     let mut sent = 0;
-    for chunk in data.chunks(64 << 10) {
-        match (&p.client).write(chunk) {
-            Ok(n) => {
-                assert_eq!(n, chunk.len(), "short write after {sent} bytes");
-                sent += n;
-            }
+    while sent < SIZE {
+        match (&p.client).write(&data[sent..(sent + (64 << 10)).min(SIZE)]) {
+            Ok(n) => sent += n,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(err) => panic!("send failed after {sent} bytes: {err}"),
         }
     }
+    data.truncate(sent);
     p.client.set_nonblocking(false).unwrap();
     let counters = e.guard.stats().unwrap();
+    eprintln!("the client got EAGAIN after {} KiB", sent >> 10);
     assert!(counters.fwd_direct_bytes > 0, "{counters}");
     assert!(
-        counters.fwd_direct_bytes < SIZE as u64,
+        counters.fwd_direct_bytes < sent as u64,
         "the upstream filled up, so some bytes queued: {counters}"
     );
+    if kernel_bounds_queue() {
+        assert!(sent < SIZE, "never pushed back: {sent} bytes: {counters}");
+        assert!(counters.queue_limit_fallbacks >= 1, "{counters}");
+    }
     (p, data)
 }
 
 /// The upstream stops draining: the application is never made to wait on
 /// the proxy's upstream socket (where it could hang if the proxy died);
-/// its bytes wait in the downstream queue instead, and all arrive, in
-/// order, once the server reads again.
+/// its bytes wait in the downstream queue instead, up to the queue's
+/// bound, then in its own TCP send buffer, as in front of any proxy that
+/// stops reading; all arrive, in order, once the server reads again.
 #[test]
 fn a_full_upstream_never_blocks_the_application() {
     let Some(e) = both_env() else { return };
@@ -292,9 +300,11 @@ fn a_full_upstream_never_blocks_the_application() {
     assert_eq!(read_all(&mut client), b"");
     let stats = proxy.join().unwrap();
     assert_eq!(stats.end, ForwardEnd::Closed);
+    let counters = e.guard.stats().unwrap();
     assert_eq!(
-        stats.copied_at_hand_over + e.guard.stats().unwrap().fwd_direct_bytes,
-        data.len() as u64
+        stats.copied_at_hand_over + counters.fwd_direct_bytes + counters.fwd_bytes,
+        data.len() as u64,
+        "{stats:?} {counters}"
     );
 }
 
@@ -378,7 +388,7 @@ fn a_local_upstream_in_the_policy_is_forwarded_too() {
     // An accelerated upstream socket: no direct sends (they would take the
     // TCP path and be read after bytes copied through its sk_msg program).
     assert_eq!(counters.fwd_direct_bytes, 0, "{counters}");
-    assert_eq!(stats.copied_at_hand_over, to_server.len() as u64);
+    client_bytes_forwarded_plain(&stats, &counters, to_server.len() as u64);
 }
 
 /// A both-mode proxy whose upstream server is outside the cgroup (as a
@@ -466,11 +476,7 @@ fn an_upstream_whose_server_never_pairs_takes_direct_sends_once_refused() {
         counters.fwd_direct_bytes > (TURNS * REQUEST / 2) as u64,
         "most requests straight upstream: {counters}"
     );
-    assert_eq!(
-        stats.copied_at_hand_over + counters.fwd_direct_bytes,
-        (5 + TURNS * REQUEST) as u64,
-        "every client byte either copied or sent straight upstream: {counters}"
-    );
+    client_bytes_forwarded_plain(&stats, &counters, (5 + TURNS * REQUEST) as u64);
 }
 
 /// As above, but the upstream socket is refused while both directions
@@ -506,11 +512,7 @@ fn an_upstream_refused_mid_transfer_keeps_every_byte() {
         (SIZE as u64, SIZE as u64)
     );
     assert_eq!(counters.unpaired_removed, 1, "{counters}");
-    assert_eq!(
-        stats.copied_at_hand_over + counters.fwd_direct_bytes,
-        SIZE as u64,
-        "every client byte either copied or sent straight upstream: {counters}"
-    );
+    client_bytes_forwarded_plain(&stats, &counters, SIZE as u64);
 }
 
 /// Sets TCP_NOTSENT_LOWAT: the socket takes no more bytes while more than
@@ -601,6 +603,100 @@ fn a_proxys_notsent_lowat_never_stalls_the_application() {
         counters.fwd_direct_bytes < data.len() as u64,
         "some queued downstream: {counters}"
     );
+}
+
+/// The client stops reading a download, then uploads more than the
+/// upstream socket and the downstream queue take (its last bytes go plain
+/// past the queue's bound) and closes its side. The downstream socket's
+/// backlog holds the server's bytes for the client meanwhile, so the
+/// forwarding program keeps the client's plain bytes behind them there,
+/// where no read sees them (`fwd_kept_unseen`). Measured without the two
+/// checks that wait for that backlog: without `Forwarding`'s, the client's
+/// FIN was passed on ahead of them (the last 512 KiB lost, in each of 4
+/// runs); without the forwarding program's, later plain bytes were
+/// forwarded past them (the upload reordered in 3 of 9 runs). Every byte
+/// arrives in order each way, each FIN after the last byte; at least one
+/// round kept bytes unseen, or the test would not show the case.
+#[test]
+fn an_upload_finished_while_its_download_stalls_arrives_whole() {
+    let Some(e) = both_env() else { return };
+    if !kernel_bounds_queue() {
+        not_run("the kernel does not charge redirected bytes: no bound to go past");
+        return;
+    }
+    const UPLOAD: usize = 32 << 20;
+    const DOWNLOAD: usize = 48 << 20;
+    type Work = Box<dyn FnOnce() -> Vec<u8> + Send>;
+    let after = |ms, work: Work| {
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(ms));
+            work()
+        })
+    };
+    let sender = |mut s: std::net::TcpStream, data: Vec<u8>| -> Work {
+        Box::new(move || {
+            s.write_all(&data).unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            data
+        })
+    };
+    let reader = |mut s: std::net::TcpStream| -> Work { Box::new(move || read_all(&mut s)) };
+    let mut unseen = 0;
+    for round in 0..3 {
+        let Proxied {
+            client,
+            server,
+            proxy,
+        } = proxied_via(&e.guard, &e.front, &e.upstream, &[], |_, _| {});
+        let before = e.guard.stats().unwrap();
+        let download = after(
+            0,
+            sender(
+                server.try_clone().unwrap(),
+                random_bytes(DOWNLOAD, 50 + round),
+            ),
+        );
+        let upload = after(
+            300,
+            sender(
+                client.try_clone().unwrap(),
+                random_bytes(UPLOAD, 40 + round),
+            ),
+        );
+        let uploaded = after(600, reader(server));
+        let downloaded = after(1500, reader(client));
+        let (uploaded, downloaded) = (uploaded.join().unwrap(), downloaded.join().unwrap());
+        let stats = proxy.join().unwrap();
+        let counters = delta(&e.guard, &before);
+        eprintln!("round {round}: {stats:?}\n{counters}");
+        assert_bytes_eq(&uploaded, &upload.join().unwrap(), "upload");
+        assert_bytes_eq(&downloaded, &download.join().unwrap(), "download");
+        assert_eq!(stats.end, ForwardEnd::Closed);
+        assert!(counters.queue_limit_fallbacks >= 1, "{counters}");
+        unseen += counters.fwd_kept_unseen;
+    }
+    assert!(unseen > 0, "no round kept bytes unseen behind the download");
+}
+
+/// How the client's `total` bytes went upstream: copied by `wait()` (queued
+/// on the downstream socket) or sent straight out of the upstream socket,
+/// except, once the client passed its downstream queue's bound and went
+/// plain, those the forwarding program carried. Returns the last, which
+/// `fwd_bytes` counts besides the server's bytes.
+fn client_bytes_forwarded_plain(
+    stats: &sockmap_fastpath::ForwardStats,
+    counters: &sockmap_fastpath::Stats,
+    total: u64,
+) -> u64 {
+    let copied_or_direct = stats.copied_at_hand_over + counters.fwd_direct_bytes;
+    assert!(copied_or_direct <= total, "{stats:?} {counters}");
+    if counters.queue_limit_fallbacks == 0 {
+        assert_eq!(
+            copied_or_direct, total,
+            "every client byte either copied or sent straight upstream: {counters}"
+        );
+    }
+    total - copied_or_direct
 }
 
 /// Bytes went plain only where a receiver's queue limit was hit (into the

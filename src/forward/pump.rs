@@ -201,6 +201,17 @@ impl Forwarding {
     /// Shuts down the other side's sending half once every byte received on
     /// `from` before its FIN has entered the other side's send queue.
     fn try_pass_fin(&mut self, from: usize) -> Result<bool> {
+        // Kept segments that wait unseen in this side's own backlog (see
+        // kept_bytes_wait in the BPF source): in both mode the copy also
+        // takes an application's queued bytes, so the kept count alone
+        // cannot tell. Asked before the peek: the backlog puts a segment
+        // into the queue before it lets go of it.
+        if self.forwarded_from(&self.sides[from]).unseen > 0
+            && self.socket_state(&self.sides[from]).is_some()
+            && self.backlog_busy(from)?
+        {
+            return Ok(false);
+        }
         // Copied by the loop first (POLLIN), and out of the relay's pipe.
         if self.sides[from].unsent.is_some()
             || has_unread_bytes(self.sides[from].stream.as_raw_fd())
