@@ -69,9 +69,12 @@ struct socket {
 	struct file *file;
 } __attribute__((preserve_access_index));
 /* The kernel's TCP memory in use, in pages: struct proto's counter, an
- * atomic_long_t, read as the long it holds. */
+ * atomic_long_t, read as the long it holds; and its pressure flag
+ * (tcp_memory_pressure: nonzero from crossing tcp_mem[1] until use falls
+ * below tcp_mem[0]). */
 struct proto {
 	long *memory_allocated;
+	unsigned long *memory_pressure;
 } __attribute__((preserve_access_index));
 /* A namespace's TCP_NOTSENT_LOWAT default (net.ipv4.tcp_notsent_lowat). */
 struct netns_ipv4 {
@@ -902,12 +905,22 @@ static __always_inline int redirect_to_self(struct sk_msg_md *msg, struct fp_soc
 	return bpf_msg_redirect_hash(msg, &sock_map, &key, 0) == SK_PASS;
 }
 
-/* Whether the kernel's TCP memory is above its pressure threshold
- * (tcp_mem[1]): past the hard limit, charging new bytes to a socket fails. */
+/* Whether the kernel's TCP memory is under pressure: above its threshold
+ * (tcp_mem[1]), or the kernel's flag still set (it stays set until use
+ * falls below tcp_mem[0]). Past the hard limit, charging new bytes to a
+ * socket fails, and under the flag so does charging a socket that holds
+ * more than its share of tcp_mem[2]: a redirect into such a socket then
+ * fails the sender's send() with ENOMEM (measured before the flag was
+ * read: 51 of 1,000 both-mode 64 KiB uploads, TCP memory below tcp_mem[1]
+ * at the end). */
 static __always_inline int tcp_memory_under_pressure(struct sock *sk)
 {
+	struct proto *prot = sk->__sk_common.skc_prot;
+
+	if (prot->memory_pressure && *prot->memory_pressure)
+		return 1;
 	return tcp_memory_pressure_pages &&
-	       *sk->__sk_common.skc_prot->memory_allocated > (long)tcp_memory_pressure_pages;
+	       *prot->memory_allocated > (long)tcp_memory_pressure_pages;
 }
 
 /* Whether `sk` is one of a proxy's forwarded sockets (its cookie, made when
