@@ -559,12 +559,6 @@ fn stall_many(pairs: Vec<(TcpStream, TcpStream)>, data: &Arc<Vec<u8>>) -> (usize
 /// does not count the forwarding backlog (without the bound the writers
 /// wrote all they had, 48 MiB each when measured, and TCP memory stayed at
 /// plain TCP's).
-/// As many connections as keep the total (up to about 20 MiB each,
-/// measured) at a quarter of the TCP memory pressure mark (`tcp_mem[1]`),
-/// at most 100: past the mark TCP itself drops segments, and the
-/// retransmissions then crawl (measured: 94 connections here went past it,
-/// the receivers dropped segments, and BBR paced the retransmissions at
-/// 280 kbit/s).
 #[test]
 fn stalled_receivers_behind_an_egress_proxy_hold_about_what_plain_tcp_holds() {
     let Some(_env) = privileged_env() else { return };
@@ -572,27 +566,78 @@ fn stalled_receivers_behind_an_egress_proxy_hold_about_what_plain_tcp_holds() {
         not_run("the forwarding backlog bound needs the 6.2 kfuncs");
         return;
     }
+    let guard = egress_guard();
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (stats, connections) =
+        assert_stalled_servers_hold_about_what_plain_tcp_holds(&guard, front, "egress", 0);
+    assert!(stats.fwd_backlog_kept as usize >= connections, "{stats}");
+}
+
+/// The same through a both-mode proxy whose clients are local and
+/// accelerated: each client's bytes also wait in its downstream socket's
+/// queue, up to `receive_queue_limit`, then go plain, where TCP pushes
+/// back (before uploads were bounded, each wrote all it had).
+#[test]
+fn stalled_servers_behind_a_both_mode_proxy_hold_about_what_plain_tcp_holds() {
+    let Some(env) = privileged_env() else { return };
+    if !both_mode_or_refused(&env) {
+        return;
+    }
+    if !kernel_bounds_queue() {
+        not_run("the kernel does not charge redirected bytes: no queue bound");
+        return;
+    }
+    let front = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = front.local_addr().unwrap().port();
+    let guard = env.attach(|b| b.redirect(RedirectMode::Both).ports([port]));
+    let (stats, _) = assert_stalled_servers_hold_about_what_plain_tcp_holds(
+        &guard,
+        front,
+        "both-mode",
+        LIMIT + CHUNK,
+    );
+    assert!(stats.queue_limit_fallbacks >= 1, "{stats}");
+    assert!(stats.fwd_queued_behind >= 1, "{stats}");
+}
+
+/// Clients writing through `guard`'s proxy (listening on `front`) to
+/// servers that never read, beside as many plain connections: the clients
+/// block after about what plain TCP lets them write plus, each, the
+/// forwarding backlog bound, the proxy's two sockets' buffers and `queue`
+/// (what else the path may hold: both mode's downstream queue), every byte
+/// arrives, and the kernel's TCP memory stays within the same order as
+/// plain TCP's. As many connections as keep the total (up to about 20 MiB
+/// each, measured) at a quarter of the TCP memory pressure mark
+/// (`tcp_mem[1]`), at most 100: past the mark TCP itself drops segments,
+/// and the retransmissions then crawl (measured: 94 connections here went
+/// past it, the receivers dropped segments, and BBR paced the
+/// retransmissions at 280 kbit/s). Returns the guard's counters and the
+/// number of connections.
+fn assert_stalled_servers_hold_about_what_plain_tcp_holds(
+    guard: &FastpathGuard,
+    front: TcpListener,
+    what: &str,
+    queue: usize,
+) -> (Stats, usize) {
     let pressure = support::limits::tcp_memory_pressure_pages().unwrap() * 4096;
     let connections = (pressure / (80 << 20)).clamp(4, 100) as usize;
     // Per connection, at most: the backlog bound and the proxy's two
     // sockets' buffers at their largest (measured: they grow to 4-9 MiB).
     let proxy_buffers = (support::limits::tcp_receive_buffer_max().unwrap()
         + support::limits::tcp_send_buffer_max().unwrap()) as usize;
-    let bound = FORWARD_BACKLOG_BOUND + proxy_buffers;
+    let bound = FORWARD_BACKLOG_BOUND + proxy_buffers + queue;
     // More than plain TCP's share (at most those two buffers again) and
-    // the bound together: the writers of an unbounded backlog write it all.
+    // the bound together: the writers of an unbounded path write it all.
     let data = Arc::new(random_bytes(proxy_buffers + bound + (16 << 20), 9));
     let plain_pairs = (0..connections)
         .map(|_| connected_pair("127.0.0.1:0"))
         .collect();
     let (plain, plain_held, plain_intact) = stall_many(plain_pairs, &data);
     assert!(plain_intact);
-    let guard = egress_guard();
-    let front = TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream = TcpListener::bind("127.0.0.1:0").unwrap();
     let (proxied, proxies): (Vec<_>, Vec<_>) = (0..connections)
         .map(|_| {
-            let p = proxied_via(&guard, &front, &upstream, b"", |_, _| {});
+            let p = proxied_via(guard, &front, &upstream, b"", |_, _| {});
             ((p.client, p.server), p.proxy)
         })
         .unzip();
@@ -604,7 +649,7 @@ fn stalled_receivers_behind_an_egress_proxy_hold_about_what_plain_tcp_holds() {
     let stats = guard.stats().unwrap();
     eprintln!(
         "{connections} stalled connections: written before the senders blocked: plain {} MiB, \
-         through the egress proxy {} MiB; TCP memory held: plain {} MiB, proxied {} MiB",
+         through the {what} proxy {} MiB; TCP memory held: plain {} MiB, proxied {} MiB",
         plain >> 20,
         written >> 20,
         (plain_held * 4096) >> 20,
@@ -615,7 +660,6 @@ fn stalled_receivers_behind_an_egress_proxy_hold_about_what_plain_tcp_holds() {
         stats.fwd_overlaps, stats.fwd_overlap_bytes
     );
     assert!(intact, "bytes lost, repeated or reordered: {stats}");
-    assert!(stats.fwd_backlog_kept as usize >= connections, "{stats}");
     assert!(
         written <= plain + connections * bound,
         "{written} written, plain {plain}: {stats}"
@@ -624,4 +668,5 @@ fn stalled_receivers_behind_an_egress_proxy_hold_about_what_plain_tcp_holds() {
         held <= 8 * plain_held.max(1),
         "{held} pages of TCP memory, plain {plain_held}: {stats}"
     );
+    (stats, connections)
 }
