@@ -76,6 +76,10 @@ struct proto {
 	long *memory_allocated;
 	unsigned long *memory_pressure;
 } __attribute__((preserve_access_index));
+/* A list's head (psock queues; kernel_word_set). */
+struct list_head {
+	struct list_head *next;
+} __attribute__((preserve_access_index));
 /* A namespace's TCP_NOTSENT_LOWAT default (net.ipv4.tcp_notsent_lowat). */
 struct netns_ipv4 {
 	unsigned int sysctl_tcp_notsent_lowat;
@@ -905,6 +909,25 @@ static __always_inline int redirect_to_self(struct sk_msg_md *msg, struct fp_soc
 	return bpf_msg_redirect_hash(msg, &sock_map, &key, 0) == SK_PASS;
 }
 
+/* A kernel word, read through a struct whose first member is one. */
+struct fp_kernel_word {
+	unsigned long value;
+};
+
+/* Whether the unsigned long at `word` is nonzero. Verifiers before 6.13
+ * (6.12 measured) refuse to dereference a pointer to a scalar type read
+ * out of a kernel struct ("invalid mem access 'scalar'"), and
+ * bpf_rdonly_cast casts only to a kernel struct: so the word is read as
+ * the first member of one, struct list_head's `next` (6.2 kfunc; callers
+ * run only where it exists). */
+static __always_inline int kernel_word_set(unsigned long *word)
+{
+	struct fp_kernel_word *w =
+		bpf_rdonly_cast(word, bpf_core_type_id_kernel(struct list_head));
+
+	return w->value != 0;
+}
+
 /* Whether the kernel's TCP memory is under pressure: above its threshold
  * (tcp_mem[1]), or the kernel's flag still set (it stays set until use
  * falls below tcp_mem[0]). Past the hard limit, charging new bytes to a
@@ -917,7 +940,7 @@ static __always_inline int tcp_memory_under_pressure(struct sock *sk)
 {
 	struct proto *prot = sk->__sk_common.skc_prot;
 
-	if (prot->memory_pressure && *prot->memory_pressure)
+	if (prot->memory_pressure && kernel_word_set(prot->memory_pressure))
 		return 1;
 	return tcp_memory_pressure_pages &&
 	       *prot->memory_allocated > (long)tcp_memory_pressure_pages;
@@ -1017,9 +1040,6 @@ int fp_sk_msg(struct sk_msg_md *msg)
 /* Both mode. Kernel internals read (read-only, CO-RE relocated): the
  * redirect target's psock (sk_user_data, tagged in its low bits) for its
  * receive queue, and its send buffer use. */
-struct list_head {
-	struct list_head *next;
-} __attribute__((preserve_access_index));
 struct sk_buff_head {
 	__u32 qlen;
 } __attribute__((preserve_access_index));
