@@ -615,8 +615,8 @@ fn a_proxys_notsent_lowat_never_stalls_the_application() {
 /// FIN was passed on ahead of them (the last 512 KiB lost, in each of 4
 /// runs); without the forwarding program's, later plain bytes were
 /// forwarded past them (the upload reordered in 3 of 9 runs). Every byte
-/// arrives in order each way, each FIN after the last byte; at least one
-/// round kept bytes unseen, or the test would not show the case.
+/// arrives in order each way, each FIN after the last byte; some round
+/// kept bytes unseen, or the test would not show the case.
 #[test]
 fn an_upload_finished_while_its_download_stalls_arrives_whole() {
     let Some(e) = both_env() else { return };
@@ -642,7 +642,12 @@ fn an_upload_finished_while_its_download_stalls_arrives_whole() {
     };
     let reader = |mut s: std::net::TcpStream| -> Work { Box::new(move || read_all(&mut s)) };
     let mut unseen = 0;
-    for round in 0..3 {
+    // At least 3 rounds, and more (up to 10) until one kept bytes unseen:
+    // with the other CPU busy, 2 of 15 runs of 3 rounds had none.
+    for round in 0..10 {
+        if round >= 3 && unseen > 0 {
+            break;
+        }
         let Proxied {
             client,
             server,
