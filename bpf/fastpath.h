@@ -113,8 +113,9 @@ struct fp_fwd_dir {
 			    * psock backlog was busy (sending the other
 			    * direction): they wait in that backlog, where no
 			    * read sees them, until it reaches them. Once one
-			    * was, nothing in this direction may overtake that
-			    * backlog while it holds anything. */
+			    * was, in both mode nothing in this direction may
+			    * overtake that backlog while it holds anything (in
+			    * egress mode the kept-byte count is exact). */
 };
 
 /* fp_fwd_dir.next_seq holds a sequence number. */

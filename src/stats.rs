@@ -134,9 +134,10 @@ counters! {
     /// receiving socket's own forwarding backlog was busy sending the
     /// other direction: they wait there, where no read sees them, until it
     /// reaches them (both mode: an application's bytes past its queue's
-    /// bound while it does not read its download). `Forwarding` passes no
-    /// FIN on, and the forwarding program forwards nothing in that
-    /// direction, while that backlog holds anything.
+    /// bound while it does not read its download). In both mode
+    /// `Forwarding` then passes no FIN on, and the forwarding program
+    /// forwards nothing in that direction, while that backlog holds
+    /// anything (in egress mode the kept-byte count holds them back).
     fwd_kept_unseen,
     /// Egress and both modes: received segments that began before bytes
     /// the forwarding program had already taken. TCP queues a segment that
