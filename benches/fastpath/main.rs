@@ -5,7 +5,7 @@
 //! `cargo bench --bench fastpath -- [--quick] [--json PATH] [--markdown PAGE]`
 //! (`--scale-only [--scale-pairs N] [--scale-workload PREFIX]
 //! [--scale-proxies splice,adaptive,...] [--scale-seconds S]
-//! [--scale-forwarder-threads N]`: just the proxy-at-scale tables, or one
+//! [--scale-forwarder-threads N] [--scale-establish-seconds S]`: just the proxy-at-scale tables, or one
 //! scale, workload or proxy of them, with measurements of S seconds and
 //! N `Forwarder` threads, printed.)
 //!

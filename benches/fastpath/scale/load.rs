@@ -42,6 +42,22 @@ impl Workload {
         }
     }
 
+    /// The unit CPU time per operation is shown in.
+    pub fn cpu_unit(self) -> &'static str {
+        match self {
+            Workload::RequestResponse(_) => "µs/trip",
+            _ => "ms/GiB",
+        }
+    }
+
+    /// What CPU seconds per counted operation are worth in `cpu_unit`.
+    pub fn cpu_unit_scale(self) -> f64 {
+        match self {
+            Workload::RequestResponse(_) => 1e6,
+            _ => 1e3 * (1u64 << 30) as f64,
+        }
+    }
+
     /// What the counted operations are worth in `unit`.
     pub fn scale(self) -> f64 {
         match self {
@@ -59,6 +75,9 @@ pub struct Measured {
     pub per_second: f64,
     pub latencies_ns: Vec<u64>,
     pub memory_rise_kib: u64,
+    /// CPU time spent while measuring, per counted operation (round trip
+    /// or byte).
+    pub cpu_per_op: CpuSeconds,
     /// Why the run failed (then the figures above are of no use but the
     /// memory rise).
     pub failure: Option<String>,
@@ -70,6 +89,7 @@ impl Measured {
             per_second: 0.0,
             latencies_ns: Vec::new(),
             memory_rise_kib,
+            cpu_per_op: CpuSeconds::default(),
             failure: Some(why),
         }
     }
@@ -95,10 +115,12 @@ pub struct Load {
     runtime: Runtime,
     server: Arc<Server>,
     server_port: u16,
+    /// How long every connection may take to reach the server.
+    establish: Duration,
 }
 
 impl Load {
-    pub fn new() -> Result<Load, BoxError> {
+    pub fn new(establish: Duration) -> Result<Load, BoxError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -134,6 +156,7 @@ impl Load {
             runtime,
             server,
             server_port,
+            establish,
         })
     }
 
@@ -145,14 +168,17 @@ impl Load {
     /// Opens `pairs` connections through the proxy at `proxy_port`, runs
     /// `workload` on all of them, measures for `duration` after `warmup`,
     /// calls `at_end` while they are still open, then closes them all.
+    /// `proxy_pid` is the proxy's process, whose CPU time is measured.
     ///
     /// A run fails ([`Measured::failure`]) if a connection fails before
-    /// the end, not every connection reached the server within a minute, or
+    /// the end, not every connection reached the server in time (a minute
+    /// unless `--scale-establish-seconds` says otherwise), or
     /// the machine ran low on memory.
     pub fn run(
         &self,
         workload: Workload,
         proxy_port: u16,
+        proxy_pid: u32,
         pairs: usize,
         (warmup, duration): (Duration, Duration),
         at_end: impl FnOnce(),
@@ -179,7 +205,7 @@ impl Load {
                 let (flags, server) = (Arc::clone(&flags), Arc::clone(server));
                 clients.push(tokio::spawn(client(workload, stream, flags, server)));
             }
-            let deadline = Instant::now() + Duration::from_secs(60);
+            let deadline = Instant::now() + self.establish;
             while server.accepted.load(Ordering::Relaxed) < pairs {
                 if Instant::now() > deadline {
                     flags.stop.store(true, Ordering::Relaxed);
@@ -198,9 +224,11 @@ impl Load {
             tokio::time::sleep(warmup).await;
             flags.measuring.store(true, Ordering::Relaxed);
             let (before, start) = (server.done.load(Ordering::Relaxed), Instant::now());
+            let cpu_before = CpuSeconds::now(proxy_pid);
             tokio::time::sleep(duration).await;
             let done = server.done.load(Ordering::Relaxed) - before;
             let elapsed = start.elapsed();
+            let cpu = CpuSeconds::between(cpu_before, CpuSeconds::now(proxy_pid));
             flags.measuring.store(false, Ordering::Relaxed);
             let tcp_memory = tcp_memory();
             at_end();
@@ -224,6 +252,7 @@ impl Load {
                 per_second: done as f64 / elapsed.as_secs_f64(),
                 latencies_ns,
                 memory_rise_kib,
+                cpu_per_op: cpu.per(done.max(1) as f64),
                 failure: None,
             }
         })
@@ -285,6 +314,90 @@ pub fn proc_field(path: &str, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// CPU time in seconds: the whole machine's busy time (every CPU, from
+/// /proc/stat: user, system, interrupts and softirqs, so also the kernel's
+/// work in softirqs and workqueues for any process), the clients' and the
+/// server's (this process) and the proxy process's (user and system time
+/// of their threads, from /proc/<pid>/stat). What the machine spent beyond
+/// the two processes is mostly the kernel's work on their behalf outside
+/// their threads: softirqs that interrupted another process and kworkers
+/// (e.g. the psock backlog sending forwarded segments).
+#[derive(Clone, Copy, Default)]
+pub struct CpuSeconds {
+    pub machine: f64,
+    pub load: f64,
+    pub proxy: f64,
+}
+
+impl CpuSeconds {
+    /// Busy time is counted as the CPUs' time less their idle time: the
+    /// kernel measures idle time exactly, while its busy counters are
+    /// sampled at each tick (they read 10% low here against the processes'
+    /// own times).
+    fn now(proxy_pid: u32) -> (Self, f64, Instant) {
+        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        // cpu user nice system idle iowait ...
+        let idle: f64 = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(4)
+            .take(2)
+            .filter_map(|v| v.parse::<f64>().ok())
+            .sum();
+        let cpus = stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+            .count() as f64;
+        let times = CpuSeconds {
+            machine: -idle / ticks,
+            load: process_cpu_ticks("/proc/self/stat") / ticks,
+            proxy: process_cpu_ticks(&format!("/proc/{proxy_pid}/stat")) / ticks,
+        };
+        (times, cpus, Instant::now())
+    }
+
+    /// From two `now()`s: what was spent in between.
+    fn between(earlier: (Self, f64, Instant), later: (Self, f64, Instant)) -> Self {
+        let ((before, cpus, start), (after, _, end)) = (earlier, later);
+        CpuSeconds {
+            machine: (end - start).as_secs_f64() * cpus + after.machine - before.machine,
+            load: after.load - before.load,
+            proxy: after.proxy - before.proxy,
+        }
+    }
+
+    fn per(self, ops: f64) -> Self {
+        CpuSeconds {
+            machine: self.machine / ops,
+            load: self.load / ops,
+            proxy: self.proxy / ops,
+        }
+    }
+}
+
+/// utime + stime (fields 14 and 15) of a /proc/<pid>/stat, in clock ticks;
+/// 0 if unreadable. The command name (field 2) may hold spaces: count from
+/// its closing parenthesis.
+fn process_cpu_ticks(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // After the name: state is field 3, so utime (14) is index 11.
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    field(11) + field(12)
 }
 
 /// `MemTotal` and `MemAvailable` from /proc/meminfo, in KiB.

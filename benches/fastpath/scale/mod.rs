@@ -35,7 +35,9 @@ const WORKLOADS: [Workload; 5] = [
 /// long (`--scale-seconds S` per measurement: long enough to profile a
 /// proxy with `perf record -p`), and with how many `Forwarder` threads
 /// (`--scale-forwarder-threads N`; default: one per CPU), for looking into
-/// one row.
+/// one row; and how long every connection may take to reach the server
+/// (`--scale-establish-seconds S`, default 60: slower machines, such as an
+/// emulated guest at 10,000 pairs, need longer).
 #[derive(Default)]
 pub struct Only {
     pub pairs: Option<usize>,
@@ -44,7 +46,21 @@ pub struct Only {
     /// show "-".
     pub proxies: Option<Vec<String>>,
     pub seconds: Option<f64>,
+    pub establish_seconds: Option<f64>,
     pub forwarder_threads: Option<usize>,
+}
+
+/// The value of `--name S`, a positive number of seconds, if given.
+fn seconds_arg(args: &[String], name: &str) -> Result<Option<f64>, BoxError> {
+    match crate::arg_value(args, name) {
+        Some(s) => Ok(Some(
+            s.parse::<f64>()
+                .ok()
+                .filter(|s| *s > 0.0 && s.is_finite())
+                .ok_or_else(|| format!("{name} {s}: not a positive number"))?,
+        )),
+        None => Ok(None),
+    }
 }
 
 impl Only {
@@ -56,15 +72,8 @@ impl Only {
             ),
             None => None,
         };
-        let seconds = match crate::arg_value(args, "--scale-seconds") {
-            Some(s) => Some(
-                s.parse::<f64>()
-                    .ok()
-                    .filter(|s| *s > 0.0 && s.is_finite())
-                    .ok_or_else(|| format!("--scale-seconds {s}: not a positive number"))?,
-            ),
-            None => None,
-        };
+        let seconds = seconds_arg(args, "--scale-seconds")?;
+        let establish_seconds = seconds_arg(args, "--scale-establish-seconds")?;
         let proxies = match crate::arg_value(args, "--scale-proxies") {
             Some(list) => {
                 let names: Vec<String> = list.split(',').map(str::to_owned).collect();
@@ -93,6 +102,7 @@ impl Only {
             workload: crate::arg_value(args, "--scale-workload").map(str::to_owned),
             proxies,
             seconds,
+            establish_seconds,
         })
     }
 
@@ -137,7 +147,8 @@ pub fn scale_tables(parent: &Cgroup, quick: bool, only: &Only) -> Result<Vec<Sec
         (3, Duration::from_millis(300), Duration::from_secs(1))
     };
     let duration = only.seconds.map_or(duration, Duration::from_secs_f64);
-    let load = Load::new()?;
+    let establish = Duration::from_secs_f64(only.establish_seconds.unwrap_or(60.0));
+    let load = Load::new(establish)?;
     let kinds: Vec<&'static str> = ProxyKind::ALL.iter().map(|k| k.name()).collect();
     let mut throughput = Section::new(
         "scale",
@@ -157,6 +168,12 @@ pub fn scale_tables(parent: &Cgroup, quick: bool, only: &Only) -> Result<Vec<Sec
     let mut resources = Section::new(
         "scale-resources",
         "The proxy process's threads (most seen at the end of a measurement) and peak resident memory (VmHWM, MiB), per scale; and the most the machine's memory in use (MemTotal - MemAvailable) rose during a run of that proxy, which includes the kernel's socket buffers and queues (and the benchmark's own clients and server):",
+        &kinds,
+        &[],
+    );
+    let mut cpu = Section::new(
+        "scale-cpu",
+        "CPU time per unit of work while measuring (µs per round trip, ms per GiB moved): the whole machine's busy time (every CPU, including softirqs and kworkers), the benchmark's clients and server (one process), and the proxy process. The machine's figure less the two processes' is the kernel's work outside their threads (softirqs that interrupted another task, the psock backlog's kworkers):",
         &kinds,
         &[],
     );
@@ -181,6 +198,7 @@ pub fn scale_tables(parent: &Cgroup, quick: bool, only: &Only) -> Result<Vec<Sec
                 for (i, child) in children.iter_mut().enumerate() {
                     if !only.proxy(child.kind) {
                         (cells[i].rates, cells[i].p99s) = (vec![f64::NAN], vec![f64::NAN]);
+                        cells[i].cpu = [vec![f64::NAN], vec![f64::NAN], vec![f64::NAN]];
                         continue;
                     }
                     if cells[i].failure.is_some() {
@@ -190,10 +208,18 @@ pub fn scale_tables(parent: &Cgroup, quick: bool, only: &Only) -> Result<Vec<Sec
                         cells[i].failure = Some(broken.clone());
                         continue;
                     }
-                    let measured =
-                        load.run(workload, child.port, pairs, (warmup, duration), || {
-                            threads[i] = threads[i].max(child.threads() as f64)
-                        });
+                    let measured = load.run(
+                        workload,
+                        child.port,
+                        child.child.id(),
+                        pairs,
+                        (warmup, duration),
+                        || threads[i] = threads[i].max(child.threads() as f64),
+                    );
+                    let per_unit = workload.cpu_unit_scale();
+                    cells[i].cpu[0].push(measured.cpu_per_op.machine * per_unit);
+                    cells[i].cpu[1].push(measured.cpu_per_op.load * per_unit);
+                    cells[i].cpu[2].push(measured.cpu_per_op.proxy * per_unit);
                     let rise = measured.memory_rise_kib as f64 / 1024.0;
                     memory_rise[i] = memory_rise[i].max(rise);
                     cells[i].failure = measured.failure;
@@ -212,6 +238,7 @@ pub fn scale_tables(parent: &Cgroup, quick: bool, only: &Only) -> Result<Vec<Sec
                     eprintln!("{name}: {} failed: {failure}", child.kind.name());
                     let _ = writeln!(failures, "- {name}, {}: {failure}", child.kind.name());
                     (cell.rates, cell.p99s) = (Vec::new(), Vec::new());
+                    cell.cpu = Default::default();
                 }
             }
             let rates: Vec<Vec<f64>> = cells.iter().map(|c| c.rates.clone()).collect();
@@ -226,6 +253,18 @@ pub fn scale_tables(parent: &Cgroup, quick: bool, only: &Only) -> Result<Vec<Sec
                 ratios[2]
             );
             throughput.row(&name, workload.unit(), &rates, &ratios);
+            for (k, whose) in ["machine", "clients and server", "proxy"]
+                .iter()
+                .enumerate()
+            {
+                let figures: Vec<Vec<f64>> = cells.iter().map(|c| c.cpu[k].clone()).collect();
+                cpu.row(
+                    &format!("{name}: {whose}"),
+                    workload.cpu_unit(),
+                    &figures,
+                    &[],
+                );
+            }
             if let Workload::RequestResponse(_) = workload {
                 let p99s: Vec<Vec<f64>> = cells.iter().map(|c| c.p99s.clone()).collect();
                 let p: Vec<f64> = p99s.iter().map(|r| median_or_nan(r)).collect();
@@ -284,7 +323,7 @@ pub fn scale_tables(parent: &Cgroup, quick: bool, only: &Only) -> Result<Vec<Sec
     );
     drop(load);
     cgroup.remove()?;
-    Ok(vec![throughput, latency, resources])
+    Ok(vec![throughput, latency, resources, cpu])
 }
 
 /// One proxy's measurements of one row.
@@ -292,6 +331,8 @@ pub fn scale_tables(parent: &Cgroup, quick: bool, only: &Only) -> Result<Vec<Sec
 struct Cell {
     rates: Vec<f64>,
     p99s: Vec<f64>,
+    /// CPU per unit of work: the machine's, the load's, the proxy's.
+    cpu: [Vec<f64>; 3],
     failure: Option<String>,
 }
 
