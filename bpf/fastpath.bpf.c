@@ -276,6 +276,16 @@ struct {
 	__uint(max_entries, FP_MAX_SPLICE_EXCLUDED);
 } splice_excluded_services SEC(".maps");
 
+/* Streaming demotion: each socket's part in its pair's demotion, by its
+ * fp_sock_key (LRU: an entry left by a connection that closed mid-way
+ * gives way; losing a live one only stops that pair's demotion). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct fp_sock_key);
+	__type(value, struct fp_demotion);
+	__uint(max_entries, 65536); /* resized before load */
+} demotions SEC(".maps");
+
 static __always_inline struct fp_stats *this_cpu_stats(void)
 {
 	__u32 zero = 0;
@@ -374,6 +384,19 @@ static __always_inline __u64 address_space(__u64 netns_cookie)
  * (Linux 6.1 lacks bpf_get_current_pid_tgid there); comm policies and the
  * splice guard's process exclusion then have no owner to match. */
 const volatile __u32 record_owners = 1;
+
+/* Streaming demotion watches a paired socket's segments both ways: an
+ * incoming data segment on the fast path skips the parse callback, the
+ * ACK it makes the socket send does not skip this one. */
+#define DEMOTION_CB_FLAGS \
+	(BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG)
+
+/* Streaming demotion (AcceleratorBuilder::demote_streaming), set before
+ * load: a paired socket whose peer had not read its previous messages at
+ * this many redirects in a row, each of at most demote_max_msg_size bytes,
+ * takes its pair off the shortcut; 0: never. */
+const volatile __u32 demote_after_msgs = 0;
+const volatile __u32 demote_max_msg_size = 0;
 
 /* Set before load: 0 to accelerate sockets that are blocking when they
  * connect (BlockingSockets::Accelerate). */
@@ -598,6 +621,8 @@ static __always_inline void accept_side_established(struct bpf_sock_ops *skops,
 		return;
 	}
 	st->flags |= FP_ACCELERATED | FP_PAIRED | FP_ACCEPTED;
+	if (demote_after_msgs)
+		bpf_sock_ops_cb_flags_set(skops, DEMOTION_CB_FLAGS);
 	COUNT(sockets_inserted, 1);
 }
 
@@ -628,6 +653,9 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, int passi
 		return;
 	}
 	make_key(&f, netns_cookie, 1, &st->peer);
+	/* An earlier connection's demotion record with the same key. */
+	if (demote_after_msgs)
+		bpf_map_delete_elem(&demotions, &key);
 	/* Nothing is queued yet (may_insert refuses sockets that moved data):
 	 * its write_seq is snd_nxt. */
 	st->expected_write_seq = snd_nxt;
@@ -703,7 +731,9 @@ static __always_inline void on_connect_side_segment(struct bpf_sock_ops *skops, 
 	}
 	bpf_map_delete_elem(&pairs, &key);
 done:
-	bpf_sock_ops_cb_flags_set(skops, 0);
+	bpf_sock_ops_cb_flags_set(skops, demote_after_msgs && (st->flags & FP_PAIRED)
+						 ? DEMOTION_CB_FLAGS
+						 : 0);
 }
 
 /* Payload bytes of the incoming segment a BPF_SOCK_OPS_PARSE_HDR_OPT_CB
@@ -735,6 +765,208 @@ static __always_inline void on_state_change(struct bpf_sock_ops *skops)
 		bpf_map_delete_elem(&pairs, &key);
 }
 
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym __weak;
+static __always_inline void own_key(const struct fp_sock_state *st, struct fp_sock_key *key);
+static __always_inline int psock_has_queue(struct sock *sk);
+
+#if defined(__TARGET_ARCH_x86)
+/* The registers a thread's entry into the kernel saved at the top of its
+ * kernel stack (x86_64: THREAD_SIZE 16 KiB without KASAN; a frame that
+ * does not look like a 64-bit user entry is not used). */
+struct pt_regs___entry {
+	unsigned long ip, cs, sp, ss, orig_ax;
+} __attribute__((preserve_access_index));
+struct task_struct___stack {
+	void *stack;
+} __attribute__((preserve_access_index));
+#define FP_THREAD_SIZE 16384
+#define FP_USER_CS 0x33
+#define FP_USER_SS 0x2b
+
+/* The user-entry frame of the thread at `task`: whether it is one. */
+static __always_inline int read_user_entry(__u64 task, __u64 *ip, __u64 *sp, __u64 *nr)
+{
+	struct task_struct___stack *t =
+		bpf_rdonly_cast((void *)task, bpf_core_type_id_kernel(struct task_struct___stack));
+	unsigned long top = (unsigned long)t->stack + FP_THREAD_SIZE -
+			    bpf_core_type_size(struct pt_regs___entry);
+	struct pt_regs___entry *regs =
+		bpf_rdonly_cast((void *)top, bpf_core_type_id_kernel(struct pt_regs___entry));
+
+	if (regs->cs != FP_USER_CS || regs->ss != FP_USER_SS)
+		return 0;
+	*ip = regs->ip;
+	*sp = regs->sp;
+	*nr = regs->orig_ax;
+	return 1;
+}
+#else
+/* Elsewhere only the thread's next verdict shows that its redirect landed. */
+static __always_inline int read_user_entry(__u64 task, __u64 *ip, __u64 *sp, __u64 *nr)
+{
+	return 0;
+}
+#endif
+
+/* A slot no thread's next verdict can clear: the socket had more threads
+ * redirecting at once than it has slots. */
+#define FP_SLOT_UNPROVABLE (~0ULL)
+
+/* Whether the redirect recorded in `slot` has landed (see
+ * fp_redirect_slot). A recorded frame that is no longer a user-entry
+ * frame: the thread has exited (its stack freed) or entered the kernel
+ * anew, either way after the redirect. */
+static __always_inline int slot_landed(const struct fp_redirect_slot *slot)
+{
+	__u64 ip = 0, sp = 0, nr = 0;
+
+	if (!slot->task)
+		return 1;
+	if (!slot->frame_known)
+		return 0;
+	if (!read_user_entry(slot->task, &ip, &sp, &nr))
+		return 1;
+	return ip != slot->ip || sp != slot->sp || nr != slot->nr;
+}
+
+/* Records a redirect the current thread is making from the socket. */
+static __always_inline void record_redirect(struct fp_sock_state *st, struct fp_stats *s)
+{
+	__u64 task = (__u64)bpf_get_current_task_btf();
+	struct fp_redirect_slot *slot;
+
+	if (st->slots[0].task == task || slot_landed(&st->slots[0]))
+		slot = &st->slots[0];
+	else if (st->slots[1].task == task || slot_landed(&st->slots[1]))
+		slot = &st->slots[1];
+	else {
+		if (!(st->flags & FP_UNPROVABLE)) {
+			st->flags |= FP_UNPROVABLE;
+			s->demote_unprovable += 1;
+		}
+		return;
+	}
+	slot->task = task;
+	slot->tid = (__u32)bpf_get_current_pid_tgid();
+	slot->frame_known = read_user_entry(task, &slot->ip, &slot->sp, &slot->nr);
+}
+
+/* A verdict of the current thread on the socket: its earlier redirect from
+ * it has landed (tcp_bpf_sendmsg runs one verdict after the other). */
+static __always_inline void forget_own_redirect(struct fp_redirect_slot *slots)
+{
+	__u64 task = (__u64)bpf_get_current_task_btf();
+
+	if (slots[0].task == task)
+		slots[0].task = 0;
+	if (slots[1].task == task)
+		slots[1].task = 0;
+}
+
+/* Stops the socket's redirecting: its later messages go plain, behind
+ * what it redirected, which its peer reads first. Its slots are published
+ * for the peer, which may leave the map once they have landed. Runs where
+ * no verdict of the socket can run meanwhile: in its verdict (socket
+ * locked), or in sock_ops on a segment it received (the socket is not
+ * owned by a user thread, or its owner is releasing it after a verdict). */
+static __always_inline void stop_redirecting(struct fp_sock_state *st, struct fp_demotion *own,
+					     struct fp_stats *s)
+{
+	st->flags |= FP_DEMOTE_STOPPED_SELF | FP_FELL_BACK;
+	__builtin_memcpy(own->slots, st->slots, sizeof(own->slots));
+	if (st->flags & FP_UNPROVABLE) {
+		own->slots[0].task = FP_SLOT_UNPROVABLE;
+		own->slots[0].frame_known = 0;
+	}
+	/* An atomic exchange orders the slots before the state. */
+	__sync_lock_test_and_set(&own->state, FP_DEMOTE_STOPPED);
+	s->demote_stopped += 1;
+}
+
+/* Takes the socket out of the socket map once nothing can be redirected
+ * into it any more (its peer has stopped and each of the peer's redirects
+ * has landed) and its reader has read its BPF queue: deleting the entry
+ * drops the psock and whatever it still holds. Its bytes then come only
+ * from its peer's plain sends, behind what it has read. */
+static __always_inline int try_leave_map(struct fp_sock_state *st, struct fp_demotion *own,
+					 struct sock *sk, struct fp_stats *s)
+{
+	struct fp_sock_key key = {};
+	struct fp_demotion *peer = bpf_map_lookup_elem(&demotions, &st->peer);
+
+	/* An atomic read: the peer's slots are read after its state. */
+	if (!peer || __sync_fetch_and_add(&peer->state, 0) < FP_DEMOTE_STOPPED)
+		return 0;
+	if (!slot_landed(&peer->slots[0]) || !slot_landed(&peer->slots[1]))
+		return 0;
+	if (psock_has_queue(sk))
+		return 0;
+	own_key(st, &key);
+	bpf_map_delete_elem(&sock_map, &key);
+	st->flags |= FP_DEMOTED;
+	own->state = FP_DEMOTE_DONE;
+	s->demoted_sockets += 1;
+	if (peer->state == FP_DEMOTE_DONE) {
+		bpf_map_delete_elem(&demotions, &key);
+		bpf_map_delete_elem(&demotions, &st->peer);
+	}
+	return 1;
+}
+
+/* Moves a paired socket's demotion on, if its pair is being demoted:
+ * stops its redirecting, and from sock_ops (`may_leave`: sk_msg programs
+ * may not delete socket map entries) takes it out of the map when safe. */
+static __always_inline int advance_demotion(struct fp_sock_state *st, struct sock *sk,
+					    struct fp_stats *s, int may_leave)
+{
+	struct fp_sock_key key = {};
+	struct fp_demotion *own;
+
+	if (!sk || !(st->flags & FP_PAIRED) || (st->flags & FP_DEMOTED))
+		return 0;
+	own_key(st, &key);
+	own = bpf_map_lookup_elem(&demotions, &key);
+	if (!own)
+		return 0;
+	if (!(st->flags & FP_DEMOTE_STOPPED_SELF))
+		stop_redirecting(st, own, s);
+	return may_leave && try_leave_map(st, own, sk, s);
+}
+
+/* Asks for the pair's demotion and stops the socket's own redirecting
+ * (after the message just redirected, which its slots hold). */
+static __always_inline void request_demotion(struct fp_sock_state *st, struct sock *sk,
+					     struct fp_stats *s)
+{
+	struct fp_demotion requested = { .state = FP_DEMOTE_REQUESTED };
+	struct fp_sock_key key = {};
+
+	own_key(st, &key);
+	if (bpf_map_update_elem(&demotions, &key, &requested, BPF_NOEXIST) &&
+	    !bpf_map_lookup_elem(&demotions, &key))
+		return;
+	bpf_map_update_elem(&demotions, &st->peer, &requested, BPF_NOEXIST);
+	s->demote_requested += 1;
+	advance_demotion(st, sk, s, 0);
+}
+
+/* sock_ops, on a segment a paired socket sent or received: its peer's
+ * plain bytes, its acknowledgements of them, its own plain bytes once it
+ * has stopped redirecting. A socket that left the map is watched no more. */
+static __always_inline void on_paired_segment(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct fp_sock_state *st;
+	struct fp_stats *s;
+
+	if (!demote_after_msgs || !sk)
+		return;
+	st = bpf_sk_storage_get(&sock_state, sk, 0, 0);
+	s = this_cpu_stats();
+	if (st && s && advance_demotion(st, (struct sock *)bpf_skc_to_tcp_sock(sk), s, 1))
+		bpf_sock_ops_cb_flags_set(skops, 0);
+}
+
 SEC("sockops")
 int fp_sock_ops(struct bpf_sock_ops *skops)
 {
@@ -753,9 +985,11 @@ int fp_sock_ops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_HDR_OPT_LEN_CB:
 		on_connect_side_segment(skops, skops->skb_len, 0);
+		on_paired_segment(skops);
 		break;
 	case BPF_SOCK_OPS_PARSE_HDR_OPT_CB:
 		on_connect_side_segment(skops, 0, incoming_payload(skops));
+		on_paired_segment(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		on_state_change(skops);
@@ -1024,17 +1258,59 @@ static __always_inline enum msg_outcome redirect_to_peer(struct sk_msg_md *msg,
 	return bound_receive_queue(msg, st, s, peer_may_be_forwarded);
 }
 
+/* Streaming demotion, before the verdict: the current thread's earlier
+ * redirect from the socket has landed (also in its published record, once
+ * it has stopped redirecting). */
+static __always_inline void demotion_before_verdict(struct sk_msg_md *msg)
+{
+	struct fp_sock_state *st = bpf_sk_storage_get(&sock_state, msg->sk, 0, 0);
+	struct fp_sock_key key = {};
+	struct fp_demotion *own;
+
+	if (!st || !(st->flags & FP_PAIRED) || (st->flags & FP_DEMOTED))
+		return;
+	forget_own_redirect(st->slots);
+	if (!(st->flags & FP_DEMOTE_STOPPED_SELF))
+		return;
+	own_key(st, &key);
+	own = bpf_map_lookup_elem(&demotions, &key);
+	if (own)
+		forget_own_redirect(own->slots);
+}
+
+/* Streaming demotion, after a redirect: records it, and asks for the
+ * pair's demotion after demote_after_msgs small messages in a row that
+ * found the peer's queue still holding earlier ones (streaming, where a
+ * request/response peer would have read the request before replying). */
+static __always_inline void demotion_after_redirect(struct sk_msg_md *msg,
+						    struct fp_sock_state *st, struct fp_stats *s)
+{
+	record_redirect(st, s);
+	if (msg->size <= demote_max_msg_size && psock_has_queue(redirect_target(msg)))
+		st->streak += 1;
+	else
+		st->streak = 0;
+	if (st->streak >= demote_after_msgs)
+		request_demotion(st, (struct sock *)bpf_skc_to_tcp_sock(msg->sk), s);
+}
+
 SEC("sk_msg")
 int fp_sk_msg(struct sk_msg_md *msg)
 {
 	struct fp_sock_state *st;
 	struct fp_stats *s = this_cpu_stats();
+	enum msg_outcome outcome;
 
-	if (!s)
+	if (!s || !msg->sk)
 		return SK_PASS;
+	if (demote_after_msgs)
+		demotion_before_verdict(msg);
 	st = paired_state(msg, s);
+	outcome = st ? redirect_to_peer(msg, st, s, 0) : MSG_PASSED;
+	if (demote_after_msgs && st && outcome == MSG_REDIRECTED)
+		demotion_after_redirect(msg, st, s);
 	/* No per-socket byte count here: only both mode's Forwarding reads it. */
-	return count_msg(s, NULL, st ? redirect_to_peer(msg, st, s, 0) : MSG_PASSED, msg->size);
+	return count_msg(s, NULL, outcome, msg->size);
 }
 
 /* Both mode. Kernel internals read (read-only, CO-RE relocated): the

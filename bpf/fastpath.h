@@ -85,6 +85,16 @@ struct fp_stats {
 				      * verdict had already taken (TCP queues a
 				      * partly retransmitted segment whole) */
 	__u64 fwd_overlap_bytes;     /* the bytes trimmed off them */
+	__u64 demote_requested;      /* streaming demotion: pairs a socket asked
+				      * to leave the shortcut */
+	__u64 demote_stopped;        /* sockets of those that stopped redirecting
+				      * (their later messages go plain) */
+	__u64 demoted_sockets;       /* sockets that then left the socket map:
+				      * nothing could still be redirected into
+				      * them and their queue was read */
+	__u64 demote_unprovable;     /* sockets more threads redirected from at
+				      * once than their record holds: they
+				      * never leave the map */
 };
 
 /* Egress mode: one direction of a forwarded pair, keyed by the socket
@@ -141,6 +151,38 @@ struct fp_proxy_pair {
 #define FP_SOL_FASTPATH 0x46504654 /* "FPFT": a level no protocol uses */
 #define FP_SO_BACKLOG_LEN 1
 
+/* Streaming demotion: a redirect a thread made from a socket, until it is
+ * known to have landed. A redirect is queued into the peer after the
+ * sender's socket lock is let go (tcp_bpf_send_verdict), inside the
+ * sending thread's system call; deleting the peer's map entry before it
+ * lands would lose it. It has landed once the same thread runs another
+ * verdict on the socket, or once the thread's user-entry frame (the
+ * registers saved at the top of its kernel stack when it entered the
+ * kernel) differs from the one saved at the verdict: it has left that
+ * kernel entry since. */
+struct fp_redirect_slot {
+	__u64 task;        /* the thread's task_struct address; 0: free */
+	__u64 ip, sp, nr;  /* its user-entry frame at the verdict */
+	__u32 tid;
+	__u32 frame_known; /* the frame looked like a 64-bit user entry (else
+			    * only the thread's next verdict tells) */
+};
+
+#define FP_REDIRECT_SLOTS 2
+
+/* One socket's part in its pair's demotion, keyed by its fp_sock_key. */
+enum fp_demote_state {
+	FP_DEMOTE_REQUESTED = 1, /* its peer (or itself) asked */
+	FP_DEMOTE_STOPPED   = 2, /* it redirects no more; `slots` hold its
+				  * redirects that may not have landed yet */
+	FP_DEMOTE_DONE      = 3, /* it has left the socket map */
+};
+
+struct fp_demotion {
+	__u64 state; /* enum fp_demote_state; 64-bit for BPF's atomics */
+	struct fp_redirect_slot slots[FP_REDIRECT_SLOTS];
+};
+
 /* Per-socket state in socket-local storage. */
 enum fp_sock_flags {
 	FP_OWNER_KNOWN = 1, /* owner_tgid/owner_comm were recorded */
@@ -153,6 +195,10 @@ enum fp_sock_flags {
 	FP_QUEUE_LIMITED = 128, /* its peer held too much: sending plain until
 				 * the peer has drained (receive_queue_limit) */
 	FP_ACCEPTED    = 256, /* accepting side: its local address is a service */
+	FP_DEMOTE_STOPPED_SELF = 512, /* streaming demotion: redirects no more */
+	FP_DEMOTED     = 1024, /* streaming demotion: has left the socket map */
+	FP_UNPROVABLE  = 2048, /* more threads redirected at once than `slots`
+				* holds: never demoted */
 };
 
 /* Whether a connection takes the shortcut, decided once per connection in
@@ -187,7 +233,12 @@ struct fp_sock_state {
 	 * after the receive-queue bound): a different write_seq at a send means
 	 * plain bytes it queued could be overtaken. */
 	__u32 expected_write_seq;
-	__u32 pad;
+	/* Streaming demotion: redirects in a row of at most
+	 * demote_max_msg_size bytes into a peer that had not read the
+	 * previous ones. */
+	__u32 streak;
+	/* Its redirects that may not have landed yet (fp_redirect_slot). */
+	struct fp_redirect_slot slots[FP_REDIRECT_SLOTS];
 };
 
 /* A process the splice guard caught, keyed by its tgid. The start time

@@ -215,6 +215,8 @@ mod tests {
         assert_eq!(
             size_of::<fp_sock_state>(),
             4 + 4 + FP_COMM_LEN + 8 + size_of::<fp_sock_key>() + 8 + 4 + 4
+                // two fp_redirect_slot: four u64 and two u32 each
+                + 2 * (4 * 8 + 4 + 4)
         );
         assert_eq!(size_of::<fp_splice_exclusion>(), 8 + 8);
     }

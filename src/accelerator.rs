@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use crate::attachment::Links;
 use crate::blocking::BlockingSockets;
 use crate::cgroup::Cgroup;
+use crate::demotion::StreamingDemotion;
 use crate::error::{Error, Result};
 use crate::guard::FastpathGuard;
 use crate::kernel_support::require_capabilities;
@@ -41,6 +42,7 @@ pub struct AcceleratorBuilder {
     splice_guard: SpliceGuard,
     blocking: BlockingSockets,
     receive_queue_limit: u32,
+    demotion: Option<StreamingDemotion>,
     namespace_groups: netns::Groups,
 }
 
@@ -54,6 +56,7 @@ impl Default for AcceleratorBuilder {
             splice_guard: SpliceGuard::default(),
             blocking: BlockingSockets::default(),
             receive_queue_limit: Self::DEFAULT_RECEIVE_QUEUE_LIMIT,
+            demotion: None,
             namespace_groups: Vec::new(),
         }
     }
@@ -175,6 +178,22 @@ impl AcceleratorBuilder {
         self
     }
 
+    /// Takes paired connections that stream in small writes off the
+    /// shortcut, both sockets, without losing, duplicating or reordering a
+    /// byte in either direction (off by default; ingress mode only). See
+    /// [`StreamingDemotion`] for when and the [`demotion`](crate::demotion)
+    /// notes for how; [`Stats::demoted_sockets`](crate::Stats::demoted_sockets)
+    /// counts the sockets that left.
+    ///
+    /// `attach()` refuses a zero field with [`Error::ZeroStreamingDemotion`].
+    ///
+    /// # Minimum kernel version
+    /// 6.2 (kfuncs); `attach()` fails with [`Error::KernelFeature`] before.
+    pub fn demote_streaming(mut self, when: StreamingDemotion) -> Self {
+        self.demotion = Some(when);
+        self
+    }
+
     /// Loads the BPF programs and attaches them to the cgroup.
     ///
     /// Order: the splice guard first, then the sk_msg program on the socket
@@ -200,6 +219,7 @@ impl AcceleratorBuilder {
     /// need 6.10 (the task in sock_ops programs) and [`RedirectMode::Both`]
     /// 6.2.
     pub fn attach(self) -> Result<FastpathGuard> {
+        self.validate_demotion()?;
         if self.mode == RedirectMode::Egress {
             return self.attach_egress();
         }
@@ -218,6 +238,7 @@ impl AcceleratorBuilder {
             owners_required: !self.policy.comms.is_empty(),
             keep_blocking_plain: self.blocking == BlockingSockets::KeepPlain,
             receive_queue_limit: self.receive_queue_limit,
+            demotion: self.demotion,
             ..LoadConfig::new(self.mode, self.capacity, self.splice_guard.enabled())
         })?;
         programs.set_policy(&self.policy)?;
@@ -234,6 +255,21 @@ impl AcceleratorBuilder {
         let programs = Programs::load(LoadConfig::new(self.mode, self.capacity, false))?;
         let links = Links::attach(&programs, self.mode, None, SpliceGuard::Off)?;
         FastpathGuard::new(programs, links, None, self.mode)
+    }
+
+    fn validate_demotion(&self) -> Result<()> {
+        match self.demotion {
+            Some(_) if self.mode != RedirectMode::Ingress => {
+                Err(Error::StreamingDemotionMode { mode: self.mode })
+            }
+            Some(d) if d.messages_in_a_row == 0 => Err(Error::ZeroStreamingDemotion {
+                field: "messages_in_a_row",
+            }),
+            Some(d) if d.max_message_bytes == 0 => Err(Error::ZeroStreamingDemotion {
+                field: "max_message_bytes",
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn validate_capacity(&self) -> Result<()> {

@@ -91,6 +91,20 @@ pub enum Error {
         default: u32,
     },
 
+    /// A [`StreamingDemotion`](crate::StreamingDemotion) field is zero.
+    #[error("streaming demotion: {field} 0 would demote every pair at its first message or none: pass at least 1 (StreamingDemotion::default() has 64 messages of at most 16 KiB)")]
+    ZeroStreamingDemotion {
+        /// Which field.
+        field: &'static str,
+    },
+
+    /// Streaming demotion was asked for outside ingress mode.
+    #[error("streaming demotion works in RedirectMode::Ingress only, not {mode:?}: drop demote_streaming() or use ingress mode")]
+    StreamingDemotionMode {
+        /// The mode asked for.
+        mode: crate::RedirectMode,
+    },
+
     /// A policy set has more entries than its BPF map holds.
     #[error("too many {what}: {given} given, at most {max} fit")]
     PolicyTooLarge {
@@ -198,6 +212,8 @@ impl Error {
             | Error::InvalidPort
             | Error::ZeroCapacity { .. }
             | Error::ZeroReceiveQueueLimit { .. }
+            | Error::ZeroStreamingDemotion { .. }
+            | Error::StreamingDemotionMode { .. }
             | Error::PolicyTooLarge { .. }
             | Error::NamespaceGroup { .. } => ErrorKind::InvalidInput,
             Error::NotEgressMode => ErrorKind::WrongMode,

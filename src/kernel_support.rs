@@ -76,6 +76,17 @@ pub(crate) fn both_mode_unsupported(source: std::io::Error) -> Error {
     }
 }
 
+/// The error for a kernel that cannot run streaming demotion.
+pub(crate) fn streaming_demotion_unsupported(source: std::io::Error) -> Error {
+    Error::KernelFeature {
+        feature: "what streaming demotion needs (the bpf_cast_to_kern_ctx and bpf_rdonly_cast \
+                  kfuncs, kernel BTF with struct sk_psock and task_struct); attach without \
+                  AcceleratorBuilder::demote_streaming",
+        min_kernel: "6.2",
+        source,
+    }
+}
+
 /// The error for a comm policy on a kernel whose sock_ops programs cannot
 /// see the socket's owner process.
 pub(crate) fn owners_unsupported(source: std::io::Error) -> Error {

@@ -36,6 +36,9 @@
 //!   limit behind (4 MiB by default), or a kernel short of TCP memory, makes
 //!   its peer send plain TCP until it has caught up, so TCP's flow control
 //!   pushes back as without the shortcut (ingress mode, 6.12.8 and newer).
+//! - [`AcceleratorBuilder::demote_streaming`]: pairs that stream small
+//!   writes (slower on the shortcut than on plain TCP) leave it
+//!   mid-transfer without losing a byte (off by default; 6.2 and newer).
 //! - [`probe`] tells what the running kernel can do, by trying it.
 //!
 //! The long form is in [`guide`]: [which connections are
@@ -55,6 +58,7 @@ mod accelerator;
 mod attachment;
 mod blocking;
 mod cgroup;
+pub mod demotion;
 mod error;
 pub mod forward;
 mod guard;
@@ -86,6 +90,7 @@ mod skel {
 pub use accelerator::{Accelerator, AcceleratorBuilder};
 pub use blocking::BlockingSockets;
 pub use cgroup::{cgroup2_mount, Cgroup, ChildCgroup};
+pub use demotion::StreamingDemotion;
 pub use error::{Error, ErrorKind, Result};
 pub use forward::{
     ForwardEnd, ForwardPath, ForwardStats, ForwardedPair, Forwarder, Forwarding, Refused,

@@ -11,13 +11,14 @@ use crate::error::{Error, Result};
 use crate::forward::{DirectMaps, ForwardMaps};
 use crate::kernel_support::{
     both_mode_unsupported, owners_unsupported, splice_guard_arch_unsupported,
-    splice_guard_unsupported, SPLICE_GUARD_ARCH_SUPPORTED,
+    splice_guard_unsupported, streaming_demotion_unsupported, SPLICE_GUARD_ARCH_SUPPORTED,
 };
 use crate::logging::{expecting_failures, route_libbpf_output};
 use crate::mode::RedirectMode;
 use crate::policy::{cidr_keys, comm_keys, port_keys, sync_set, Cidr, Policy};
 use crate::skel::{FastpathSkel, FastpathSkelBuilder};
 use crate::stats::StatsReader;
+use crate::StreamingDemotion;
 
 /// What is fixed before the programs are loaded.
 #[derive(Debug, Clone, Copy)]
@@ -36,6 +37,8 @@ pub(crate) struct LoadConfig {
     pub keep_blocking_plain: bool,
     /// Receive memory (bytes) above which a peer stops redirecting; 0: none.
     pub receive_queue_limit: u32,
+    /// Ingress mode: when streaming pairs leave the shortcut; None: never.
+    pub demotion: Option<StreamingDemotion>,
 }
 
 /// Egress and both modes: segments a forwarded socket's psock backlog (bytes
@@ -68,6 +71,7 @@ impl LoadConfig {
             owners_required: false,
             keep_blocking_plain: true,
             receive_queue_limit: 0,
+            demotion: None,
         }
     }
 
@@ -145,6 +149,17 @@ impl Programs {
             {
                 Err(splice_guard_unsupported(source))
             }
+            // It loads without streaming demotion: the kfuncs or the kernel
+            // internals it reads are missing.
+            Err(Error::Bpf { source, .. })
+                if config.demotion.is_some()
+                    && loads_without(|c| {
+                        c.demotion = None;
+                        c.splice_guard = false;
+                    }) =>
+            {
+                Err(streaming_demotion_unsupported(source))
+            }
             // Ingress mode loads but both mode does not: the kfuncs or the
             // kernel internals fp_sk_msg_both reads are missing.
             Err(Error::Bpf { source, .. })
@@ -195,6 +210,7 @@ impl Programs {
             &mut open.maps.fwd_copied,
             &mut open.maps.proxy_pairs,
             &mut open.maps.pairs,
+            &mut open.maps.demotions,
         ] {
             map.set_max_entries(config.capacity)
                 .map_err(|err| Error::bpf("bpf_map__set_max_entries", err))?;
@@ -223,6 +239,10 @@ impl Programs {
         rodata.record_owners = u32::from(config.record_owners);
         rodata.keep_blocking_plain = u32::from(config.keep_blocking_plain);
         rodata.receive_queue_limit = config.receive_queue_limit;
+        if let Some(demotion) = config.demotion {
+            rodata.demote_after_msgs = demotion.messages_in_a_row;
+            rodata.demote_max_msg_size = demotion.max_message_bytes;
+        }
         rodata.fwd_backlog_limit = FORWARD_BACKLOG_SEGMENTS;
         rodata.apps_queue_on_forwarded = u32::from(both);
         rodata.tcp_memory_pressure_pages = tcp_memory_pressure_pages();

@@ -148,6 +148,18 @@ counters! {
     fwd_overlaps,
     /// The bytes trimmed off those segments.
     fwd_overlap_bytes,
+    /// Streaming demotion: pairs a socket asked to take off the shortcut
+    /// (see [`StreamingDemotion`](crate::StreamingDemotion)).
+    demote_requested,
+    /// Sockets of those pairs that stopped redirecting: their later
+    /// messages went plain TCP.
+    demote_stopped,
+    /// Sockets of those pairs that left the socket map: nothing could be
+    /// redirected into them any more and their queue had been read.
+    demoted_sockets,
+    /// Sockets more threads redirected from at once than the demotion's
+    /// record holds: never demoted.
+    demote_unprovable,
 }
 
 impl Stats {

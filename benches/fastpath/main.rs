@@ -7,7 +7,9 @@
 //! [--scale-proxies splice,adaptive,...] [--scale-seconds S]
 //! [--scale-forwarder-threads N] [--scale-establish-seconds S]`: just the proxy-at-scale tables, or one
 //! scale, workload or proxy of them, with measurements of S seconds and
-//! N `Forwarder` threads, printed.)
+//! N `Forwarder` threads, printed; `--main-only`: just the main table;
+//! `--demote-streaming`: its accelerated path with
+//! `AcceleratorBuilder::demote_streaming(StreamingDemotion::default())`.)
 //!
 //! Writes markdown tables to stdout and JSON to `target/bench/fastpath.json`
 //! (or PATH); with `--markdown docs/benchmarks.md` it also replaces that
@@ -28,7 +30,7 @@ mod scale;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use sockmap_fastpath::{Accelerator, Cgroup, SpliceGuard};
+use sockmap_fastpath::{Accelerator, Cgroup, SpliceGuard, StreamingDemotion};
 use support::signals;
 use support::workloads::Connector;
 
@@ -63,6 +65,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("the benchmarks load BPF programs: run as root".into());
     }
     let started = Instant::now();
+    let demote = args.iter().any(|a| a == "--demote-streaming");
+    let main_only = args.iter().any(|a| a == "--main-only");
 
     let parent = Cgroup::current()?;
     if args.iter().any(|a| a == "--scale-only") {
@@ -81,11 +85,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::env::temp_dir().join(format!("fastpath-bench-{}.sock", std::process::id())),
     );
     // The benchmark's own traffic never splices (see README, splice guard).
-    let guard = Accelerator::builder()
+    let mut builder = Accelerator::builder()
         .cgroup(cgroup.cgroup().clone())
         .ports(accelerated.port())
-        .splice_guard(SpliceGuard::Off)
-        .attach()?;
+        .splice_guard(SpliceGuard::Off);
+    if demote {
+        builder = builder.demote_streaming(StreamingDemotion::default());
+    }
+    let guard = builder.attach()?;
     // A second accelerator with room for one socket: the client of each
     // connection is inserted, the server is refused, and the client leaves
     // the map again (it never paired): the cost of a selected connection
@@ -147,8 +154,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         results.push(m);
     }
     let prog_after = (prog_stats("fp_sk_msg"), prog_stats("fp_sock_ops"));
-    let mut sections = vec![container_table(cgroup.cgroup(), reps, duration)?];
-    sections.extend(reference_tables(&parent, reps, duration)?);
+    let mut sections = Vec::new();
+    if !main_only {
+        sections.push(container_table(cgroup.cgroup(), reps, duration)?);
+        sections.extend(reference_tables(&parent, reps, duration)?);
+    }
     drop(stats_switch);
     let final_stats = guard.stats()?;
     let fallback_stats = fallback_guard.stats()?;
@@ -163,8 +173,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     drop(cgroup);
 
-    sections.push(proxy_table(&parent, reps, duration)?);
-    sections.extend(scale_tables(&parent, quick, &scale::Only::default())?);
+    if !main_only {
+        sections.push(proxy_table(&parent, reps, duration)?);
+        sections.extend(scale_tables(&parent, quick, &scale::Only::default())?);
+    }
     let run = report::Run {
         reps,
         seconds,
