@@ -143,6 +143,52 @@ fn a_one_way_stream_takes_its_idle_peer_off_too_mid_transfer() {
     drop((a, b));
 }
 
+/// A request, then a streamed reply: the client's thread made the last
+/// redirect into the server and then only reads, so nothing but its
+/// changed user-entry frame (it has entered the kernel anew, to read)
+/// proves that redirect landed (x86_64: the frame is read there).
+#[test]
+fn a_streamed_reply_after_a_request_leaves_the_shortcut_mid_transfer() {
+    let Some(env) = privileged_env() else { return };
+    let Some(guard) = demoting_guard(&env) else {
+        return;
+    };
+    let before = guard.stats().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut client, server) = connect_to(&listener);
+    let request = random_bytes(100, 14);
+    let reply = random_bytes(4 * EACH_WAY, 15);
+    client.write_all(&request).unwrap();
+    let (mut rs, sent) = (server.try_clone().unwrap(), reply.clone());
+    let writer = thread::spawn(move || {
+        let mut got = vec![0u8; 100];
+        rs.read_exact(&mut got).expect("read the request");
+        for chunk in sent.chunks(1024) {
+            rs.write_all(chunk).expect("write");
+        }
+        rs.shutdown(Shutdown::Write).expect("shutdown");
+        got
+    });
+    let mut rc = client.try_clone().unwrap();
+    let reader = thread::spawn(move || read_all(&mut rc));
+    let mut left_while_writing = false;
+    while !writer.is_finished() {
+        if guard.socket_count() == 0 {
+            left_while_writing = !writer.is_finished();
+            break;
+        }
+        thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(writer.join().unwrap(), request);
+    assert_bytes_eq(&reader.join().unwrap(), &reply, "the reply");
+    let d = delta(&guard, &before);
+    println!("request, then a 1 KiB-write reply: left while writing: {left_while_writing}; {d}");
+    assert!(left_while_writing, "{d}");
+    assert_eq!(d.demoted_sockets, 2, "{d}");
+    assert!(d.bytes_redirected >= 100, "{d}");
+    drop((client, server));
+}
+
 #[test]
 fn request_response_pairs_stay_on_the_shortcut() {
     let Some(env) = privileged_env() else { return };
