@@ -842,7 +842,7 @@ static __always_inline void record_redirect(struct fp_sock_state *st, struct fp_
 	else {
 		if (!(st->flags & FP_UNPROVABLE)) {
 			st->flags |= FP_UNPROVABLE;
-			s->demote_unprovable += 1;
+			__sync_fetch_and_add(&s->demote_unprovable, 1); /* atomic: softirqs count on this CPU too */
 		}
 		return;
 	}
@@ -880,7 +880,7 @@ static __always_inline void stop_redirecting(struct fp_sock_state *st, struct fp
 	}
 	/* An atomic exchange orders the slots before the state. */
 	__sync_lock_test_and_set(&own->state, FP_DEMOTE_STOPPED);
-	s->demote_stopped += 1;
+	__sync_fetch_and_add(&s->demote_stopped, 1); /* atomic: softirqs count on this CPU too */
 }
 
 /* Takes the socket out of the socket map once nothing can be redirected
@@ -905,7 +905,7 @@ static __always_inline int try_leave_map(struct fp_sock_state *st, struct fp_dem
 	bpf_map_delete_elem(&sock_map, &key);
 	st->flags |= FP_DEMOTED;
 	own->state = FP_DEMOTE_DONE;
-	s->demoted_sockets += 1;
+	__sync_fetch_and_add(&s->demoted_sockets, 1); /* atomic: softirqs count on this CPU too */
 	if (peer->state == FP_DEMOTE_DONE) {
 		bpf_map_delete_elem(&demotions, &key);
 		bpf_map_delete_elem(&demotions, &st->peer);
@@ -946,7 +946,7 @@ static __always_inline void request_demotion(struct fp_sock_state *st, struct so
 	    !bpf_map_lookup_elem(&demotions, &key))
 		return;
 	bpf_map_update_elem(&demotions, &st->peer, &requested, BPF_NOEXIST);
-	s->demote_requested += 1;
+	__sync_fetch_and_add(&s->demote_requested, 1); /* atomic: softirqs count on this CPU too */
 	advance_demotion(st, sk, s, 0);
 }
 
