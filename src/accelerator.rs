@@ -206,12 +206,15 @@ impl AcceleratorBuilder {
     /// # Errors
     /// Invalid input ([`Error::NoCgroup`], [`Error::InvalidPort`],
     /// [`Error::InvalidComm`], [`Error::ZeroCapacity`],
-    /// [`Error::PolicyTooLarge`], [`Error::NamespaceGroup`]); [`Error::MissingCapability`];
+    /// [`Error::PolicyTooLarge`], [`Error::NamespaceGroup`],
+    /// [`Error::ZeroStreamingDemotion`]); [`Error::StreamingDemotionMode`]
+    /// (demotion outside ingress mode); [`Error::MissingCapability`];
     /// [`Error::KernelFeature`] when the kernel cannot attach sk_msg programs
-    /// to socket maps at all, lacks what a comm policy or
-    /// [`RedirectMode::Both`] needs, or (with the splice guard on) an active
-    /// BPF LSM ([`Error::is_splice_guard_refused`]); or [`Error::Bpf`]
-    /// naming the failing call.
+    /// to socket maps at all, lacks what a comm policy,
+    /// [`RedirectMode::Both`] or streaming demotion needs, or (with the
+    /// splice guard on) an active BPF LSM
+    /// ([`Error::is_splice_guard_refused`]); or [`Error::Bpf`] naming the
+    /// failing call.
     ///
     /// # Minimum kernel version
     /// 6.1 (every test runs on 6.1, 6.12 and 6.18). Sockmap BPF links are

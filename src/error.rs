@@ -172,7 +172,8 @@ pub enum ErrorKind {
     Cgroup,
     /// The running kernel lacks a feature ([`Error::KernelFeature`]).
     Unsupported,
-    /// `forward()` on a guard not in egress or both mode.
+    /// `forward()` on a guard not in egress or both mode, or streaming
+    /// demotion outside ingress mode.
     WrongMode,
     /// A map is full, or a socket is already in it (e.g. forwarded twice).
     MapFullOrTaken,
@@ -213,10 +214,9 @@ impl Error {
             | Error::ZeroCapacity { .. }
             | Error::ZeroReceiveQueueLimit { .. }
             | Error::ZeroStreamingDemotion { .. }
-            | Error::StreamingDemotionMode { .. }
             | Error::PolicyTooLarge { .. }
             | Error::NamespaceGroup { .. } => ErrorKind::InvalidInput,
-            Error::NotEgressMode => ErrorKind::WrongMode,
+            Error::NotEgressMode | Error::StreamingDemotionMode { .. } => ErrorKind::WrongMode,
             Error::KernelFeature { .. } => ErrorKind::Unsupported,
             Error::Bpf { source, .. } => match source.kind() {
                 io::ErrorKind::PermissionDenied => ErrorKind::Permission,

@@ -251,6 +251,11 @@ fn demotion_input_is_checked_before_anything_is_loaded() {
             "{err}"
         );
         assert!(err.to_string().contains(field), "{err}");
+        assert_eq!(
+            err.kind(),
+            sockmap_fastpath::ErrorKind::InvalidInput,
+            "{err}"
+        );
     }
     for mode in [RedirectMode::Egress, RedirectMode::Both] {
         let err = env
@@ -263,6 +268,7 @@ fn demotion_input_is_checked_before_anything_is_loaded() {
             matches!(err, Error::StreamingDemotionMode { mode: m } if m == mode),
             "{err}"
         );
+        assert_eq!(err.kind(), sockmap_fastpath::ErrorKind::WrongMode, "{err}");
         assert!(err.to_string().contains("Ingress"), "{err}");
     }
     assert_nothing_left(&env.cgroup.cgroup(), &baseline);
