@@ -1081,16 +1081,11 @@ static __always_inline int plain_bytes_queued(struct sk_msg_md *msg, struct fp_s
 	return self && !(st->flags & FP_QUEUE_LIMITED) && self->write_seq != st->expected_write_seq;
 }
 
-/* The socket's state if its messages may be redirected, or NULL if they
- * go plain. */
-static __always_inline struct fp_sock_state *paired_state(struct sk_msg_md *msg,
-							  struct fp_stats *s)
+/* The socket's state (`st`, its storage) if its messages may be
+ * redirected, or NULL if they go plain. */
+static __always_inline struct fp_sock_state *
+paired_state_of(struct sk_msg_md *msg, struct fp_sock_state *st, struct fp_stats *s)
 {
-	struct fp_sock_state *st;
-
-	if (!msg->sk)
-		return NULL;
-	st = bpf_sk_storage_get(&sock_state, msg->sk, 0, 0);
 	if (!st || (st->flags & FP_FELL_BACK))
 		return NULL;
 	if (!(st->flags & FP_PAIRED) && !((st->flags & FP_WAITING) && settle_pair(st, s)))
@@ -1108,6 +1103,15 @@ static __always_inline struct fp_sock_state *paired_state(struct sk_msg_md *msg,
 			s->blocking_paired += 1;
 	}
 	return st;
+}
+
+/* The same, looking the storage up. */
+static __always_inline struct fp_sock_state *paired_state(struct sk_msg_md *msg,
+							  struct fp_stats *s)
+{
+	if (!msg->sk)
+		return NULL;
+	return paired_state_of(msg, bpf_sk_storage_get(&sock_state, msg->sk, 0, 0), s);
 }
 
 /* Kernel internals read after a redirect (read-only, CO-RE relocated): the
@@ -1261,9 +1265,8 @@ static __always_inline enum msg_outcome redirect_to_peer(struct sk_msg_md *msg,
 /* Streaming demotion, before the verdict: the current thread's earlier
  * redirect from the socket has landed (also in its published record, once
  * it has stopped redirecting). */
-static __always_inline void demotion_before_verdict(struct sk_msg_md *msg)
+static __always_inline void demotion_before_verdict(struct fp_sock_state *st)
 {
-	struct fp_sock_state *st = bpf_sk_storage_get(&sock_state, msg->sk, 0, 0);
 	struct fp_sock_key key = {};
 	struct fp_demotion *own;
 
@@ -1303,9 +1306,11 @@ int fp_sk_msg(struct sk_msg_md *msg)
 
 	if (!s || !msg->sk)
 		return SK_PASS;
+	/* One storage lookup per message, for both steps. */
+	st = bpf_sk_storage_get(&sock_state, msg->sk, 0, 0);
 	if (demote_after_msgs)
-		demotion_before_verdict(msg);
-	st = paired_state(msg, s);
+		demotion_before_verdict(st);
+	st = paired_state_of(msg, st, s);
 	outcome = st ? redirect_to_peer(msg, st, s, 0) : MSG_PASSED;
 	if (demote_after_msgs && st && outcome == MSG_REDIRECTED)
 		demotion_after_redirect(msg, st, s);

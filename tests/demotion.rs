@@ -35,6 +35,17 @@ fn demoting_guard(env: &Env) -> Option<FastpathGuard> {
     None
 }
 
+/// Whether the socket map emptied while `writer` was still running.
+fn map_empty_before<T>(guard: &FastpathGuard, writer: &thread::JoinHandle<T>) -> bool {
+    while !writer.is_finished() {
+        if guard.socket_count() == 0 {
+            return !writer.is_finished();
+        }
+        thread::sleep(std::time::Duration::from_millis(5));
+    }
+    false
+}
+
 /// Writes `data` in writes of `size` bytes, then half-closes.
 fn write_in(mut s: TcpStream, data: Vec<u8>, size: usize) -> thread::JoinHandle<()> {
     thread::spawn(move || {
@@ -117,14 +128,7 @@ fn a_one_way_stream_takes_its_idle_peer_off_too_mid_transfer() {
     let reader = thread::spawn(move || read_all(&mut rb));
     let writer = write_in(a.try_clone().unwrap(), sent.clone(), 1024);
     // Both sockets leave while the writer still writes (not at its FIN).
-    let mut left_while_writing = false;
-    while !writer.is_finished() {
-        if guard.socket_count() == 0 {
-            left_while_writing = !writer.is_finished();
-            break;
-        }
-        thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let left_while_writing = map_empty_before(&guard, &writer);
     writer.join().unwrap();
     assert_bytes_eq(&reader.join().unwrap(), &sent, "1 KiB writes, one way");
     let d = delta(&guard, &before);
@@ -171,14 +175,7 @@ fn a_streamed_reply_after_a_request_leaves_the_shortcut_mid_transfer() {
     });
     let mut rc = client.try_clone().unwrap();
     let reader = thread::spawn(move || read_all(&mut rc));
-    let mut left_while_writing = false;
-    while !writer.is_finished() {
-        if guard.socket_count() == 0 {
-            left_while_writing = !writer.is_finished();
-            break;
-        }
-        thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let left_while_writing = map_empty_before(&guard, &writer);
     assert_eq!(writer.join().unwrap(), request);
     assert_bytes_eq(&reader.join().unwrap(), &reply, "the reply");
     let d = delta(&guard, &before);
