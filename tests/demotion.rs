@@ -226,6 +226,52 @@ fn request_response_pairs_stay_on_the_shortcut() {
     }
 }
 
+/// Why demotion is off by default: between a receiver's reading the last
+/// of its BPF queue and its leaving the map (at its next segment: sk_msg
+/// programs cannot delete map entries, and nothing runs when it reads),
+/// its peer's plain bytes wait in a socket that is still a map member, and
+/// kernels with the sockmap FIONREAD change (6.18.44) count only the BPF
+/// queue there: FIONREAD reads 0 with bytes waiting, which plain TCP never
+/// does. A burst of small writes into a receiver that reads only later.
+#[test]
+fn fionread_during_a_demotion_counts_what_the_kernel_counts() {
+    let Some(env) = privileged_env() else { return };
+    let Some(guard) = demoting_guard(&env) else {
+        return;
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut client, server) = connect_to(&listener);
+    let sent = random_bytes(200 * 100, 16);
+    for message in sent.chunks(100) {
+        client.write_all(message).unwrap();
+    }
+    thread::sleep(std::time::Duration::from_millis(100));
+    server.set_nonblocking(true).unwrap();
+    let (mut got, mut reads, mut announced_zero) = (Vec::new(), 0, 0);
+    let mut buf = [0u8; 1000];
+    while got.len() < sent.len() {
+        let announced = support::sockopt::fionread(&server);
+        let n = (&server).read(&mut buf).expect("read what was sent");
+        reads += 1;
+        announced_zero += usize::from(announced == 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    let stats = guard.stats().unwrap();
+    println!("FIONREAD read 0 before {announced_zero} of {reads} reads that got bytes; {stats}");
+    assert_bytes_eq(&got, &sent, "the burst");
+    assert_eq!(stats.demote_requested, 1, "{stats}");
+    assert!(
+        stats.bytes_redirected > 0 && stats.bytes_passed > 0,
+        "{stats}"
+    );
+    if kernel().fionread_counts_plain_in_map.is_yes() {
+        assert_eq!(announced_zero, 0, "{stats}");
+    } else {
+        assert!(announced_zero > 0, "{reads} reads: {stats}");
+    }
+    drop((client, server));
+}
+
 #[test]
 fn demotion_input_is_checked_before_anything_is_loaded() {
     let Some(env) = privileged_env() else { return };

@@ -9,7 +9,9 @@
 //! scale, workload or proxy of them, with measurements of S seconds and
 //! N `Forwarder` threads, printed; `--main-only`: just the main table;
 //! `--demote-streaming`: its accelerated path with
-//! `AcceleratorBuilder::demote_streaming(StreamingDemotion::default())`.)
+//! `AcceleratorBuilder::demote_streaming(StreamingDemotion::default())`;
+//! `--receive-queue-limit BYTES`: its accelerated path with that
+//! `AcceleratorBuilder::receive_queue_limit`.)
 //!
 //! Writes markdown tables to stdout and JSON to `target/bench/fastpath.json`
 //! (or PATH); with `--markdown docs/benchmarks.md` it also replaces that
@@ -91,6 +93,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .splice_guard(SpliceGuard::Off);
     if demote {
         builder = builder.demote_streaming(StreamingDemotion::default());
+    }
+    if let Some(limit) = arg_value(&args, "--receive-queue-limit") {
+        builder = builder.receive_queue_limit(limit.parse()?);
     }
     let guard = builder.attach()?;
     // A second accelerator with room for one socket: the client of each
