@@ -185,6 +185,12 @@ impl AcceleratorBuilder {
     /// notes for how; [`Stats::demoted_sockets`](crate::Stats::demoted_sockets)
     /// counts the sockets that left.
     ///
+    /// Off by default because, on kernels with the 2026 sockmap FIONREAD
+    /// change (6.18.44 measured), FIONREAD on a receiver being demoted reads
+    /// 0 while its peer's plain bytes wait, until the receiver sends a
+    /// segment and leaves the map; plain TCP never does that. Programs that
+    /// size reads with FIONREAD should leave it off.
+    ///
     /// `attach()` refuses a zero field with [`Error::ZeroStreamingDemotion`].
     ///
     /// # Minimum kernel version

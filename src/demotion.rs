@@ -25,6 +25,12 @@
 //!    thread runs another verdict on the socket or has entered the kernel
 //!    anew (x86_64; elsewhere only the first).
 //!
+//! Between a receiver's reading the last of its BPF queue and its leaving
+//! the map (at its next segment: nothing runs when it reads), its peer's
+//! plain bytes wait in a map member, where kernels with the sockmap FIONREAD
+//! change count only the BPF queue: FIONREAD reads 0 with bytes waiting.
+//! That is why demotion is off by default.
+//!
 //! A socket more threads redirect from at once than the record holds (two)
 //! is never demoted ([`Stats::demote_unprovable`](crate::Stats::demote_unprovable)).
 //! A peer that receives nothing after the request stays in the map (it

@@ -374,8 +374,13 @@ fn a_local_upstream_in_the_policy_is_forwarded_too() {
     let rest = writer.join().unwrap();
     client.write_all(&rest).unwrap();
     client.shutdown(Shutdown::Write).unwrap();
-    assert_bytes_eq(&read_all(&mut server), &to_server, "client to server");
-    assert_bytes_eq(&read_all(&mut client), &to_client, "server to client");
+    // Hung once in the 6.12 guest (2026-12-06, reading with both
+    // directions' bytes buffered): say which read and what was counted.
+    let slow = Duration::from_secs(60);
+    let got = reporting_if_slow(&guard, "client to server", slow, || read_all(&mut server));
+    assert_bytes_eq(&got, &to_server, "client to server");
+    let got = reporting_if_slow(&guard, "server to client", slow, || read_all(&mut client));
+    assert_bytes_eq(&got, &to_client, "server to client");
     let stats = p.proxy.join().unwrap();
     assert_eq!(stats.end, ForwardEnd::Closed);
     assert_eq!(

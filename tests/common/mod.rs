@@ -376,6 +376,41 @@ pub fn read_all(s: &mut TcpStream) -> Vec<u8> {
     }
 }
 
+/// Runs `body`; while it runs longer than `every`, writes the guard's
+/// counters to stderr each `every`, past the harness's capture (a hung
+/// test's captured output is lost when the watchdog ends the binary), so a
+/// hang leaves what the programs saw.
+pub fn reporting_if_slow<T>(
+    guard: &FastpathGuard,
+    what: &str,
+    every: Duration,
+    body: impl FnOnce() -> T,
+) -> T {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            let started = Instant::now();
+            let mut next = every;
+            while !done.load(Ordering::SeqCst) {
+                if started.elapsed() >= next {
+                    let report = format!(
+                        "{what}: still running after {next:?}; counters: {}\n",
+                        guard
+                            .stats()
+                            .map_or_else(|e| e.to_string(), |s| s.to_string())
+                    );
+                    let _ = std::io::stderr().write_all(report.as_bytes());
+                    next += every;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let result = body();
+        done.store(true, Ordering::SeqCst);
+        result
+    })
+}
+
 /// One successful blocking read (0 at EOF); EAGAIN is counted in
 /// [`SPURIOUS_EAGAIN`] and retried, EINTR retried, anything else panics.
 pub fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> usize {
