@@ -15,7 +15,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sockmap_fastpath::{AcceleratorBuilder, FastpathGuard, RedirectMode, Stats};
 
@@ -202,25 +202,6 @@ fn a_receiver_that_stops_reading_pushes_back_on_a_non_blocking_sender() {
     }
 }
 
-/// A blocking sender's progress until it stops moving (1 s without a
-/// byte) or finishes: how much it had written.
-fn progress_when_stalled(progress: &AtomicUsize, total: usize) -> usize {
-    let mut last = progress.load(Ordering::SeqCst);
-    let mut since = Instant::now();
-    loop {
-        thread::sleep(Duration::from_millis(50));
-        let now = progress.load(Ordering::SeqCst);
-        if now >= total {
-            return now;
-        }
-        if now != last {
-            (last, since) = (now, Instant::now());
-        } else if since.elapsed() > Duration::from_secs(1) {
-            return now;
-        }
-    }
-}
-
 /// A blocking sender into a receiver that does not read: where it stops,
 /// then everything read. Returns (written when stalled, bytes intact).
 fn block_then_drain(addr: &str, data: &Arc<Vec<u8>>) -> (usize, bool) {
@@ -250,7 +231,7 @@ fn stall_then_drain(
             writer
         })
     };
-    let stalled = progress_when_stalled(&progress, data.len());
+    let stalled = progress_when_stalled(&progress, data.len(), Duration::from_secs(1));
     let got = read_all(reader);
     let writer = writing.join().unwrap();
     (stalled, got[..] == data[..], writer)
@@ -538,7 +519,11 @@ fn stall_many(pairs: Vec<(TcpStream, TcpStream)>, data: &Arc<Vec<u8>>) -> (usize
             (writing, reader)
         })
         .unzip();
-    let stalled = progress_when_stalled(&progress, data.len() * writers.len());
+    let stalled = progress_when_stalled(
+        &progress,
+        data.len() * writers.len(),
+        Duration::from_secs(1),
+    );
     let held = tcp_memory_pages().saturating_sub(before);
     // Every reader to its end, also after a mismatch: its writer waits.
     let mut intact = true;

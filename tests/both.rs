@@ -7,6 +7,8 @@ use common::*;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -372,14 +374,23 @@ fn a_local_upstream_in_the_policy_is_forwarded_too() {
         })
     };
     let rest = writer.join().unwrap();
+    // The client reads its download while it uploads: one that reads only
+    // after the server has read the whole upload can wait forever here
+    // (a known limit, shown by
+    // an_upload_read_before_its_download_is_read_waits_for_that_read; this
+    // test hung so once in the 6.12 guest).
+    let downloaded = {
+        let mut client = client.try_clone().unwrap();
+        thread::spawn(move || read_all(&mut client))
+    };
     client.write_all(&rest).unwrap();
     client.shutdown(Shutdown::Write).unwrap();
-    // Hung once in the 6.12 guest (2026-12-06, reading with both
-    // directions' bytes buffered): say which read and what was counted.
     let slow = Duration::from_secs(60);
     let got = reporting_if_slow(&guard, "client to server", slow, || read_all(&mut server));
     assert_bytes_eq(&got, &to_server, "client to server");
-    let got = reporting_if_slow(&guard, "server to client", slow, || read_all(&mut client));
+    let got = reporting_if_slow(&guard, "server to client", slow, || {
+        downloaded.join().unwrap()
+    });
     assert_bytes_eq(&got, &to_client, "server to client");
     let stats = p.proxy.join().unwrap();
     assert_eq!(stats.end, ForwardEnd::Closed);
@@ -610,6 +621,22 @@ fn a_proxys_notsent_lowat_never_stalls_the_application() {
     );
 }
 
+/// The stalled-download tests' sizes: an upload well past the downstream
+/// queue's bound, a download more than the client's side can buffer.
+const UPLOAD: usize = 32 << 20;
+const DOWNLOAD: usize = 48 << 20;
+
+/// A both-mode environment where the receive-queue bound acts (or None,
+/// the reason said, where the kernel does not charge redirected bytes).
+fn both_env_with_bound() -> Option<BothEnv> {
+    let e = both_env()?;
+    if !kernel_bounds_queue() {
+        not_run("the kernel does not charge redirected bytes: no bound to go past");
+        return None;
+    }
+    Some(e)
+}
+
 /// The client stops reading a download, then uploads more than the
 /// upstream socket and the downstream queue take (its last bytes go plain
 /// past the queue's bound) and closes its side. The downstream socket's
@@ -624,13 +651,9 @@ fn a_proxys_notsent_lowat_never_stalls_the_application() {
 /// kept bytes unseen, or the test would not show the case.
 #[test]
 fn an_upload_finished_while_its_download_stalls_arrives_whole() {
-    let Some(e) = both_env() else { return };
-    if !kernel_bounds_queue() {
-        not_run("the kernel does not charge redirected bytes: no bound to go past");
+    let Some(e) = both_env_with_bound() else {
         return;
-    }
-    const UPLOAD: usize = 32 << 20;
-    const DOWNLOAD: usize = 48 << 20;
+    };
     type Work = Box<dyn FnOnce() -> Vec<u8> + Send>;
     let after = |ms, work: Work| {
         thread::spawn(move || {
@@ -686,6 +709,87 @@ fn an_upload_finished_while_its_download_stalls_arrives_whole() {
         unseen += counters.fwd_kept_unseen;
     }
     assert!(unseen > 0, "no round kept bytes unseen behind the download");
+}
+
+/// The known limit behind the last test (docs/known-limits.md, "Both
+/// mode: an upload can wait for its download's reader"): the client's
+/// plain bytes kept behind the server's bytes in the downstream socket's
+/// backlog move on only once the client reads, so a server that reads the
+/// whole upload before its client reads the download waits for good,
+/// where plain TCP behind a user-space proxy delivers the upload. The
+/// server writes a 48 MiB download and reads; the client uploads 32 MiB
+/// and does not read. A round whose upload stops short (3 s without a
+/// byte) must have kept segments unseen, and once the client reads every
+/// byte arrives in order; rounds run (up to 10) until one stops short.
+#[test]
+fn an_upload_read_before_its_download_is_read_waits_for_that_read() {
+    let Some(e) = both_env_with_bound() else {
+        return;
+    };
+    let mut stopped_short = 0;
+    for round in 0..10 {
+        if stopped_short > 0 {
+            break;
+        }
+        let Proxied {
+            mut client,
+            mut server,
+            proxy,
+        } = proxied_via(&e.guard, &e.front, &e.upstream, &[], |_, _| {});
+        let before = e.guard.stats().unwrap();
+        let (download, upload) = (
+            random_bytes(DOWNLOAD, 60 + round),
+            random_bytes(UPLOAD, 70 + round),
+        );
+        let writers =
+            [(&server, &download, 0), (&client, &upload, 300)].map(|(s, data, wait_ms)| {
+                let (mut s, data) = (s.try_clone().unwrap(), data.clone());
+                thread::spawn(move || {
+                    thread::sleep(Duration::from_millis(wait_ms));
+                    s.write_all(&data).unwrap();
+                    s.shutdown(Shutdown::Write).unwrap();
+                })
+            });
+        let progress = Arc::new(AtomicUsize::new(0));
+        let uploaded = {
+            let progress = Arc::clone(&progress);
+            thread::spawn(move || {
+                let (mut got, mut buf) = (Vec::new(), vec![0u8; 256 << 10]);
+                loop {
+                    match read_some(&mut server, &mut buf) {
+                        0 => return got,
+                        n => got.extend_from_slice(&buf[..n]),
+                    }
+                    progress.store(got.len(), Ordering::SeqCst);
+                }
+            })
+        };
+        thread::sleep(Duration::from_millis(300));
+        let reached = progress_when_stalled(&progress, UPLOAD, Duration::from_secs(3));
+        let unseen_then = delta(&e.guard, &before).fwd_kept_unseen;
+        let downloaded = read_all(&mut client);
+        writers.into_iter().for_each(|w| w.join().unwrap());
+        assert_bytes_eq(&uploaded.join().unwrap(), &upload, "upload");
+        assert_bytes_eq(&downloaded, &download, "download");
+        let stats = proxy.join().unwrap();
+        assert_eq!(stats.end, ForwardEnd::Closed);
+        let counters = delta(&e.guard, &before);
+        eprintln!(
+            "round {round}: upload at {reached} of {UPLOAD} bytes before the client read, \
+             {unseen_then} segments unseen then\n{counters}"
+        );
+        if reached < UPLOAD {
+            assert!(
+                unseen_then > 0,
+                "stopped short with nothing kept unseen: {counters}"
+            );
+            stopped_short += 1;
+        }
+    }
+    assert!(
+        stopped_short > 0,
+        "no upload waited for its client's read in 10 rounds"
+    );
 }
 
 /// How the client's `total` bytes went upstream: copied by `wait()` (queued

@@ -376,6 +376,29 @@ pub fn read_all(s: &mut TcpStream) -> Vec<u8> {
     }
 }
 
+/// A transfer's progress (bytes, counted by its thread) until it stops
+/// moving (`quiet` without a byte) or reaches `total`: how far it got.
+pub fn progress_when_stalled(
+    progress: &std::sync::atomic::AtomicUsize,
+    total: usize,
+    quiet: Duration,
+) -> usize {
+    let mut last = progress.load(Ordering::SeqCst);
+    let mut since = Instant::now();
+    loop {
+        thread::sleep(Duration::from_millis(50));
+        let now = progress.load(Ordering::SeqCst);
+        if now >= total {
+            return now;
+        }
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() > quiet {
+            return now;
+        }
+    }
+}
+
 /// Runs `body`; while it runs longer than `every`, writes the guard's
 /// counters to stderr each `every`, past the harness's capture (a hung
 /// test's captured output is lost when the watchdog ends the binary), so a
