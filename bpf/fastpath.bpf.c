@@ -122,18 +122,26 @@ struct pt_regs {
 #define NR_SPLICE 275
 /* 32-bit programs (IA32 emulation) number them differently. */
 #define TS_COMPAT 0x0002
-#define IN_COMPAT_SYSCALL(task) ((task)->thread_info.status & TS_COMPAT)
+#define IN_COMPAT_SYSCALL(task, regs) ((void)(regs), (task)->thread_info.status & TS_COMPAT)
 #define IS_COMPAT_SPLICE(nr) ((nr) == 187 || (nr) == 239 || (nr) == 313)
 #elif defined(__TARGET_ARCH_arm64)
+/* pstate is the saved user PSTATE (in an anonymous union, which CO-RE
+ * looks through), syscallno the number the entry code took from x8, or
+ * from r7 for an AArch32 caller. */
 struct pt_regs {
+	__u64 pstate;
 	int syscallno;
 } __attribute__((preserve_access_index));
 #define SYSCALL_NR(regs) ((regs)->syscallno)
 #define NR_SENDFILE 71
 #define NR_SPLICE 76
-/* 32-bit (AArch32) programs are not recognised: README "Known limits". */
-#define IN_COMPAT_SYSCALL(task) ((void)(task), 0)
-#define IS_COMPAT_SPLICE(nr) ((void)(nr), 0)
+/* 32-bit (AArch32) programs: the mode bit of their saved PSTATE
+ * (architectural, unlike the TIF_32BIT flag number), which the kernel's
+ * compat_user_mode() tests too; their own numbers: sendfile 187,
+ * sendfile64 239, splice 340 (tests/arm64/). */
+#define PSR_MODE32_BIT 0x10
+#define IN_COMPAT_SYSCALL(task, regs) ((void)(task), (regs)->pstate & PSR_MODE32_BIT)
+#define IS_COMPAT_SPLICE(nr) ((nr) == 187 || (nr) == 239 || (nr) == 340)
 #else
 /* Elsewhere the guard cannot tell splice(2) from read(2): the Rust side
  * refuses SpliceGuard::On (splice_guard::ARCH_SUPPORTED) and never loads
@@ -144,7 +152,7 @@ struct pt_regs {
 #define SYSCALL_NR(regs) ((void)(regs), 0UL)
 #define NR_SENDFILE (~0UL)
 #define NR_SPLICE (~0UL)
-#define IN_COMPAT_SYSCALL(task) ((void)(task), 0)
+#define IN_COMPAT_SYSCALL(task, regs) ((void)(task), (void)(regs), 0)
 #define IS_COMPAT_SPLICE(nr) ((void)(nr), 0)
 #endif
 
@@ -1740,7 +1748,7 @@ int BPF_PROG(fp_splice_guard, struct file *file, int mask, int ret)
 	 * at below only for accelerated sockets (it costs a stack walk). */
 	regs = (struct pt_regs *)bpf_task_pt_regs(task);
 	nr = SYSCALL_NR(regs);
-	splicing = IN_COMPAT_SYSCALL(task) ? IS_COMPAT_SPLICE(nr)
+	splicing = IN_COMPAT_SYSCALL(task, regs) ? IS_COMPAT_SPLICE(nr)
 					   : nr == NR_SPLICE || nr == NR_SENDFILE;
 	in_io_uring = (task->flags & PF_IO_WORKER) || nr == NR_IO_URING_ENTER;
 	if (!splicing && !in_io_uring)

@@ -9,10 +9,12 @@
 //! consumes nothing. The process is remembered and its later connections
 //! stay on plain TCP, where splice works at full speed.
 //!
-//! A splice(2) or sendfile(2) call is recognised by its syscall number; an
-//! io_uring `IORING_OP_SPLICE` has none (an io_uring worker runs it), so
-//! there the guard looks for a splice read function on the kernel stack,
-//! whose addresses it takes from `/proc/kallsyms` at load.
+//! A splice(2) or sendfile(2) call is recognised by its syscall number, on
+//! x86_64 and arm64, including 32-bit programs (IA32 emulation, AArch32),
+//! which number them differently; an io_uring `IORING_OP_SPLICE` has none
+//! (an io_uring worker runs it), so there the guard looks for a splice read
+//! function on the kernel stack, whose addresses it takes from
+//! `/proc/kallsyms` at load.
 
 use std::io::BufRead;
 use std::time::Duration;
@@ -30,7 +32,8 @@ use crate::kernel_support::splice_guard_unsupported;
 pub enum SpliceGuard {
     /// Refuse splice reads of accelerated sockets (splice(2), sendfile(2),
     /// io_uring's `IORING_OP_SPLICE`) with EINVAL and keep the caught
-    /// process on plain TCP. Needs the BPF LSM; recognising io_uring
+    /// process on plain TCP. Needs the BPF LSM (Debian's arm64 6.1 refuses
+    /// to attach LSM programs; its 6.12 takes them); recognising io_uring
     /// splices needs kernel addresses in `/proc/kallsyms` (root, and
     /// `kernel.kptr_restrict` below 2).
     #[default]
