@@ -5,7 +5,12 @@
 #
 #   scripts/vmtest.sh                      # Debian 6.12 and 6.1 LTS kernels
 #   scripts/vmtest.sh host 6.1.0-56-amd64  # the running kernel, one package
+#   scripts/vmtest.sh 5.10                 # Debian 11's kernel, below the minimum
 #
+# A kernel older than the oldest supported (6.1) runs only the test that
+# attach() names it as too old (tests/errors.rs), and the demo; its kernel
+# package comes from Debian 11 (bullseye), whose apt lists are kept apart
+# under target/vmtest-apt/, from the mirror the system's sources name.
 # A kernel is "host" (the running kernel, no VM) or the version of a Debian
 # linux-image package ("6.12.117+deb12-amd64", "6.1.0-56-amd64"), or a
 # prefix ("6.12", "6.1"): the installed, else the newest available, of that
@@ -33,6 +38,10 @@ kernel_version() {
     host) uname -r; return ;;
     6.12) pattern='^linux-image-6\.12\.[0-9]+\+deb12-amd64$' ;;
     6.1) pattern='^linux-image-6\.1\.0-[0-9]+-amd64$' ;;
+    5.10)
+      old_apt apt-cache search --names-only '^linux-image-5\.10\.0-[0-9]+-amd64$' |
+        awk '{print $1}' | sort -V | tail -1 | sed 's/^linux-image-//'
+      return ;;
     *) echo "$1"; return ;;
   esac
   local installed
@@ -41,6 +50,28 @@ kernel_version() {
   [ -n "$installed" ] || installed=$(apt-cache search --names-only "$pattern" | awk '{print $1}' | sort -V | tail -1)
   [ -n "$installed" ] || { echo "vmtest: no Debian package for kernel series $1" >&2; exit 1; }
   echo "${installed#linux-image-}"
+}
+
+# old_apt COMMAND ARGS...: apt-get or apt-cache on Debian 11's lists only.
+OLD_APT=$ROOT/target/vmtest-apt
+old_apt() {
+  local tool=$1; shift
+  "$tool" -o Dir::Etc::sourcelist="$OLD_APT/sources.list" -o Dir::Etc::sourceparts=/dev/null \
+    -o Dir::State::Lists="$OLD_APT/lists" -o Dir::Cache="$OLD_APT/cache" \
+    -o APT::Sandbox::User=root "$@"
+}
+for spec in "$@"; do
+  [ "$spec" = 5.10 ] || continue
+  mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+  [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list)
+  mkdir -p "$OLD_APT/lists/partial" "$OLD_APT/cache/archives/partial"
+  echo "deb $mirror bullseye main" > "$OLD_APT/sources.list"
+  old_apt apt-get update -qq
+done
+
+# below_minimum VERSION: whether a kernel is older than 6.1.
+below_minimum() {
+  [ "$1" != "$(printf '%s\n' "$1" 6.1 | sort -V | tail -1)" ] && [[ "$1" != 6.1* ]]
 }
 
 # Build once: the test binaries (their paths from cargo's JSON) and the
@@ -59,6 +90,9 @@ for line in sys.stdin:
 rm -rf target/vmtest/bin; mkdir -p target/vmtest/bin
 cp "${BINARIES[@]}" target/vmtest/bin/
 BINARIES=("$ROOT"/target/vmtest/bin/*)
+# What a kernel below the minimum runs.
+ERRORS_BIN=$(ls "$ROOT"/target/vmtest/bin/errors-*)
+TOO_OLD_TEST=a_kernel_older_than_6_1_is_named_as_too_old
 rm -rf target/vmtest/examples; mkdir -p target/vmtest/examples
 cp target/release/examples/{demo,accelerate,tproxy} target/vmtest/examples/
 # The Go io.Copy proxy, for the splice guard's real-program row.
@@ -87,8 +121,20 @@ for spec in "$@"; do
   if [ "$spec" = host ]; then
     scripts/vmtest-guest.sh "$out" "${BINARIES[@]}" || true
   else
-    dpkg-query -W -f='${Status}' "linux-image-$version" 2>/dev/null | grep -q "install ok installed" ||
-      scripts/install-deps.sh "linux-image-$version"
+    if ! dpkg-query -W -f='${Status}' "linux-image-$version" 2>/dev/null | grep -q "install ok installed"; then
+      if below_minimum "$version"; then
+        (cd "$OLD_APT/cache/archives" && old_apt apt-get download -qq "linux-image-$version")
+        DEBIAN_FRONTEND=noninteractive dpkg -i "$OLD_APT/cache/archives/linux-image-${version}_"*.deb > /dev/null
+      else
+        scripts/install-deps.sh "linux-image-$version"
+      fi
+    fi
+    guest_env=""
+    guest_bins=("${BINARIES[@]}")
+    if below_minimum "$version"; then
+      guest_env="VMTEST_ONLY=$TOO_OLD_TEST"
+      guest_bins=("$ERRORS_BIN")
+    fi
     echo "vmtest: booting $version (emulated)" >&2
     # --verbose: the guest kernel's console goes to console.log too, so a
     # guest that dies mid-test leaves its last kernel messages there.
@@ -100,7 +146,7 @@ for spec in "$@"; do
     timeout --foreground --kill-after=30s "$GUEST_LIMIT" vng --disable-kvm --force-9p --verbose \
       --qemu-opts="-accel tcg,thread=single" -r "/boot/vmlinuz-$version" \
       --user root --cpus 2 --memory 3G --rwdir "$out" --cwd "$ROOT" \
-      -- "$ROOT/scripts/vmtest-guest.sh $out ${BINARIES[*]}" < /dev/null > "$out/console.log" 2>&1 || true
+      -- "env $guest_env $ROOT/scripts/vmtest-guest.sh $out ${guest_bins[*]}" < /dev/null > "$out/console.log" 2>&1 || true
   fi
   took=$(( $(date +%s) - start ))
   # The guest writes one "NAME STATUS SECONDS" line per test file; none
@@ -108,6 +154,7 @@ for spec in "$@"; do
   row="| $version | $(grep -c '^\s*\[yes\]' "$out/probe.txt" 2>/dev/null || echo 0) yes, $(grep -c '^\s*\[NO \]' "$out/probe.txt" 2>/dev/null || echo '?') no |"
   for b in "${BINARIES[@]}"; do
     name=$(basename "$b")
+    if below_minimum "$version" && [ "$b" != "$ERRORS_BIN" ]; then row+=" - |"; continue; fi
     read -r status secs < <(awk -v n="$name" '$1 == n {print $2, $3}' "$out/status" 2>/dev/null) || true
     if [ "${status:-}" = 0 ]; then
       row+=" $(grep -o '[0-9]* passed' "$out/$name.log" | awk '{s+=$1} END {print s}') passed, ${secs} s |"
@@ -116,7 +163,8 @@ for spec in "$@"; do
     fi
   done
   read -r rp secs < <(awk '$1 == "real-programs" {print $2, $3}' "$out/status" 2>/dev/null) || true
-  if [ "${rp:-}" = 0 ]; then row+=" ok, ${secs} s |"; else row+=" FAIL (${rp:-not run}) |"; FAILED=1; fi
+  if below_minimum "$version"; then row+=" - |"
+  elif [ "${rp:-}" = 0 ]; then row+=" ok, ${secs} s |"; else row+=" FAIL (${rp:-not run}) |"; FAILED=1; fi
   row+=" ${took} s |"
   echo "$row" >> "$TABLE"
   echo "vmtest: $version done in ${took} s" >&2
@@ -127,9 +175,11 @@ cat "$TABLE"
 # log (with --test-threads=1 its last "test NAME ..." is the one that hung),
 # and when the guest never finished, the end of its console.
 for spec in "$@"; do
-  out="$ROOT/target/vmtest/$(kernel_version "$spec")"
+  version=$(kernel_version "$spec")
+  out="$ROOT/target/vmtest/$version"
   never_started=()
   for b in "${BINARIES[@]}" real-programs; do
+    if below_minimum "$version" && [ "$b" != "$ERRORS_BIN" ]; then continue; fi
     name=$(basename "$b")
     status=$(awk -v n="$name" '$1 == n {print $2}' "$out/status" 2>/dev/null || true)
     [ "$status" = 0 ] && continue
@@ -146,7 +196,9 @@ for spec in "$@"; do
     grep -E -A25 'blocked for more than|soft lockup|hard LOCKUP|Oops|BUG:|WARNING:' \
       "$out/console.log" | head -n 120 || true
   fi
-  grep -q '^real-programs ' "$out/status" 2>/dev/null && continue
+  finished='^real-programs '
+  below_minimum "$version" && finished="^$(basename "$ERRORS_BIN") "
+  grep -q "$finished" "$out/status" 2>/dev/null && continue
   echo; echo "== $(basename "$out"): the guest did not finish; end of its console:"
   tail -n 60 "$out/console.log" 2>/dev/null || echo "(no console log)"
 done

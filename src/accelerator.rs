@@ -215,15 +215,18 @@ impl AcceleratorBuilder {
     /// [`Error::PolicyTooLarge`], [`Error::NamespaceGroup`],
     /// [`Error::ZeroStreamingDemotion`]); [`Error::StreamingDemotionMode`]
     /// (demotion outside ingress mode); [`Error::MissingCapability`];
-    /// [`Error::KernelFeature`] when the kernel cannot attach sk_msg programs
-    /// to socket maps at all, lacks what a comm policy,
+    /// [`Error::KernelFeature`] when the kernel is older than 6.1 and
+    /// refuses the programs (with `min_kernel` "6.1" and the running
+    /// release; Debian 11's 5.10 in the kernel matrix), cannot attach
+    /// sk_msg programs to socket maps at all, lacks what a comm policy,
     /// [`RedirectMode::Both`] or streaming demotion needs, or (with the
     /// splice guard on) an active BPF LSM
     /// ([`Error::is_splice_guard_refused`]); or [`Error::Bpf`] naming the
     /// failing call.
     ///
     /// # Minimum kernel version
-    /// 6.1 (every test runs on 6.1, 6.12 and 6.18). Sockmap BPF links are
+    /// 6.1 (every test runs on 6.1, 6.12 and 6.18; older kernels' verifiers
+    /// refuse the programs, and `attach()` says so). Sockmap BPF links are
     /// used from 6.10, the older `BPF_PROG_ATTACH` before; comm policies
     /// need 6.10 (the task in sock_ops programs) and [`RedirectMode::Both`]
     /// 6.2.

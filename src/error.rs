@@ -189,6 +189,13 @@ pub(crate) const SPLICE_GUARD_FEATURE: &str =
      among the active LSMs, BTF, and no lockdown refusing them); opt out with \
      `.splice_guard(SpliceGuard::Off)` only if no selected program uses splice(2)";
 
+/// [`Error::KernelFeature`]'s `feature` when the kernel is older than any
+/// supported and refuses even the smallest configuration.
+pub(crate) const KERNEL_TOO_OLD_FEATURE: &str =
+    "what the fast path's programs need (BPF atomics, the sock_ops, sk_msg and \
+     socket storage helpers they call): this crate supports Linux 6.1 and newer; \
+     upgrade the kernel";
+
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -198,6 +205,12 @@ impl Error {
     /// attaching again with `.splice_guard(SpliceGuard::Off)`.
     pub fn is_splice_guard_refused(&self) -> bool {
         matches!(self, Error::KernelFeature { feature, .. } if *feature == SPLICE_GUARD_FEATURE)
+    }
+
+    /// Whether this is a kernel older than any supported (6.1) refusing
+    /// the programs.
+    pub(crate) fn is_kernel_too_old(&self) -> bool {
+        matches!(self, Error::KernelFeature { feature, .. } if *feature == KERNEL_TOO_OLD_FEATURE)
     }
 
     /// The kind of failure, for matching.

@@ -99,6 +99,48 @@ pub(crate) fn owners_unsupported(source: std::io::Error) -> Error {
     }
 }
 
+/// The oldest kernel the programs are built for and tested on (Debian's
+/// 6.1 LTS), as `(major, minor)`.
+pub(crate) const OLDEST_SUPPORTED_KERNEL: (u32, u32) = (6, 1);
+
+/// `(major, minor)` of a kernel release such as "6.12.118+deb12-amd64".
+pub(crate) fn release_version(release: &str) -> Option<(u32, u32)> {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u32>);
+    match (numbers.next(), numbers.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) if release.starts_with(|c: char| c.is_ascii_digit()) => {
+            Some((major, minor))
+        }
+        _ => None,
+    }
+}
+
+/// The running kernel's release when it is older than
+/// [`OLDEST_SUPPORTED_KERNEL`]; `None` when it is not, or is unknown.
+pub(crate) fn running_kernel_older_than_supported() -> Option<String> {
+    let release = nix::sys::utsname::uname()
+        .ok()?
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    (release_version(&release)? < OLDEST_SUPPORTED_KERNEL).then_some(release)
+}
+
+/// The error for a kernel older than [`OLDEST_SUPPORTED_KERNEL`] that
+/// refused even the smallest configuration (on Debian's 5.10 the verifier
+/// says "BPF_STX uses reserved fields": it predates BPF atomics).
+pub(crate) fn kernel_too_old(release: &str, source: std::io::Error) -> Error {
+    Error::KernelFeature {
+        feature: crate::error::KERNEL_TOO_OLD_FEATURE,
+        min_kernel: "6.1",
+        source: std::io::Error::new(
+            source.kind(),
+            format!("Linux {release} refused even the smallest configuration: {source}"),
+        ),
+    }
+}
+
 /// Whether the guard knows this architecture's splice(2) and sendfile(2)
 /// syscall numbers (bpf/fastpath.bpf.c); elsewhere it is refused.
 pub(crate) const SPLICE_GUARD_ARCH_SUPPORTED: bool =
@@ -124,6 +166,36 @@ pub(crate) fn splice_guard_unsupported(source: std::io::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn release_versions_are_read_from_distribution_strings() {
+        assert_eq!(release_version("6.12.118+deb12-amd64"), Some((6, 12)));
+        assert_eq!(release_version("5.10.0-32-amd64"), Some((5, 10)));
+        assert_eq!(release_version("6.18.44-fc-v1272"), Some((6, 18)));
+        assert_eq!(release_version("6.1"), Some((6, 1)));
+        assert_eq!(release_version("6"), None);
+        assert_eq!(release_version("v6.1.0"), None);
+        assert_eq!(release_version(""), None);
+        assert!(release_version("5.15.0-91-generic").unwrap() < OLDEST_SUPPORTED_KERNEL);
+        assert!(release_version("6.1.0-57-amd64").unwrap() >= OLDEST_SUPPORTED_KERNEL);
+    }
+
+    #[test]
+    fn a_kernel_too_old_is_named_with_what_to_do() {
+        let err = kernel_too_old(
+            "5.10.0-32-amd64",
+            std::io::Error::from_raw_os_error(nix::libc::EINVAL),
+        );
+        assert_eq!(err.kind(), crate::ErrorKind::Unsupported);
+        let text = err.with_causes();
+        for wanted in [
+            "6.1 and newer",
+            "upgrade the kernel",
+            "Linux 5.10.0-32-amd64",
+        ] {
+            assert!(text.contains(wanted), "{wanted:?} in {text}");
+        }
+    }
 
     #[test]
     fn unknown_attach_types_name_the_feature_and_kernel() {

@@ -211,6 +211,10 @@ fn probe_quietly() -> ProbeReport {
                 }
             }
         }
+        // Which owners a kernel records is moot where nothing loads.
+        if matches!(report.programs_load, Finding::No(_)) && !report.socket_owners.is_yes() {
+            report.socket_owners = Finding::NotTested("programs did not load".into());
+        }
     } else {
         let why = Finding::NotTested("needs privileges and cgroup v2".into());
         for finding in [
@@ -418,6 +422,11 @@ fn probe_sockets(
                 )
             };
             guard
+        }
+        Err(err) if err.is_kernel_too_old() => {
+            report.programs_load = Finding::No(err.with_causes());
+            report.sockmap_link = Finding::NotTested("programs did not load".into());
+            return Ok(None);
         }
         Err(err @ Error::KernelFeature { .. }) => {
             report.programs_load = Finding::Yes("fp_sock_ops, fp_sk_msg verified".into());

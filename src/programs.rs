@@ -10,8 +10,9 @@ use crate::abi::{fp_live, FP_MATCH_CIDRS, FP_MATCH_COMMS, FP_MATCH_PORTS};
 use crate::error::{Error, Result};
 use crate::forward::{DirectMaps, ForwardMaps};
 use crate::kernel_support::{
-    both_mode_unsupported, owners_unsupported, splice_guard_arch_unsupported,
-    splice_guard_unsupported, streaming_demotion_unsupported, SPLICE_GUARD_ARCH_SUPPORTED,
+    both_mode_unsupported, kernel_too_old, owners_unsupported, running_kernel_older_than_supported,
+    splice_guard_arch_unsupported, splice_guard_unsupported, streaming_demotion_unsupported,
+    SPLICE_GUARD_ARCH_SUPPORTED,
 };
 use crate::logging::{expecting_failures, route_libbpf_output};
 use crate::mode::RedirectMode;
@@ -109,6 +110,7 @@ impl Programs {
             change(&mut reduced);
             expecting_failures(|| Self::load_once(reduced)).is_ok()
         };
+        let too_old = running_kernel_older_than_supported();
         match Self::load_once(config) {
             // sock_ops programs cannot see the current task here (6.1):
             // without owners, unless a comm policy needs them.
@@ -170,6 +172,17 @@ impl Programs {
                     }) =>
             {
                 Err(both_mode_unsupported(source))
+            }
+            // Not even the smallest configuration loads, on a kernel older
+            // than any this crate supports: say that, not its verifier's
+            // words alone.
+            Err(Error::Bpf { source, .. })
+                if too_old.is_some()
+                    && expecting_failures(|| {
+                        Self::load_once(LoadConfig::minimal(false)).is_err()
+                    }) =>
+            {
+                Err(kernel_too_old(too_old.as_deref().unwrap_or("?"), source))
             }
             other => other,
         }

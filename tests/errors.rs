@@ -108,6 +108,66 @@ fn cgroup_vanishing_before_attach_undoes_the_sockmap_link() {
     assert_nothing_left(&env.cgroup.cgroup(), &baseline);
 }
 
+/// `(major, minor)` of the running kernel.
+fn running_kernel() -> (String, (u32, u32)) {
+    let release = nix::sys::utsname::uname()
+        .unwrap()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit());
+    let mut next = || numbers.next().and_then(|n| n.parse().ok()).unwrap();
+    let version = (next(), next());
+    (release, version)
+}
+
+/// 6.1 is the oldest kernel supported: there and later `attach()` works
+/// and `probe()` says the programs load. Older kernels' verifiers refuse
+/// them (Debian's 5.10: "BPF_STX uses reserved fields", no BPF atomics),
+/// and `attach()`, with or without the splice guard, says that Linux 6.1
+/// is needed and which kernel refused, instead of the verifier's words
+/// alone, leaving nothing loaded. The kernel matrix runs this test on
+/// Debian's 5.10 (`scripts/vmtest.sh`).
+#[test]
+fn a_kernel_older_than_6_1_is_named_as_too_old() {
+    let Some(env) = privileged_env() else { return };
+    let cg = env.cgroup.cgroup();
+    let baseline = loaded_programs();
+    let (release, version) = running_kernel();
+    let programs_load = sockmap_fastpath::probe().programs_load;
+    if version >= (6, 1) {
+        drop(
+            env.builder()
+                .attach()
+                .expect("attach on a supported kernel"),
+        );
+        assert!(programs_load.is_yes(), "{programs_load:?}");
+        return;
+    }
+    for builder in [Accelerator::builder().cgroup(cg.clone()), env.builder()] {
+        let err = expect_err(builder.attach());
+        assert!(
+            matches!(
+                err,
+                Error::KernelFeature {
+                    min_kernel: "6.1",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let text = err.with_causes();
+        for wanted in ["upgrade the kernel", &format!("Linux {release} refused")] {
+            assert!(text.contains(wanted), "{wanted:?} in {text}");
+        }
+        assert_nothing_left(&cg, &baseline);
+    }
+    assert!(
+        matches!(&programs_load, sockmap_fastpath::Finding::No(why) if why.contains("6.1")),
+        "{programs_load:?}"
+    );
+}
+
 #[test]
 fn missing_capabilities_are_named() {
     let Some(env) = privileged_env() else { return };
