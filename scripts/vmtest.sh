@@ -60,19 +60,26 @@ old_apt() {
     -o Dir::State::Lists="$OLD_APT/lists" -o Dir::Cache="$OLD_APT/cache" \
     -o APT::Sandbox::User=root "$@"
 }
-for spec in "$@"; do
-  [ "$spec" = 5.10 ] || continue
-  mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-  [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list)
-  mkdir -p "$OLD_APT/lists/partial" "$OLD_APT/cache/archives/partial"
-  echo "deb $mirror bullseye main" > "$OLD_APT/sources.list"
-  old_apt apt-get update -qq
-done
 
 # below_minimum VERSION: whether a kernel is older than 6.1.
 below_minimum() {
   [ "$1" != "$(printf '%s\n' "$1" 6.1 | sort -V | tail -1)" ] && [[ "$1" != 6.1* ]]
 }
+
+# skipped_below_minimum VERSION BINARY: what such a kernel does not run.
+skipped_below_minimum() {
+  below_minimum "$1" && [ "$2" != "$ERRORS_BIN" ]
+}
+
+for spec in "$@"; do
+  below_minimum "$spec" || continue
+  mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+  [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" {print $2; exit}' /etc/apt/sources.list)
+  mkdir -p "$OLD_APT/lists/partial" "$OLD_APT/cache/archives/partial"
+  echo "deb $mirror bullseye main" > "$OLD_APT/sources.list"
+  old_apt apt-get update -qq
+  break
+done
 
 # Build once: the test binaries (their paths from cargo's JSON) and the
 # examples the guest runs.
@@ -154,7 +161,7 @@ for spec in "$@"; do
   row="| $version | $(grep -c '^\s*\[yes\]' "$out/probe.txt" 2>/dev/null || echo 0) yes, $(grep -c '^\s*\[NO \]' "$out/probe.txt" 2>/dev/null || echo '?') no |"
   for b in "${BINARIES[@]}"; do
     name=$(basename "$b")
-    if below_minimum "$version" && [ "$b" != "$ERRORS_BIN" ]; then row+=" - |"; continue; fi
+    if skipped_below_minimum "$version" "$b"; then row+=" - |"; continue; fi
     read -r status secs < <(awk -v n="$name" '$1 == n {print $2, $3}' "$out/status" 2>/dev/null) || true
     if [ "${status:-}" = 0 ]; then
       row+=" $(grep -o '[0-9]* passed' "$out/$name.log" | awk '{s+=$1} END {print s}') passed, ${secs} s |"
@@ -179,7 +186,7 @@ for spec in "$@"; do
   out="$ROOT/target/vmtest/$version"
   never_started=()
   for b in "${BINARIES[@]}" real-programs; do
-    if below_minimum "$version" && [ "$b" != "$ERRORS_BIN" ]; then continue; fi
+    skipped_below_minimum "$version" "$b" && continue
     name=$(basename "$b")
     status=$(awk -v n="$name" '$1 == n {print $2}' "$out/status" 2>/dev/null || true)
     [ "$status" = 0 ] && continue
