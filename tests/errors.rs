@@ -108,7 +108,7 @@ fn cgroup_vanishing_before_attach_undoes_the_sockmap_link() {
     assert_nothing_left(&env.cgroup.cgroup(), &baseline);
 }
 
-/// `(major, minor)` of the running kernel.
+/// The running kernel's release and its `(major, minor)`.
 fn running_kernel() -> (String, (u32, u32)) {
     let release = nix::sys::utsname::uname()
         .unwrap()
